@@ -1,0 +1,1 @@
+"""graft.cluster: Ray driver, actors and the CLI."""

@@ -1,0 +1,263 @@
+"""``graft``: run | plan | verify | inspect.
+
+Every failure graft anticipates is a ``GraftError``: it is printed as one line on stderr naming the
+file or tensor and what to do, with the traceback only under ``--debug``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any, Callable, Sequence, TextIO
+
+from graft.engine import __version__
+from graft.engine.checkpoint import open_checkpoint
+from graft.engine.errors import GraftError, PlanError
+from graft.engine.job import OutputSession, prepare_job
+from graft.engine.local import run_local
+from graft.engine.manifest import verify_output
+from graft.engine.spec import load_spec
+
+__all__ = ["main", "Progress"]
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class Progress:
+    """Bytes done / total, throughput and ETA: a redrawn bar on a TTY, plain log lines otherwise."""
+
+    def __init__(self, total: int, stream: TextIO, tty: bool | None = None, interval: float | None = None):
+        self.total = max(total, 1)
+        self.done = 0
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self.interval = interval if interval is not None else (0.1 if self.tty else 5.0)
+        self.t0 = time.monotonic()
+        self._last = 0.0
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        pct = 100.0 * self.done / self.total
+        eta_s = f"{eta:.0f}s" if eta != float("inf") else "?"
+        return (f"{pct:5.1f}% {human_bytes(self.done)}/{human_bytes(self.total)} read, "
+                f"{human_bytes(rate)}/s, ETA {eta_s}")
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self._last < self.interval and self.done < self.total:
+            return
+        self._last = now
+        if self.tty:
+            width = 30
+            filled = int(width * self.done / self.total)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.line()}   ")
+        else:
+            self.stream.write(f"graft: {self.line()}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _log(msg: str) -> None:
+    print(f"graft: {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.config, args.set)
+    job = prepare_job(spec)
+    plan = job.plan
+    for w in plan.warnings:
+        _log(f"warning: {w}")
+    _log(f"{plan.tensor_count} tensors ({plan.combined} combined, {plan.copied} copied) into "
+         f"{len(plan.shards)} shard(s); reading {human_bytes(plan.read_bytes)}, writing "
+         f"{human_bytes(plan.write_bytes)} to {spec.output}")
+    progress = None if args.quiet else Progress(plan.read_bytes, sys.stderr)
+    t0 = time.monotonic()
+    try:
+        result = run_local(job, workers=args.workers, on_progress=progress.update if progress else None,
+                           log=_log if args.verbose else (lambda s: None))
+    finally:
+        if progress:
+            progress.close()
+    secs = time.monotonic() - t0
+    rate = plan.read_bytes / secs if secs > 0 else 0.0
+    print(f"wrote {result.output} ({len(result.results)} shard(s), {human_bytes(plan.write_bytes)}) in "
+          f"{secs:.1f}s, {human_bytes(rate)}/s read; check it with: graft verify {result.output}")
+    return EXIT_OK
+
+
+def _plan_summary(job: Any) -> dict[str, Any]:
+    plan = job.plan
+    return {
+        "inputs": {role: {"uri": c.uri, "files": len(c.files), "tensors": len(c.tensors),
+                          "bytes": c.total_bytes} for role, c in job.checkpoints.items()},
+        "output": job.spec.output,
+        "tensors": plan.tensor_count,
+        "combined": plan.combined,
+        "copied": plan.copied,
+        "left_out": list(plan.left_out),
+        "shards": [{"file": s.file, "tensors": len(s.tensors), "bytes": s.size} for s in plan.shards],
+        "side_files": {s.name: s.donor for s in plan.side_files},
+        "read_bytes": plan.read_bytes,
+        "write_bytes": plan.write_bytes,
+        "warnings": list(plan.warnings),
+    }
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec = load_spec(args.config, args.set)
+    try:
+        job = prepare_job(spec)
+    except PlanError as e:
+        for p in e.problems:
+            print(f"graft: error: {p}", file=sys.stderr)
+        return EXIT_FAIL
+    problems = []
+    try:
+        OutputSession.check(job)
+    except GraftError as e:
+        problems.append(str(e))
+    summary = _plan_summary(job)
+    summary["problems"] = problems
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for role, i in summary["inputs"].items():
+            print(f"{role:9s} {i['uri']}: {i['files']} file(s), {i['tensors']} tensors, "
+                  f"{human_bytes(i['bytes'])}")
+        print(f"output    {summary['output']}: {len(summary['shards'])} shard(s), "
+              f"{summary['tensors']} tensors ({summary['combined']} combined, {summary['copied']} copied)")
+        for s in summary["shards"]:
+            print(f"  {s['file']}: {s['tensors']} tensors, {human_bytes(s['bytes'])}")
+        for name, donor in summary["side_files"].items():
+            print(f"  {name} <- {donor}")
+        print(f"reads {human_bytes(summary['read_bytes'])}, writes {human_bytes(summary['write_bytes'])}")
+        for w in summary["warnings"]:
+            print(f"warning: {w}")
+        for p in problems:
+            print(f"graft: error: {p}", file=sys.stderr)
+    return EXIT_FAIL if problems else EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = verify_output(_location(args.output))
+    for name in report.checked:
+        print(f"{name}: OK")
+    for p in report.problems:
+        print(f"graft: FAILED: {p}", file=sys.stderr)
+    if report.ok:
+        print(f"verified {len(report.checked)} file(s) in {report.uri}")
+        return EXIT_OK
+    return EXIT_FAIL
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    ckpt = open_checkpoint(_location(args.path))
+    if args.json:
+        print(json.dumps({
+            "uri": ckpt.uri,
+            "files": [{"name": f.name, "size": f.size} for f in ckpt.files],
+            "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "file": t.file}
+                        for n, t in ckpt.tensors.items()},
+            "side_files": list(ckpt.side_files),
+        }, indent=2))
+        return EXIT_OK
+    dtypes: dict[str, int] = {}
+    for t in ckpt.tensors.values():
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+    print(f"{ckpt.uri}: {len(ckpt.files)} file(s), {len(ckpt.tensors)} tensors, "
+          f"{human_bytes(ckpt.total_bytes)}; dtypes: "
+          + ", ".join(f"{d} x{n}" for d, n in sorted(dtypes.items())))
+    width = max((len(n) for n in ckpt.tensors), default=4)
+    for name, t in ckpt.tensors.items():
+        print(f"  {name:{width}s}  {t.dtype:8s} {str(list(t.shape)):20s} {t.file}")
+    if ckpt.side_files:
+        print("other files: " + ", ".join(ckpt.side_files))
+    return EXIT_OK
+
+
+def _location(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graft", description="Fine-tuning transfer for safetensors "
+                                "checkpoints: out = target + alpha * (finetuned - base).")
+    p.add_argument("--version", action="version", version=f"graft {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    r = sub.add_parser("run", help="run a transfer job and commit its output")
+    r.add_argument("config", help="YAML job spec")
+    r.add_argument("--executor", choices=["local"], default="local",
+                   help="where shard tasks run (local: threads in this process)")
+    r.add_argument("--workers", type=int, default=1, help="shards processed at once (default 1)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key (dotted keys nest; value parsed as YAML)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    r.add_argument("-v", "--verbose", action="store_true", help="log each shard")
+    common(r)
+    r.set_defaults(func=cmd_run)
+
+    pl = sub.add_parser("plan", help="read headers only and show what a run would do")
+    pl.add_argument("config")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--json", action="store_true")
+    common(pl)
+    pl.set_defaults(func=cmd_plan)
+
+    v = sub.add_parser("verify", help="re-hash an output against SHA256SUMS and its manifest")
+    v.add_argument("output")
+    common(v)
+    v.set_defaults(func=cmd_verify)
+
+    i = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes and shards")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    common(i)
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except GraftError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"graft: error: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        print("graft: interrupted; nothing was committed, run the same command again", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - last resort: still one line, traceback on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"graft: internal error: {e.__class__.__name__}: {e} (rerun with --debug for the "
+              f"traceback and report it)", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""A checkpoint: safetensors shard files (+ ``model.safetensors.index.json``) and side files.
+
+``open_checkpoint(uri, storage_options)`` lists the location, reads the index (if any) and every
+shard's header, and cross-checks them. Only headers are read; no tensor data, nothing unpickled.
+"""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import CheckpointError, StorageError
+from .safetensors import Header, TensorEntry, read_header
+from .storage import FileStat, Storage
+
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "TensorRef", "Checkpoint", "open_checkpoint", "check_shard_name"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_HEADER_READERS = 8
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes live: ``file`` inside the checkpoint, bytes ``[begin, end)``."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The weights of one checkpoint, as found in its headers.
+
+    ``tensors`` is ordered as the files store them: shard by shard (index order), then by offset.
+    ``side_files`` are the other files at the location (config.json, tokenizer files, ...).
+    """
+
+    uri: str
+    storage: Storage = field(compare=False, repr=False)
+    files: tuple[FileStat, ...]
+    tensors: dict[str, TensorRef]
+    headers: dict[str, Header] = field(compare=False, repr=False)
+    side_files: tuple[str, ...] = ()
+    sharded: bool = False
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def read_json(self, name: str) -> Any | None:
+        """A side file parsed as JSON, or None if absent or unparsable."""
+        if name not in self.side_files:
+            return None
+        try:
+            return json.loads(self.storage.read(name))
+        except (ValueError, StorageError):
+            return None
+
+
+def check_shard_name(name: Any, where: str) -> str:
+    """A shard name from an index must be a plain ``*.safetensors`` file name inside the checkpoint."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\x00" in name or ":" in name or name.startswith("~")):
+        raise CheckpointError(f"{where}: shard name {name!r} is not a plain file name inside the "
+                              f"checkpoint; fix the index so every shard is a file next to it")
+    if not name.endswith(".safetensors"):
+        raise CheckpointError(f"{where}: shard {name!r} is not a .safetensors file; graft reads only "
+                              f"safetensors")
+    return name
+
+
+def _strict_json(data: bytes, where: str) -> Any:
+    def no_dups(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in d:
+                raise CheckpointError(f"{where}: duplicate key {k!r}; fix the index")
+            d[k] = v
+        return d
+
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=no_dups)
+    except CheckpointError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{where}: not valid JSON ({e.__class__.__name__}: {e}); re-create the "
+                              f"index") from None
+
+
+def _pickle_refusal(uri: str, pickles: list[str]) -> CheckpointError:
+    return CheckpointError(
+        f"{uri}: holds only pickle weights ({', '.join(pickles[:3])}); graft never unpickles files. "
+        f"Convert it in a trusted environment, e.g. AutoModelForCausalLM.from_pretrained(path)"
+        f".save_pretrained(new_path, safe_serialization=True), and point graft at new_path"
+    )
+
+
+def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None) -> Checkpoint:
+    """Discover and validate the checkpoint at ``uri`` (a directory, or one ``.safetensors`` file)."""
+    if uri.endswith(".safetensors"):
+        parent, _, fname = uri.rstrip("/").rpartition("/")
+        storage = Storage(parent or "/", storage_options)
+        listing = storage.list()
+        if fname not in listing:
+            raise CheckpointError(f"{uri}: no such file")
+        shard_names = [fname]
+        weight_map = None
+    else:
+        storage = Storage(uri, storage_options)
+        listing = storage.list()
+        if not listing:
+            raise CheckpointError(f"{uri}: no such checkpoint directory, or it is empty")
+        weight_map = None
+        if INDEX_NAME in listing:
+            where = storage.url(INDEX_NAME)
+            index = _strict_json(storage.read(INDEX_NAME), where)
+            wm = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(wm, dict) or not wm:
+                raise CheckpointError(f"{where}: no 'weight_map' object mapping tensor names to shard "
+                                      f"files; re-create the index")
+            weight_map = {str(k): check_shard_name(v, where) for k, v in wm.items()}
+            shard_names = sorted(set(weight_map.values()))
+            for s in shard_names:
+                if s not in listing:
+                    raise CheckpointError(f"{where}: names shard {s!r}, which is not in {uri}; "
+                                          f"download the missing shard")
+        elif SINGLE_NAME in listing:
+            shard_names = [SINGLE_NAME]
+        else:
+            safetensors = [n for n in listing if n.endswith(".safetensors")]
+            pickles = [n for n in listing if n.endswith(_PICKLE_SUFFIXES)]
+            if len(safetensors) == 1:
+                shard_names = safetensors
+            elif safetensors:
+                raise CheckpointError(f"{uri}: {len(safetensors)} .safetensors files but no "
+                                      f"{INDEX_NAME}; add the index that maps tensors to shards")
+            elif pickles:
+                raise _pickle_refusal(uri, pickles)
+            else:
+                raise CheckpointError(f"{uri}: no .safetensors weights found (files: "
+                                      f"{', '.join(listing[:5])}); point graft at a checkpoint directory")
+
+    stats = [storage.stat(s) for s in shard_names]
+
+    def header_of(st: FileStat) -> Header:
+        return read_header(storage, st.name, st.size)
+
+    # Headers are independent small reads: overlap them (it matters on object stores).
+    with ThreadPoolExecutor(max_workers=min(_HEADER_READERS, len(stats))) as pool:
+        headers = dict(zip(shard_names, pool.map(header_of, stats)))
+
+    tensors: dict[str, TensorRef] = {}
+    for shard in shard_names:
+        for e in headers[shard].tensors:
+            if e.name in tensors:
+                raise CheckpointError(f"{uri}: tensor {e.name!r} is stored in both "
+                                      f"{tensors[e.name].file} and {shard}; remove the duplicate")
+            tensors[e.name] = _ref(shard, e)
+    if weight_map is not None:
+        where = storage.url(INDEX_NAME)
+        for name, shard in weight_map.items():
+            ref = tensors.get(name)
+            if ref is None or ref.file != shard:
+                found = f"it is in {ref.file}" if ref else "no shard holds it"
+                raise CheckpointError(f"{where}: maps tensor {name!r} to {shard} but {found}; the "
+                                      f"index does not match the shards, re-create it")
+        extra = [n for n in tensors if n not in weight_map]
+        if extra:
+            raise CheckpointError(f"{where}: tensor {extra[0]!r} (in {tensors[extra[0]].file}) is "
+                                  f"missing from the weight_map; the index does not match the shards")
+
+    weights = set(shard_names) | {INDEX_NAME}
+    side = tuple(n for n in listing if n not in weights and not n.endswith(".safetensors"))
+    return Checkpoint(
+        uri=uri, storage=storage, files=tuple(stats), tensors=tensors, headers=headers,
+        side_files=side, sharded=weight_map is not None,
+    )
+
+
+def _ref(shard: str, e: TensorEntry) -> TensorRef:
+    return TensorRef(e.name, shard, e.dtype, e.shape, e.begin, e.end)

@@ -1,0 +1,57 @@
+"""Typed errors. Every message names the file or tensor at fault and says what to do about it."""
+from __future__ import annotations
+
+__all__ = [
+    "GraftError",
+    "SpecError",
+    "StorageError",
+    "HeaderError",
+    "CheckpointError",
+    "PlanError",
+    "IntegrityError",
+    "NonFiniteError",
+    "OutputError",
+]
+
+
+class GraftError(Exception):
+    """Base of every error graft raises on purpose; the CLI prints its message as one line."""
+
+
+class SpecError(GraftError):
+    """The job spec is invalid (unknown key, bad value, bad override)."""
+
+
+class StorageError(GraftError):
+    """A file could not be listed, read or written."""
+
+
+class HeaderError(GraftError):
+    """A safetensors header is malformed or inconsistent with its file."""
+
+
+class CheckpointError(GraftError):
+    """A checkpoint directory is unusable: no safetensors, a bad index, pickle-only weights."""
+
+
+class PlanError(GraftError):
+    """The three checkpoints cannot be combined as asked (missing tensors, shape mismatch, ...).
+
+    ``problems`` lists every problem found; the message is the first one.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [message])
+
+
+class IntegrityError(GraftError):
+    """Bytes on storage do not match what was planned or recorded (size, sha256, changed input)."""
+
+
+class NonFiniteError(GraftError):
+    """An output tensor holds NaN or Inf and the spec does not allow it."""
+
+
+class OutputError(GraftError):
+    """The output location cannot be used (already committed, or holds foreign files)."""

@@ -1,0 +1,68 @@
+"""The no-Ray executor: shard tasks on a thread pool in this process.
+
+Also the reference path the tests compare the Ray executor against. Order of calls is the one in
+``job.py``: prepare -> open the output -> execute every shard -> commit, or roll back on any error.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .execute import ShardResult, execute_shard
+from .job import Job, OutputSession, prepare_job
+from .spec import JobSpec
+
+__all__ = ["RunResult", "run_local"]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A committed run: where it is, the shard results, and the manifest written."""
+
+    output: str
+    results: tuple[ShardResult, ...]
+    manifest: dict[str, Any]
+
+
+def run_local(
+    spec: JobSpec | Job,
+    workers: int = 1,
+    on_progress: Callable[[int], None] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> RunResult:
+    """Run the whole job in this process with ``workers`` shards in flight; commit or roll back."""
+    job = spec if isinstance(spec, Job) else prepare_job(spec)
+    session = OutputSession.open(job)
+    inputs = job.input_storages()
+    lock = threading.Lock()
+    cancel = threading.Event()
+
+    def progress(n: int) -> None:
+        if on_progress is not None:
+            with lock:
+                on_progress(n)
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="graft-shard") as pool:
+            futures = [pool.submit(execute_shard, task, inputs, session.storage, progress, cancel)
+                       for task in job.plan.shards]
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    f.result()  # re-raises the first failure
+            except BaseException:
+                # Stop the other shards at their next chunk instead of letting them run to the end.
+                cancel.set()
+                for f in futures:
+                    f.cancel()
+                raise
+            results = tuple(f.result() for f in futures)
+        for r in results:
+            log(f"shard {r.file}: {r.size} bytes in {r.seconds:.2f}s")
+        manifest = session.commit(results, executor="local", workers=workers, log=log)
+    except BaseException:
+        session.rollback()
+        raise
+    return RunResult(session.storage.uri, results, manifest)

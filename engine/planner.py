@@ -1,0 +1,312 @@
+"""Planning: match the three checkpoints, apply the rules, lay out the output shards.
+
+``make_plan(spec, checkpoints, configs)`` is a pure function of the spec and the headers (plus the
+parsed config.json files, for warnings). It raises ``PlanError`` listing what cannot be combined, and
+returns a ``Plan``: frozen, comparable with ``==``, small enough to ship to a worker per shard.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorRef
+from .errors import PlanError
+from .manifest import MANIFEST_NAME, SUMS_NAME
+from .safetensors import DTYPE_SIZES, FLOATING_DTYPES, build_header
+from .spec import DEFAULT_FILES, JobSpec
+
+__all__ = [
+    "ROLES",
+    "RESERVED_OUTPUT_NAMES",
+    "Source",
+    "TensorTask",
+    "ShardTask",
+    "ExecSettings",
+    "SideFile",
+    "Plan",
+    "make_plan",
+]
+
+ROLES = ("target", "finetuned", "base")
+RESERVED_OUTPUT_NAMES = frozenset({MANIFEST_NAME, SUMS_NAME, INDEX_NAME})
+# config.json fields whose disagreement between target and finetuned usually means the transfer
+# is not what the user wants (another tokenizer, another context length, another architecture).
+_CONFIG_FIELDS = ("architectures", "vocab_size", "max_position_embeddings", "rope_scaling",
+                  "rope_parameters", "tie_word_embeddings")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Bytes ``[begin, end)`` of ``file`` in the checkpoint playing ``role``, holding ``dtype``."""
+
+    role: str
+    file: str
+    dtype: str
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor. With ``finetuned``/``base`` set it is combined, else the target is copied."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    alpha: float
+    target: Source
+    finetuned: Source | None = None
+    base: Source | None = None
+
+    @property
+    def combine(self) -> bool:
+        return self.finetuned is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ExecSettings:
+    """Job-wide execution settings every shard task needs."""
+
+    compute_dtype: str
+    chunk_size: int
+    allow_nonfinite: bool
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One output file: its tensors in write order, its header metadata, its exact byte size."""
+
+    index: int
+    file: str
+    tensors: tuple[TensorTask, ...]
+    metadata: tuple[tuple[str, str], ...]
+    size: int
+    settings: ExecSettings
+
+    @property
+    def read_bytes(self) -> int:
+        """Input bytes this shard reads (each input byte once)."""
+        n = 0
+        for t in self.tensors:
+            for s in (t.target, t.finetuned, t.base):
+                if s is not None:
+                    n += s.end - s.begin
+        return n
+
+    def header_tensors(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [(t.name, t.dtype, t.shape) for t in self.tensors]
+
+
+@dataclass(frozen=True)
+class SideFile:
+    """A non-weight file copied verbatim from the ``donor`` checkpoint."""
+
+    name: str
+    donor: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything execution and commit need; built from headers only."""
+
+    shards: tuple[ShardTask, ...]
+    side_files: tuple[SideFile, ...]
+    write_index: bool
+    warnings: tuple[str, ...]
+    combined: int
+    copied: int
+    left_out: tuple[str, ...]
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(s.tensors) for s in self.shards)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(s.read_bytes for s in self.shards)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    def weight_map(self) -> dict[str, str]:
+        return {t.name: s.file for s in self.shards for t in s.tensors}
+
+    def index_json(self) -> dict[str, Any]:
+        """The ``model.safetensors.index.json`` content (``total_size``: tensor bytes, HF's convention)."""
+        total = sum(t.nbytes for s in self.shards for t in s.tensors)
+        return {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map().items()))}
+
+
+def _source(role: str, ref: TensorRef) -> Source:
+    return Source(role, ref.file, ref.dtype, ref.begin, ref.end)
+
+
+def _examples(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def make_plan(
+    spec: JobSpec,
+    checkpoints: Mapping[str, Checkpoint],
+    configs: Mapping[str, Mapping[str, Any] | None] | None = None,
+) -> Plan:
+    """Plan the job. ``checkpoints`` maps each role of ``ROLES`` to its opened checkpoint."""
+    tgt, ft, bs = (checkpoints[r] for r in ROLES)
+    problems: list[str] = []
+    warnings: list[str] = []
+    tasks: dict[str, TensorTask] = {}
+    carried_missing: list[str] = []
+    combined = copied = 0
+
+    missing = {role: [n for n in tgt.tensors if n not in checkpoints[role].tensors]
+               for role in ("finetuned", "base")}
+    extra = sorted({n for role in ("finetuned", "base") for n in checkpoints[role].tensors
+                    if n not in tgt.tensors})
+
+    for name, t in tgt.tensors.items():
+        alpha = spec.alpha_for(name)
+        f, b = ft.tensors.get(name), bs.tensors.get(name)
+        if t.dtype not in FLOATING_DTYPES or alpha == 0.0:
+            tasks[name] = TensorTask(name, t.dtype, t.shape, 0.0, _source("target", t))
+            copied += 1
+            continue
+        if f is None or b is None:
+            if spec.on_missing == "carry_target":
+                tasks[name] = TensorTask(name, t.dtype, t.shape, 0.0, _source("target", t))
+                carried_missing.append(name)
+                copied += 1
+            continue  # reported below, once for all tensors
+        if not (t.shape == f.shape == b.shape):
+            problems.append(
+                f"tensor {name!r} has shape {list(t.shape)} in target ({tgt.uri}), {list(f.shape)} in "
+                f"finetuned ({ft.uri}), {list(b.shape)} in base ({bs.uri}); the checkpoints are not "
+                f"the same architecture (exclude it with a rule alpha: 0 to carry the target's)"
+            )
+            continue
+        for role, ref in (("finetuned", f), ("base", b)):
+            if ref.dtype not in FLOATING_DTYPES:
+                problems.append(f"tensor {name!r} is {ref.dtype} in {role} ({checkpoints[role].uri}) "
+                                f"but {t.dtype} in target; cannot compute a float difference from it")
+        tasks[name] = TensorTask(name, t.dtype, t.shape, alpha, _source("target", t),
+                                 _source("finetuned", f), _source("base", b))
+        combined += 1
+
+    if spec.on_missing == "error":
+        for role, names in missing.items():
+            names = [n for n in names if n not in tasks]
+            if names:
+                problems.append(
+                    f"{len(names)} tensor(s) of the target are missing from {role} "
+                    f"({checkpoints[role].uri}): {_examples(names)}; set on_missing: carry_target to "
+                    f"carry them from the target, or add a rule with alpha: 0"
+                )
+        if extra:
+            problems.append(
+                f"{len(extra)} tensor(s) of finetuned/base are not in the target ({tgt.uri}): "
+                f"{_examples(extra)}; set on_missing: carry_target to leave them out"
+            )
+    else:
+        if carried_missing:
+            warnings.append(f"{len(carried_missing)} tensor(s) missing from finetuned or base are "
+                            f"carried from the target unchanged: {_examples(carried_missing)}")
+        if extra:
+            warnings.append(f"{len(extra)} tensor(s) only in finetuned/base are left out: "
+                            f"{_examples(extra)}")
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s); run graft plan to list them)" if len(problems) > 1 else ""
+        raise PlanError(problems[0] + more, problems)
+
+    fp8 = [n for n, t in tasks.items() if t.combine and t.dtype.startswith("F8")]
+    if fp8:
+        warnings.append(f"{len(fp8)} FP8 tensor(s) are combined element-wise without block scales: "
+                        f"{_examples(fp8)}")
+    mixed = [n for n, t in tasks.items() if t.combine and len({t.target.dtype, t.finetuned.dtype,
+                                                                t.base.dtype}) > 1]
+    if mixed:
+        warnings.append(f"{len(mixed)} tensor(s) differ in dtype across checkpoints (computed in "
+                        f"{spec.compute_dtype}, stored as the target's dtype): {_examples(mixed)}")
+    warnings.extend(_config_warnings(configs or {}))
+
+    settings = ExecSettings(spec.compute_dtype, spec.chunk_size, spec.allow_nonfinite)
+    shards = _layout(spec, tgt, tasks, settings)
+    side_files, side_warnings = _side_files(spec, checkpoints)
+    warnings.extend(side_warnings)
+    write_index = len(shards) > 1 or shards[0].file != SINGLE_NAME
+    return Plan(shards, side_files, write_index, tuple(warnings), combined, copied, tuple(extra))
+
+
+def _layout(spec: JobSpec, tgt: Checkpoint, tasks: Mapping[str, TensorTask],
+            settings: ExecSettings) -> tuple[ShardTask, ...]:
+    groups: list[tuple[str, list[TensorTask], dict[str, str]]] = []
+    if spec.max_shard_size is None:
+        # Mirror the target: same file names, same tensors in each, same order (a drop-in replacement).
+        for f in tgt.files:
+            members = [tasks[e.name] for e in tgt.headers[f.name].tensors]
+            meta = dict(tgt.headers[f.name].metadata or {})
+            meta.setdefault("format", "pt")
+            groups.append((f.name, members, meta))
+    else:
+        bins: list[list[TensorTask]] = [[]]
+        size = 0
+        for task in tasks.values():
+            if bins[-1] and size + task.nbytes > spec.max_shard_size:
+                bins.append([])
+                size = 0
+            bins[-1].append(task)
+            size += task.nbytes
+        n = len(bins)
+        for i, members in enumerate(bins):
+            name = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            groups.append((name, members, {"format": "pt"}))
+    shards = []
+    for i, (name, members, meta) in enumerate(groups):
+        prefix, offsets = build_header([(t.name, t.dtype, t.shape) for t in members], meta)
+        size = len(prefix) + (offsets[-1][1] if offsets else 0)
+        shards.append(ShardTask(i, name, tuple(members), tuple(sorted(meta.items())), size, settings))
+    return tuple(shards)
+
+
+def _side_files(spec: JobSpec, checkpoints: Mapping[str, Checkpoint]) -> tuple[tuple[SideFile, ...], list[str]]:
+    out: list[SideFile] = []
+    warnings: list[str] = []
+    names = sorted({n for c in checkpoints.values() for n in c.side_files})
+    for name in names:
+        if name in RESERVED_OUTPUT_NAMES:
+            continue
+        donor = spec.donor_for(name)
+        if donor is None:
+            continue
+        if name in checkpoints[donor].side_files:
+            out.append(SideFile(name, donor))
+        else:
+            warnings.append(f"{name} is donated by {donor} but {donor} has none; the output has no {name}")
+    # A file named explicitly (by the user, or config.json) that no checkpoint has is worth a word.
+    for pattern, donor in spec.files:
+        if donor == "none" or any(c in pattern for c in "*?[") or pattern in names:
+            continue
+        if (pattern, donor) not in DEFAULT_FILES or pattern == "config.json":
+            warnings.append(f"{pattern} is donated by {donor} but no checkpoint has it")
+    return tuple(out), warnings
+
+
+def _config_warnings(configs: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
+    tc, fc = configs.get("target"), configs.get("finetuned")
+    if not tc or not fc:
+        return []
+    diffs = [f"{k}: target {tc.get(k)!r} vs finetuned {fc.get(k)!r}"
+             for k in _CONFIG_FIELDS if tc.get(k) != fc.get(k)]
+    if not diffs:
+        return []
+    return [f"config.json differs between target and finetuned in {'; '.join(diffs)}; the output "
+            f"takes the target's config.json"]

@@ -1,0 +1,249 @@
+"""The safetensors format: strict header parsing, header building, and a streaming shard writer.
+
+A file is ``u64-le N`` + ``N`` bytes of JSON + tensor data. The JSON maps each tensor name to
+``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the data section) plus an
+optional ``"__metadata__"`` string map. Because every offset is in the header, a writer that knows
+the layout can emit the header first and then stream the data: that is what ``ShardWriter`` does.
+
+The reader is at least as strict as the reference implementation: header length capped and inside
+the file, UTF-8 JSON object with no duplicate keys, known dtypes, ``shape x itemsize == end - begin``,
+data offsets contiguous from 0 with no gap or overlap, and data ending exactly at the end of the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .errors import HeaderError, IntegrityError
+from .storage import AtomicWriter, Storage
+
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "DTYPE_SIZES",
+    "FLOATING_DTYPES",
+    "TensorEntry",
+    "Header",
+    "parse_header",
+    "read_header",
+    "build_header",
+    "ShardWriter",
+]
+
+MAX_HEADER_BYTES = 100_000_000
+
+# Byte-aligned dtypes of the safetensors format, with their sizes in bytes.
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+# Dtypes on which out = t + alpha * (f - b) is computed; every other dtype is carried from the target.
+# F8_E8M0 is a pure exponent (block-scale) format: arithmetic on it is meaningless, so it is carried.
+FLOATING_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file; ``begin``/``end`` are absolute byte offsets in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated header. ``tensors`` are in file order (by offset)."""
+
+    file: str
+    file_size: int
+    data_start: int
+    tensors: tuple[TensorEntry, ...]
+    metadata: dict[str, str] | None = field(default=None, compare=False)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in d:
+            raise HeaderError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def _reject_constant(name: str) -> Any:
+    raise HeaderError(f"non-standard JSON constant {name}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_header(prefix: bytes, header: bytes, file_size: int, where: str) -> Header:
+    """Validate the 8-byte length ``prefix`` and the JSON ``header`` of a file of ``file_size`` bytes.
+
+    ``where`` names the file in errors. Raises ``HeaderError`` on any violation.
+    """
+    def fail(msg: str) -> HeaderError:
+        return HeaderError(f"{where}: invalid safetensors header: {msg}; the file is corrupt or not "
+                           f"safetensors, re-download or re-export it")
+
+    if len(prefix) != 8:
+        raise fail(f"file is {file_size} bytes, too short for the 8-byte header length")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES:
+        raise fail(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > file_size:
+        raise fail(f"header length {n} runs past the end of the {file_size}-byte file")
+    if len(header) != n:
+        raise fail(f"read {len(header)} header bytes, expected {n}")
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise fail(f"header is not UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text.startswith("{"):
+        raise fail("header does not start with '{'")
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except HeaderError as e:
+        raise fail(str(e)) from None
+    except RecursionError:
+        raise fail("JSON nested too deeply") from None
+    except ValueError as e:
+        raise fail(f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise fail("header is not a JSON object")
+
+    metadata = obj.pop("__metadata__", None)
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise fail("__metadata__ must map strings to strings")
+
+    data_start = 8 + n
+    data_len = file_size - data_start
+    entries: list[TensorEntry] = []
+    for name, info in obj.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise fail(f"tensor {name!r} must have exactly the keys dtype, shape, data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise fail(f"tensor {name!r} has unknown dtype {dtype!r} "
+                       f"(supported: {', '.join(DTYPE_SIZES)})")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise fail(f"tensor {name!r} has invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise fail(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        if end > data_len:
+            raise fail(f"tensor {name!r} ends at data byte {end}, past the end of the file "
+                       f"({data_len} data bytes)")
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if expected != end - begin:
+            raise fail(f"tensor {name!r}: shape {shape} x {dtype} is {expected} bytes but "
+                       f"data_offsets span {end - begin}")
+        entries.append(TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end))
+
+    entries.sort(key=lambda e: (e.begin, e.end))
+    cursor = data_start
+    for e in entries:
+        if e.begin != cursor:
+            kind = "overlaps the previous tensor" if e.begin < cursor else "leaves a gap before it"
+            raise fail(f"tensor {e.name!r} {kind} (starts at data byte {e.begin - data_start}, "
+                       f"expected {cursor - data_start})")
+        cursor = e.end
+    if cursor != file_size:
+        raise fail(f"tensor data ends at byte {cursor} but the file has {file_size} bytes")
+    return Header(where, file_size, data_start, tuple(entries), metadata)
+
+
+def read_header(storage: Storage, name: str, file_size: int) -> Header:
+    """Read and validate the header of ``name``: exactly 8 bytes, then exactly the header bytes."""
+    where = storage.url(name)
+    if file_size < 8:
+        raise HeaderError(f"{where}: invalid safetensors header: file is {file_size} bytes, too short "
+                          f"for the 8-byte header length; the file is corrupt or not safetensors")
+    prefix = storage.read(name, 0, 8)
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+        return parse_header(prefix, b"", file_size, where)  # raises with the precise reason
+    return parse_header(prefix, storage.read(name, 8, 8 + n), file_size, where)
+
+
+def build_header(
+    tensors: Sequence[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """Serialize a header for ``(name, dtype, shape)`` tensors laid out in the given order.
+
+    Returns the full prefix (8-byte length + JSON padded with spaces to a multiple of 8, as the
+    reference writer does) and each tensor's ``(begin, end)`` data offsets.
+    """
+    obj: dict[str, Any] = {}
+    if metadata:
+        obj["__metadata__"] = dict(metadata)
+    offsets: list[tuple[int, int]] = []
+    cursor = 0
+    for name, dtype, shape in tensors:
+        if name in obj:
+            raise HeaderError(f"tensor {name!r} appears twice in one output shard")
+        size = math.prod(shape) * DTYPE_SIZES[dtype]
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + size]}
+        offsets.append((cursor, cursor + size))
+        cursor += size
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offsets
+
+
+class ShardWriter:
+    """Streams one safetensors file: header first, then tensor data in layout order, hashed as written.
+
+    Order of calls: ``ShardWriter(writer, tensors, metadata)`` (writes the header), ``write(chunk)``
+    for every byte of every tensor in order, then ``finish()``, which checks that exactly the planned
+    number of bytes arrived and returns ``(size, sha256)``. Committing the underlying ``AtomicWriter``
+    is the caller's decision.
+    """
+
+    def __init__(self, out: AtomicWriter, tensors: Sequence[tuple[str, str, Sequence[int]]],
+                 metadata: dict[str, str] | None = None):
+        self._out = out
+        self._hash = hashlib.sha256()
+        prefix, offsets = build_header(tensors, metadata)
+        self.size = len(prefix) + (offsets[-1][1] if offsets else 0)
+        self._written = 0
+        self._emit(prefix)
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._hash.update(data)
+        self._out.write(data)
+        self._written += len(data)
+
+    def write(self, data: bytes | memoryview) -> None:
+        data = memoryview(data).cast("B")
+        if self._written + len(data) > self.size:
+            raise IntegrityError(f"{self._out.storage.url(self._out.name)}: more tensor data than "
+                                 f"planned ({self._written + len(data)} > {self.size} bytes)")
+        self._emit(data)
+
+    def finish(self) -> tuple[int, str]:
+        if self._written != self.size:
+            raise IntegrityError(f"{self._out.storage.url(self._out.name)}: wrote {self._written} "
+                                 f"bytes, planned {self.size}")
+        return self.size, self._hash.hexdigest()

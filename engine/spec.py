@@ -1,0 +1,266 @@
+"""The job spec: YAML in, validated by pydantic at the edge, a frozen dataclass everywhere else.
+
+Order of use: ``load_spec(path, overrides)`` (or ``spec_from_mapping``) -> ``JobSpec``. Every error is a
+``SpecError`` whose one-line message names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SpecError
+
+__all__ = [
+    "DONORS",
+    "DEFAULT_FILES",
+    "Rule",
+    "JobSpec",
+    "load_spec",
+    "spec_from_mapping",
+    "apply_overrides",
+    "parse_size",
+    "redact",
+]
+
+DONORS = ("target", "finetuned", "base", "none")
+
+# Which checkpoint donates each non-weight file (fnmatch patterns, first match wins). The output
+# behaves like the fine-tuned model (its tokenizer, chat template and generation defaults) on the
+# target's architecture (its config.json).
+DEFAULT_FILES: tuple[tuple[str, str], ...] = (
+    ("config.json", "target"),
+    ("generation_config.json", "finetuned"),
+    ("tokenizer.json", "finetuned"),
+    ("tokenizer_config.json", "finetuned"),
+    ("special_tokens_map.json", "finetuned"),
+    ("tokenizer.model", "finetuned"),
+    ("added_tokens.json", "finetuned"),
+    ("chat_template.*", "finetuned"),
+    ("vocab.json", "finetuned"),
+    ("vocab.txt", "finetuned"),
+    ("merges.txt", "finetuned"),
+)
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key$|^key|credential|signature)", re.I)
+
+
+def parse_size(value: int | str, what: str) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"16MiB"`` -> 16_777_216; plain ints are bytes."""
+    if isinstance(value, bool):
+        raise SpecError(f"{what}: expected a size like 5GB or 512MiB, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            raise SpecError(f"{what}: expected a size like 5GB or 512MiB, got {value!r}")
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise SpecError(f"{what}: must be positive, got {value!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Tensors whose name matches ``match`` (``re.search``) use ``alpha`` instead of the global one."""
+
+    match: str
+    alpha: float
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated transfer job: out = target + alpha * (finetuned - base), per tensor."""
+
+    target: str
+    finetuned: str
+    base: str
+    output: str
+    alpha: float = 1.0
+    compute_dtype: str = "float32"
+    rules: tuple[Rule, ...] = ()
+    on_missing: str = "error"
+    allow_nonfinite: bool = False
+    files: tuple[tuple[str, str], ...] = DEFAULT_FILES
+    max_shard_size: int | None = None
+    chunk_size: int = 16 * 2**20
+    storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def alpha_for(self, tensor_name: str) -> float:
+        """The alpha of the first rule that matches ``tensor_name``, else the global alpha."""
+        for rule in self.rules:
+            if re.search(rule.match, tensor_name):
+                return rule.alpha
+        return self.alpha
+
+    def donor_for(self, file_name: str) -> str | None:
+        """Which checkpoint donates ``file_name`` (None: the file is not copied)."""
+        for pattern, donor in self.files:
+            if fnmatch.fnmatchcase(file_name, pattern):
+                return None if donor == "none" else donor
+        return None
+
+    def to_dict(self, *, redact_secrets: bool = True) -> dict[str, Any]:
+        """Plain-JSON form for the manifest and ``graft plan``; secrets in storage options hidden."""
+        d = asdict(self)
+        d["rules"] = [asdict(r) for r in self.rules]
+        d["files"] = {p: donor for p, donor in self.files}
+        if redact_secrets:
+            d["storage_options"] = redact(self.storage_options)
+        return d
+
+
+def redact(options: Any) -> Any:
+    """Copy of nested storage options with every credential-like value replaced by ``***``."""
+    if isinstance(options, Mapping):
+        return {
+            k: ("***" if _SECRET_KEYS.search(str(k)) and v is not None else redact(v))
+            for k, v in options.items()
+        }
+    if isinstance(options, (list, tuple)):
+        return [redact(v) for v in options]
+    return options
+
+
+class _RuleModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    match: str
+    alpha: float
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"invalid regular expression {v!r}: {e}") from None
+        return v
+
+
+class _SpecModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: str = Field(min_length=1)
+    finetuned: str = Field(min_length=1)
+    base: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+    alpha: float = 1.0
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    rules: list[_RuleModel] = []
+    on_missing: Literal["error", "carry_target"] = "error"
+    allow_nonfinite: bool = False
+    files: dict[str, Literal["target", "finetuned", "base", "none"]] = {}
+    max_shard_size: int | str | None = None
+    chunk_size: int | str = "16MiB"
+    storage_options: dict[str, dict[str, Any]] = {}
+
+
+_KEYS = tuple(_SpecModel.model_fields)
+_RULE_KEYS = tuple(_RuleModel.model_fields)
+
+
+def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(allowed)}"
+            raise SpecError(f"{where}: unknown key '{key}'; {hint}")
+
+
+def _normalize_location(uri: str) -> str:
+    # Local paths become absolute so the manifest records where the bytes really were.
+    if "://" in uri:
+        return uri.rstrip("/")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
+    """Validate a parsed YAML mapping; ``source`` (the file name) prefixes every error."""
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{source}: expected a mapping of keys (target, finetuned, base, output, ...)")
+    _check_keys(data, _KEYS, source)
+    for i, rule in enumerate(data.get("rules") or []):
+        if isinstance(rule, Mapping):
+            _check_keys(rule, _RULE_KEYS, f"{source}: rules[{i}]")
+    try:
+        m = _SpecModel.model_validate(dict(data))
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "spec"
+        given = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        raise SpecError(f"{source}: key '{loc}': {err['msg']}{given}") from None
+    if not math.isfinite(m.alpha):
+        raise SpecError(f"{source}: key 'alpha' must be finite, got {m.alpha}")
+    for i, r in enumerate(m.rules):
+        if not math.isfinite(r.alpha):
+            raise SpecError(f"{source}: key 'rules.{i}.alpha' must be finite, got {r.alpha}")
+    user_files = tuple(m.files.items())
+    return JobSpec(
+        target=_normalize_location(m.target),
+        finetuned=_normalize_location(m.finetuned),
+        base=_normalize_location(m.base),
+        output=_normalize_location(m.output),
+        alpha=float(m.alpha),
+        compute_dtype=m.compute_dtype,
+        rules=tuple(Rule(r.match, float(r.alpha)) for r in m.rules),
+        on_missing=m.on_missing,
+        allow_nonfinite=m.allow_nonfinite,
+        # User entries come first, so they win over the defaults for the same file.
+        files=user_files + tuple(d for d in DEFAULT_FILES if d[0] not in m.files),
+        max_shard_size=(
+            None if m.max_shard_size is None
+            else parse_size(m.max_shard_size, f"{source}: key 'max_shard_size'")
+        ),
+        chunk_size=parse_size(m.chunk_size, f"{source}: key 'chunk_size'"),
+        storage_options={k: dict(v) for k, v in m.storage_options.items()},
+    )
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys nest; values are parsed as YAML)."""
+    out: dict[str, Any] = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {item!r}: expected key=value, e.g. --set alpha=0.5")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise SpecError(f"--set {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
+        parts = key.strip().split(".")
+        _check_keys({parts[0]: None}, _KEYS, f"--set {item!r}")
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            node[p] = dict(child) if isinstance(child, Mapping) else {}
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def load_spec(path: str, overrides: Sequence[str] = ()) -> JobSpec:
+    """Read a YAML job spec from a local file, apply ``--set`` overrides and validate."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{path}: expected a mapping of keys (target, finetuned, base, output, ...)")
+    return spec_from_mapping(apply_overrides(data, overrides), source=os.path.basename(path))

@@ -1,0 +1,388 @@
+"""One byte store for every location: local paths, file://, memory://, s3://, gs://, ... via fsspec.
+
+A ``Storage`` is a directory (or key prefix) on one filesystem. Order of use:
+
+1. ``Storage(uri, storage_options)``: resolves the filesystem; no I/O.
+2. ``list()`` / ``stat(name)`` / ``read(name, start, end)``: small reads (headers, index, configs).
+3. ``reader(name)``: a ``RangeReader`` for streaming a file's byte ranges into caller buffers.
+4. ``writer(name)``: an ``AtomicWriter``; nothing is visible at ``name`` until ``commit()``, and
+   ``discard()`` (or an exception inside ``with``) leaves nothing behind.
+
+Local paths take the same ``Storage`` class as remote URIs; only the innermost primitives (pread,
+fsync + rename) differ, so the tested code path is the one users run.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import fsspec
+
+from .errors import IntegrityError, StorageError
+
+__all__ = ["FileStat", "Storage", "RangeReader", "AtomicWriter", "TEMP_MARK"]
+
+# Temporary files carry this in their name so a later run can recognise and remove its leftovers.
+TEMP_MARK = ".graft-tmp-"
+
+# Object stores whose buffered writers support autocommit=False: the object only appears on
+# commit() (e.g. S3 completes the multipart upload) and discard() aborts it.
+_DEFERRED_COMMIT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What a store knows of a file without reading it; ``version`` is an ETag/VersionId if any."""
+
+    name: str
+    size: int
+    version: str | None = None
+
+
+def _protocol(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+class Storage:
+    """A directory on an fsspec filesystem, addressed by plain file names inside it."""
+
+    def __init__(self, uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None):
+        self.uri = uri.rstrip("/") or "/"
+        self.protocol = _protocol(self.uri)
+        opts = dict((storage_options or {}).get(self.protocol, {}))
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.uri, **opts)
+        except (ImportError, ValueError) as e:
+            raise StorageError(
+                f"{self.uri}: no filesystem for protocol '{self.protocol}' ({e}); "
+                f"install its fsspec extra, e.g. pip install 'graft[gcs]'"
+            ) from None
+        self.root = self.root.rstrip("/") or "/"
+        self.is_local = self.protocol in ("file", "local")
+
+    def __repr__(self) -> str:
+        return f"Storage({self.uri!r})"
+
+    def path(self, name: str) -> str:
+        """The filesystem path of ``name`` inside this directory."""
+        return f"{self.root}/{name}" if self.root != "/" else f"/{name}"
+
+    def url(self, name: str) -> str:
+        """The user-facing location of ``name`` (for messages and the manifest)."""
+        return f"{self.uri}/{name}"
+
+    def _fail(self, name: str, action: str, e: BaseException) -> StorageError:
+        return StorageError(f"{self.url(name)}: cannot {action}: {e.__class__.__name__}: {e}")
+
+    def exists(self, name: str = "") -> bool:
+        try:
+            return bool(self.fs.exists(self.path(name) if name else self.root))
+        except Exception as e:  # noqa: BLE001 - every backend raises its own types
+            raise self._fail(name, "check existence", e) from e
+
+    def list(self) -> list[str]:
+        """Names of the files directly inside this directory (sorted; sub-directories left out)."""
+        try:
+            entries = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return []
+        except NotADirectoryError:
+            return []
+        except Exception as e:  # noqa: BLE001
+            raise self._fail("", "list the directory", e) from e
+        names = []
+        for entry in entries:
+            if entry.get("type") == "directory":
+                continue
+            names.append(entry["name"].rstrip("/").rsplit("/", 1)[-1])
+        return sorted(names)
+
+    def stat(self, name: str) -> FileStat:
+        try:
+            info = self.fs.info(self.path(name))
+        except FileNotFoundError:
+            raise StorageError(f"{self.url(name)}: no such file") from None
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(name, "stat", e) from e
+        version = info.get("VersionId") or info.get("ETag") or info.get("etag")
+        return FileStat(name=name, size=int(info["size"]), version=str(version).strip('"') if version else None)
+
+    def read(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` of ``name`` (the whole file by default), exactly that many."""
+        try:
+            data = self.fs.cat_file(self.path(name), start=start, end=end)
+        except FileNotFoundError:
+            raise StorageError(f"{self.url(name)}: no such file") from None
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(name, f"read bytes {start}..{end}", e) from e
+        if start is not None and end is not None and len(data) != end - start:
+            raise IntegrityError(
+                f"{self.url(name)}: asked for bytes {start}..{end} but got {len(data)}; "
+                f"the file is shorter than its header says or changed during the run"
+            )
+        return data
+
+    def reader(self, name: str) -> RangeReader:
+        """A reader for byte ranges of ``name``; close it (or use ``with``) when done."""
+        if self.is_local:
+            return _LocalRangeReader(self, name)
+        return _FsspecRangeReader(self, name)
+
+    def writer(self, name: str) -> AtomicWriter:
+        """A writer whose bytes become visible at ``name`` only on ``commit()``."""
+        if self.is_local:
+            return _LocalAtomicWriter(self, name)
+        if self.protocol in _DEFERRED_COMMIT:
+            return _DeferredCommitWriter(self, name)
+        return _RenameAtomicWriter(self, name)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Atomically write a small file."""
+        with self.writer(name) as w:
+            w.write(data)
+
+    def remove(self, name: str) -> None:
+        """Remove ``name`` if it exists."""
+        try:
+            self.fs.rm_file(self.path(name))
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(name, "remove", e) from e
+
+    def makedirs(self) -> None:
+        """Create this directory if the filesystem has directories (object stores do not)."""
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+        except Exception as e:  # noqa: BLE001
+            raise self._fail("", "create the directory", e) from e
+
+
+class RangeReader:
+    """Reads byte ranges of one file into caller-owned buffers.
+
+    Contract: ``read_into(offset, buf)`` fills all of ``buf`` from ``offset`` or raises
+    ``IntegrityError`` (file too short) / ``StorageError``. ``bytes_read`` counts what was read.
+    Safe to call from several threads at once.
+    """
+
+    def __init__(self, storage: Storage, name: str):
+        self.storage = storage
+        self.name = name
+        self.bytes_read = 0
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _LocalRangeReader(RangeReader):
+    def __init__(self, storage: Storage, name: str):
+        super().__init__(storage, name)
+        try:
+            self._fd = os.open(storage.path(name), os.O_RDONLY)
+        except OSError as e:
+            raise storage._fail(name, "open for reading", e) from e
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        got, want = 0, len(buf)
+        while got < want:
+            # preadv reads straight into the tensor buffer (no bytes object) and needs no seek lock.
+            try:
+                n = os.preadv(self._fd, [buf[got:]], offset + got)
+            except OSError as e:
+                raise self.storage._fail(self.name, f"read at byte {offset + got}", e) from e
+            if n == 0:
+                raise IntegrityError(
+                    f"{self.storage.url(self.name)}: ends before byte {offset + want}; "
+                    f"the file is truncated or changed during the run"
+                )
+            got += n
+        self.bytes_read += want
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _FsspecRangeReader(RangeReader):
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        data = self.storage.read(self.name, offset, offset + len(buf))
+        buf[:] = data
+        self.bytes_read += len(buf)
+
+
+class AtomicWriter:
+    """Streams bytes to a file that appears at its final name only on ``commit()``.
+
+    Order of calls: ``write(...)`` any number of times, then exactly one of ``commit()`` or
+    ``discard()``. Used as a context manager it commits on a clean exit and discards on an exception.
+    """
+
+    def __init__(self, storage: Storage, name: str):
+        self.storage = storage
+        self.name = name
+        self.bytes_written = 0
+        self._done = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> AtomicWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def _temp_name(name: str) -> str:
+    return f".{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
+
+
+class _LocalAtomicWriter(AtomicWriter):
+    def __init__(self, storage: Storage, name: str):
+        super().__init__(storage, name)
+        self._tmp = storage.path(_temp_name(name))
+        try:
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise storage._fail(name, "create a temporary file", e) from e
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except OSError as e:
+                err = self.storage._fail(self.name, "write", e)
+                if e.errno == errno.ENOSPC:
+                    err = StorageError(f"{err}; free some disk space and run again")
+                raise err from e
+            view = view[n:]
+            self.bytes_written += n
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self._tmp, self.storage.path(self.name))
+        except BaseException as e:
+            # Also on KeyboardInterrupt: a temporary file must never outlive a failed commit.
+            self.discard()
+            if isinstance(e, OSError):
+                raise self.storage._fail(self.name, "commit", e) from e
+            raise
+        self._done = True
+        # The rename is durable only once the directory entry is on disk.
+        try:
+            dfd = os.open(self.storage.root, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            raise self.storage._fail(self.name, "sync the directory after commit", e) from e
+
+    def discard(self) -> None:
+        self._done = True
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+
+
+class _FsspecWriterBase(AtomicWriter):
+    _path: str
+
+    def _open(self, path: str, **kwargs: Any) -> Any:
+        try:
+            return self.storage.fs.open(path, "wb", **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise self.storage._fail(self.name, "open for writing", e) from e
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self._f.write(data)
+        except Exception as e:  # noqa: BLE001
+            raise self.storage._fail(self.name, "write", e) from e
+        self.bytes_written += len(memoryview(data).cast("B"))
+
+
+class _DeferredCommitWriter(_FsspecWriterBase):
+    def __init__(self, storage: Storage, name: str):
+        super().__init__(storage, name)
+        self._f = self._open(storage.path(name), autocommit=False)
+
+    def commit(self) -> None:
+        try:
+            self._f.close()
+            self._f.commit()
+        except BaseException as e:
+            self.discard()
+            if isinstance(e, Exception):
+                raise self.storage._fail(self.name, "commit", e) from e
+            raise
+        self._done = True
+
+    def discard(self) -> None:
+        self._done = True
+        try:
+            self._f.discard()
+        except Exception:  # noqa: BLE001 - best effort: the object was never completed
+            pass
+
+
+class _RenameAtomicWriter(_FsspecWriterBase):
+    def __init__(self, storage: Storage, name: str):
+        super().__init__(storage, name)
+        self._tmp = storage.path(_temp_name(name))
+        self._f = self._open(self._tmp)
+
+    def commit(self) -> None:
+        try:
+            self._f.close()
+            self.storage.fs.mv(self._tmp, self.storage.path(self.name))
+        except BaseException as e:
+            self.discard()
+            if isinstance(e, Exception):
+                raise self.storage._fail(self.name, "commit", e) from e
+            raise
+        self._done = True
+
+    def discard(self) -> None:
+        self._done = True
+        try:
+            self._f.close()
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            self.storage.fs.rm_file(self._tmp)
+        except Exception:  # noqa: BLE001 - best effort; leftovers carry TEMP_MARK and are swept
+            pass

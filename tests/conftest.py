@@ -1,0 +1,55 @@
+"""Shared fixtures: real checkpoints written by real writers, and the float64 reference.
+
+Unit tests (tests/unit) exercise one module with small files they write themselves; integration
+tests (tests/integration) run whole jobs, the CLI as a subprocess, and read the output back with
+safetensors and transformers.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def load_all(directory: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) checkpoint directory, read with the reference reader."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        out.update(load_file(f))
+    return out
+
+
+def reference(t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """The float64 reference: exact arithmetic in float64, one cast to the target dtype."""
+    return (t.double() + alpha * (f.double() - b.double())).to(t.dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """base (bf16, one file), finetuned (float32, hub-sharded), target (bf16, other shards).
+
+    Session-scoped and read-only: tests that mutate inputs copy them first (``copy_checkpoints``).
+    """
+    from graft.cluster.demo import make_checkpoints
+
+    root = tmp_path_factory.mktemp("ckpts")
+    return make_checkpoints(str(root), size="tiny")
+
+
+@pytest.fixture
+def copy_checkpoints(tiny_checkpoints: dict[str, str], tmp_path):  # noqa: ANN201
+    """A private, mutable copy of the tiny checkpoints for this test."""
+    out = {}
+    for role, path in tiny_checkpoints.items():
+        dest = tmp_path / "in" / role
+        shutil.copytree(path, dest)
+        out[role] = str(dest)
+    return out

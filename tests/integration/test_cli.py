@@ -1,0 +1,189 @@
+"""The ``graft`` command as a user drives it: a subprocess, exit codes, stdout/stderr."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from graft.cluster.cli import Progress
+
+GRAFT = [sys.executable, "-m", "graft.cluster.cli"]
+
+
+def graft(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    return subprocess.run([*GRAFT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def write_config(tmp_path, ckpts: dict[str, str], **extra) -> str:  # noqa: ANN001
+    cfg = {"target": ckpts["target"], "finetuned": ckpts["finetuned"], "base": ckpts["base"],
+           "output": str(tmp_path / "out"), **extra}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_console_script_is_installed():
+    script = os.path.join(os.path.dirname(sys.executable), "graft")
+    r = subprocess.run([script, "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("graft ")
+
+
+def test_run_then_verify_then_sha256sum(tiny_checkpoints, tmp_path):
+    cfg = write_config(tmp_path, tiny_checkpoints)
+    r = graft("run", cfg, "--set", "alpha=0.5", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    out = str(tmp_path / "out")
+    assert f"wrote {out}" in r.stdout
+    assert "% " in r.stderr and "read" in r.stderr  # plain progress lines when not on a TTY
+    assert json.load(open(os.path.join(out, "graft.manifest.json")))["spec"]["alpha"] == 0.5
+    v = graft("verify", out)
+    assert v.returncode == 0 and "verified" in v.stdout
+    s = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
+    assert s.returncode == 0, s.stdout + s.stderr
+
+
+def test_verify_catches_a_flipped_bit(tiny_checkpoints, tmp_path):
+    cfg = write_config(tmp_path, tiny_checkpoints)
+    assert graft("run", cfg, "-q").returncode == 0
+    out = tmp_path / "out"
+    shard = sorted(p for p in os.listdir(out) if p.endswith(".safetensors"))[-1]
+    with open(out / shard, "r+b") as f:
+        f.seek(os.path.getsize(out / shard) - 10)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+    v = graft("verify", str(out))
+    assert v.returncode == 1
+    assert shard in v.stderr and "does not match" in v.stderr
+    s = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
+    assert s.returncode != 0
+
+
+def test_plan_reads_headers_and_reports_without_writing(tiny_checkpoints, tmp_path):
+    cfg = write_config(tmp_path, tiny_checkpoints)
+    r = graft("plan", cfg, "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["combined"] == summary["tensors"] > 0
+    assert [s["file"] for s in summary["shards"]] == sorted(
+        n for n in os.listdir(tiny_checkpoints["target"]) if n.endswith(".safetensors"))
+    assert any("max_position_embeddings" in w for w in summary["warnings"])
+    assert summary["side_files"]["config.json"] == "target"
+    assert summary["side_files"]["chat_template.jinja"] == "finetuned"
+    assert not (tmp_path / "out").exists()
+    human = graft("plan", cfg)
+    assert human.returncode == 0 and "combined" in human.stdout
+
+
+def test_plan_exits_nonzero_and_lists_every_problem(tiny_checkpoints, tmp_path):
+    # A "fine-tune" holding one tensor, of the wrong shape: two kinds of problem at once.
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    save_file({"model.embed_tokens.weight": torch.zeros(3)}, str(ft / "model.safetensors"))
+    cfg = write_config(tmp_path, dict(tiny_checkpoints, finetuned=str(ft)))
+    r = graft("plan", cfg)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert any("missing from finetuned" in line for line in lines)
+    assert any("model.embed_tokens.weight" in line and "shape" in line for line in lines)
+
+
+def test_plan_reports_an_unusable_output(tiny_checkpoints, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    r = graft("plan", write_config(tmp_path, tiny_checkpoints))
+    assert r.returncode == 1 and "not empty" in r.stderr
+
+
+def test_inspect_lists_tensors_dtypes_and_shards(tiny_checkpoints):
+    r = graft("inspect", tiny_checkpoints["finetuned"])
+    assert r.returncode == 0
+    assert "model.layers.0.self_attn.q_proj.weight" in r.stdout and "F32" in r.stdout
+    j = json.loads(graft("inspect", tiny_checkpoints["target"], "--json").stdout)
+    assert j["tensors"]["model.embed_tokens.weight"]["dtype"] == "BF16"
+    assert len(j["files"]) > 1
+
+
+def test_errors_are_one_line_naming_the_file_and_tracebacks_only_with_debug(copy_checkpoints, tmp_path):
+    shard = sorted(n for n in os.listdir(copy_checkpoints["target"]) if n.endswith(".safetensors"))[0]
+    path = os.path.join(copy_checkpoints["target"], shard)
+    os.truncate(path, os.path.getsize(path) - 1)
+    cfg = write_config(tmp_path, copy_checkpoints)
+    r = graft("run", cfg)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("graft: error: ")
+    assert shard in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+    d = graft("run", cfg, "--debug")
+    assert d.returncode == 1 and "Traceback" in d.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "alpah=2"], "did you mean 'alpha'"),
+    (["--set", "compute_dtype=float16"], "compute_dtype"),
+    (["--set", "rules=[{match: '(', alpha: 1}]"], "rules.0.match"),
+    (["--set", "alpha"], "expected key=value"),
+])
+def test_bad_config_gives_one_line_naming_the_key(tiny_checkpoints, tmp_path, args, needle):
+    r = graft("run", write_config(tmp_path, tiny_checkpoints), *args)
+    assert r.returncode == 1
+    assert needle in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_progress_draws_a_bar_on_a_tty_and_log_lines_otherwise():
+    tty = io.StringIO()
+    p = Progress(1000, tty, tty=True, interval=0)
+    p.update(500)
+    p.update(500)
+    p.close()
+    assert "\r[###############" in tty.getvalue() and "100.0%" in tty.getvalue() and "ETA" in tty.getvalue()
+    plain = io.StringIO()
+    p = Progress(1000, plain, tty=False, interval=0)
+    p.update(1000)
+    assert plain.getvalue().startswith("graft: 100.0% ") and "\r" not in plain.getvalue()
+
+
+def test_engine_never_imports_ray():
+    code = ("import sys, graft.engine.local, graft.engine.job, graft.engine.execute, graft.engine.manifest;"
+            "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    engine_dir = os.path.dirname(__import__("graft.engine", fromlist=["x"]).__file__)
+    for name in os.listdir(engine_dir):
+        if name.endswith(".py"):
+            src = open(os.path.join(engine_dir, name)).read()
+            assert "import ray" not in src and "from ray" not in src, name
+
+
+def test_ctrl_c_exits_130_and_leaves_no_partial_output(tiny_checkpoints, tmp_path):
+    # Two elements per chunk makes this tiny job take many seconds; interrupt once a shard is being
+    # written (its temporary file exists).
+    cfg = write_config(tmp_path, tiny_checkpoints, chunk_size=8)
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([*GRAFT, "run", cfg, "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and any(n.startswith(".model") and ".graft-tmp-" in n
+                                        for n in os.listdir(out))):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "run the same command again" in err
+    assert os.listdir(out) == []

@@ -1,0 +1,302 @@
+"""Whole jobs on the local executor, checked against the float64 reference and real readers."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import fsspec
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import load_all, reference
+from graft.engine.errors import NonFiniteError, OutputError, PlanError
+from graft.engine.execute import iter_chunks
+from graft.engine.job import RUN_MARK, prepare_job
+from graft.engine.local import run_local
+from graft.engine.manifest import MANIFEST_NAME, verify_output
+from graft.engine.spec import spec_from_mapping
+from graft.engine.storage import TEMP_MARK
+
+
+def make_spec(ckpts: dict[str, str], output: str, **extra):  # noqa: ANN201
+    return spec_from_mapping({"target": ckpts["target"], "finetuned": ckpts["finetuned"],
+                              "base": ckpts["base"], "output": output, **extra})
+
+
+def assert_nothing_committed(output: str) -> None:
+    names = os.listdir(output) if os.path.isdir(output) else []
+    assert MANIFEST_NAME not in names
+    assert not [n for n in names if n.endswith(".safetensors")], names
+    assert not [n for n in names if TEMP_MARK in n or n == RUN_MARK], names
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.7, -1.3])
+def test_float64_output_is_bit_identical_to_the_float64_reference(tiny_checkpoints, tmp_path, alpha):
+    out = str(tmp_path / "out")
+    # A small chunk size forces every tensor through several chunks.
+    run_local(make_spec(tiny_checkpoints, out, compute_dtype="float64", chunk_size=4096, alpha=alpha),
+              workers=2)
+    t, f, b = (load_all(tiny_checkpoints[r]) for r in ("target", "finetuned", "base"))
+    got = load_all(out)
+    assert set(got) == set(t)
+    assert f["model.embed_tokens.weight"].dtype == torch.float32  # mixed input dtypes
+    for name, tt in t.items():
+        want = reference(tt, f[name], b[name], alpha)
+        assert got[name].dtype == tt.dtype and got[name].shape == tt.shape
+        assert torch.equal(got[name], want), name
+
+
+def test_float32_output_is_within_float32_evaluation_error_of_the_reference(tiny_checkpoints, tmp_path):
+    out = str(tmp_path / "out")
+    run_local(make_spec(tiny_checkpoints, out, alpha=0.7, chunk_size=8192))
+    t, f, b = (load_all(tiny_checkpoints[r]) for r in ("target", "finetuned", "base"))
+    got = load_all(out)
+    exact = 0
+    for name, tt in t.items():
+        want = reference(tt, f[name], b[name], 0.7)
+        diff = (got[name].double() - want.double()).abs()
+        bound = 2.0**-22 * (tt.double().abs() + 0.7 * (f[name].double().abs() + b[name].double().abs()))
+        ok = (got[name] == want) | (diff <= bound)
+        assert bool(ok.all()), name
+        exact += int((got[name] == want).sum())
+    assert exact > 0.99 * sum(x.numel() for x in t.values())
+
+
+def test_output_mirrors_the_target_layout_and_loads_in_safe_open_and_transformers(tiny_checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = str(tmp_path / "out")
+    run_local(make_spec(tiny_checkpoints, out))
+    target_shards = sorted(n for n in os.listdir(tiny_checkpoints["target"]) if n.endswith(".safetensors"))
+    out_shards = sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))
+    assert out_shards == target_shards and len(out_shards) > 1
+    for shard in out_shards:
+        with safe_open(os.path.join(tiny_checkpoints["target"], shard), "pt") as a, \
+                safe_open(os.path.join(out, shard), "pt") as b:
+            assert list(a.keys()) == list(b.keys())
+            assert b.metadata().get("format") == "pt"
+        assert os.path.getsize(os.path.join(out, shard)) == \
+            os.path.getsize(os.path.join(tiny_checkpoints["target"], shard))
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    logits = model(torch.tensor([[1, 5, 9, 13]])).logits
+    assert torch.isfinite(logits).all()
+    # config from the target (long context), tokenizer + chat template from the fine-tune.
+    assert json.load(open(os.path.join(out, "config.json")))["max_position_embeddings"] == 131072
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and "assistant" in tok.chat_template
+
+
+def test_output_holds_exactly_the_checksummed_files_plus_sums_and_manifest(tiny_checkpoints, tmp_path):
+    out = str(tmp_path / "out")
+    result = run_local(make_spec(tiny_checkpoints, out))
+    sums = [line.split("  ", 1)[1] for line in open(os.path.join(out, "SHA256SUMS")).read().splitlines()]
+    assert sorted(os.listdir(out)) == sorted(sums + ["SHA256SUMS", MANIFEST_NAME])
+    manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
+    assert manifest == result.manifest
+    assert {o["name"] for o in manifest["outputs"]} == set(sums) | {"SHA256SUMS"}
+    assert manifest["spec"]["alpha"] == 1.0 and manifest["graft_version"]
+    for role in ("target", "finetuned", "base"):
+        files = manifest["inputs"][role]["files"]
+        assert files and all(f["size"] > 0 for f in files)
+    assert manifest["run"]["seconds"] >= 0 and manifest["run"]["bytes_read"] > 0
+    assert verify_output(out).ok
+
+
+def test_each_input_byte_is_read_once(tiny_checkpoints, tmp_path):
+    job = prepare_job(make_spec(tiny_checkpoints, str(tmp_path / "out"), chunk_size=4096))
+    tensor_bytes = sum(t.nbytes for c in job.checkpoints.values() for t in c.tensors.values())
+    result = run_local(job)
+    assert sum(r.bytes_read for r in result.results) == job.plan.read_bytes == tensor_bytes
+
+
+def test_chunks_never_exceed_the_chunk_size(tiny_checkpoints, tmp_path):
+    job = prepare_job(make_spec(tiny_checkpoints, str(tmp_path / "o"), chunk_size=4096))
+    biggest = max(t.nbytes for s in job.plan.shards for t in s.tensors)
+    assert biggest > 4 * 4096  # so the tensors really are split
+    for shard in job.plan.shards:
+        for c in iter_chunks(shard):
+            assert c.count * 4 <= 4096
+
+
+def test_rules_first_match_wins_and_alpha_zero_carries_target_bytes(tiny_checkpoints, tmp_path):
+    out = str(tmp_path / "out")
+    rules = [{"match": r"^model\.embed_tokens\.", "alpha": 0.0},
+             {"match": r"mlp", "alpha": 0.5},
+             {"match": r"mlp\.up_proj", "alpha": 3.0}]  # shadowed by the rule before it
+    result = run_local(make_spec(tiny_checkpoints, out, rules=rules, compute_dtype="float64"))
+    t, f, b = (load_all(tiny_checkpoints[r]) for r in ("target", "finetuned", "base"))
+    got = load_all(out)
+    assert torch.equal(got["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(got[up], reference(t[up], f[up], b[up], 0.5))
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(got[q], reference(t[q], f[q], b[q], 1.0))
+    assert result.manifest["plan"]["copied"] == 1
+
+
+def test_max_shard_size_relayout_loads_in_transformers(tiny_checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "out")
+    run_local(make_spec(tiny_checkpoints, out, max_shard_size="60KB"))
+    shards = sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))
+    assert len(shards) > 3 and shards[0].startswith("model-00001-of-")
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert set(index["weight_map"].values()) == set(shards)
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+EDGE_TENSORS = {
+    "scalar": ((), torch.bfloat16),
+    "empty": ((0, 7), torch.bfloat16),
+    "half": ((33, 17), torch.float16),
+    "single": ((129,), torch.float32),
+    "double": ((10,), torch.float64),
+    "big": ((5000,), torch.bfloat16),  # larger than a chunk
+    "steps": ((3,), torch.int64),
+    "mask": ((4,), torch.bool),
+}
+
+
+def _edge_checkpoint(path: str, seed: int, ft_dtype: torch.dtype | None = None) -> None:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, (shape, dtype) in EDGE_TENSORS.items():
+        if dtype.is_floating_point:
+            sd[name] = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(ft_dtype or dtype)
+        elif dtype == torch.bool:
+            sd[name] = torch.rand(shape, generator=g) > 0.5
+        else:
+            sd[name] = torch.randint(0, 100, shape, generator=g)
+    os.makedirs(path)
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("compute_dtype", ["float64", "float32"])
+def test_edge_case_tensors_zero_dim_zero_size_integer_and_oversized(tmp_path, compute_dtype):
+    paths = {r: str(tmp_path / r) for r in ("target", "finetuned", "base")}
+    _edge_checkpoint(paths["target"], 1)
+    _edge_checkpoint(paths["finetuned"], 2, ft_dtype=torch.float32)
+    _edge_checkpoint(paths["base"], 3)
+    out = str(tmp_path / "out")
+    # alpha 0.7: a fused multiply-add would differ from the reference in float32/float64 outputs.
+    run_local(make_spec(paths, out, compute_dtype=compute_dtype, chunk_size=1024, alpha=0.7))
+    t, f, b = (load_all(paths[r]) for r in ("target", "finetuned", "base"))
+    got = load_all(out)
+    for name, (shape, dtype) in EDGE_TENSORS.items():
+        assert got[name].shape == torch.Size(shape) and got[name].dtype == dtype
+        if not dtype.is_floating_point:
+            assert torch.equal(got[name], t[name]), name  # carried from the target
+        elif compute_dtype == "float64" or dtype != torch.float64:
+            want = reference(t[name], f[name], b[name], 0.7)
+            if compute_dtype == "float64":
+                assert torch.equal(got[name], want), name
+            else:
+                assert torch.allclose(got[name].double(), want.double(), rtol=1e-6, atol=1e-6), name
+
+
+def test_nonfinite_output_fails_naming_the_tensor_and_commits_nothing(copy_checkpoints, tmp_path):
+    # Put an Inf into one tensor of the fine-tune's last shard.
+    from safetensors.torch import load_file
+
+    ft = copy_checkpoints["finetuned"]
+    last = sorted(n for n in os.listdir(ft) if n.endswith(".safetensors"))[-1]
+    sd = load_file(os.path.join(ft, last))
+    victim = sorted(sd)[0]
+    sd[victim].view(-1)[3] = float("inf")
+    save_file(sd, os.path.join(ft, last), metadata={"format": "pt"})
+    out = str(tmp_path / "out")
+    with pytest.raises(NonFiniteError, match=victim.replace(".", r"\.")):
+        run_local(make_spec(copy_checkpoints, out), workers=2)
+    assert_nothing_committed(out)
+    run_local(make_spec(copy_checkpoints, out, allow_nonfinite=True))
+    assert torch.isinf(load_all(out)[victim]).any()
+
+
+def test_failure_in_a_later_shard_removes_shards_already_committed(copy_checkpoints, tmp_path):
+    from safetensors.torch import load_file
+
+    tgt = copy_checkpoints["target"]
+    shards = sorted(n for n in os.listdir(tgt) if n.endswith(".safetensors"))
+    sd = load_file(os.path.join(tgt, shards[-1]))
+    victim = sorted(sd)[-1]
+    sd[victim].view(-1)[0] = float("nan")
+    save_file(sd, os.path.join(tgt, shards[-1]), metadata={"format": "pt"})
+    out = str(tmp_path / "out")
+    with pytest.raises(NonFiniteError):
+        run_local(make_spec(copy_checkpoints, out), workers=1)  # earlier shards commit first
+    assert_nothing_committed(out)
+    assert os.listdir(out) == []
+
+
+def test_output_that_is_already_committed_or_foreign_is_refused(tiny_checkpoints, tmp_path):
+    out = str(tmp_path / "out")
+    run_local(make_spec(tiny_checkpoints, out))
+    before = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}
+    with pytest.raises(OutputError, match="already holds a committed graft output"):
+        run_local(make_spec(tiny_checkpoints, out))
+    assert {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)} == before
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty"):
+        run_local(make_spec(tiny_checkpoints, str(foreign)))
+    assert sorted(os.listdir(foreign)) == ["notes.txt"]
+
+
+def test_missing_tensor_is_an_error_unless_carry_target(tiny_checkpoints, tmp_path):
+    from safetensors.torch import load_file
+
+    base = tmp_path / "base"
+    base.mkdir()
+    sd = load_all(tiny_checkpoints["base"])
+    gone = "model.layers.1.mlp.down_proj.weight"
+    del sd[gone]
+    sd["value_head.weight"] = torch.zeros(3)
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    ckpts = dict(tiny_checkpoints, base=str(base))
+    out = str(tmp_path / "out")
+    with pytest.raises(PlanError, match="carry_target") as e:
+        run_local(make_spec(ckpts, out))
+    assert gone in str(e.value)
+    assert not os.path.exists(out)
+    result = run_local(make_spec(ckpts, out, on_missing="carry_target"))
+    assert torch.equal(load_all(out)[gone], load_file(
+        os.path.join(tiny_checkpoints["target"], json.load(open(os.path.join(
+            tiny_checkpoints["target"], "model.safetensors.index.json")))["weight_map"][gone]))[gone])
+    assert result.manifest["plan"]["left_out"] == ["value_head.weight"]
+    assert any("left out" in w for w in result.manifest["plan"]["warnings"])
+
+
+def test_memory_filesystem_runs_the_same_code_path_with_the_same_bytes(tiny_checkpoints, tmp_path):
+    root = f"memory://graft-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    for role, path in tiny_checkpoints.items():
+        for name in os.listdir(path):
+            fs.pipe_file(f"{root}/{role}/{name}", open(os.path.join(path, name), "rb").read())
+    remote = {r: f"{root}/{r}" for r in tiny_checkpoints}
+    try:
+        run_local(make_spec(remote, f"{root}/out"), workers=2)
+        local_out = str(tmp_path / "out")
+        run_local(make_spec(tiny_checkpoints, local_out))
+        assert verify_output(f"{root}/out").ok
+        for name in os.listdir(local_out):
+            if name != MANIFEST_NAME:
+                assert fs.cat_file(f"{root}/out/{name}") == open(os.path.join(local_out, name), "rb").read(), name
+        assert not [p for p in fs.ls(f"{root}/out", detail=False) if TEMP_MARK in p or RUN_MARK in p]
+    finally:
+        fs.rm(root, recursive=True)
+
+
+def test_the_same_job_gives_bit_identical_output_with_any_worker_count(tiny_checkpoints, tmp_path):
+    digests = []
+    for workers in (1, 3):
+        out = str(tmp_path / f"out{workers}")
+        result = run_local(make_spec(tiny_checkpoints, out, chunk_size=8192 * workers), workers=workers)
+        digests.append(sorted((r.file, r.sha256) for r in result.results))
+    assert digests[0] == digests[1]
