@@ -44,7 +44,7 @@ class Progress:
         self.tty = stream.isatty() if tty is None else tty
         self.interval = interval if interval is not None else (0.1 if self.tty else 5.0)
         self.t0 = time.monotonic()
-        self._last = 0.0
+        self._last = self.t0 if not self.tty else 0.0
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.t0, 1e-9)

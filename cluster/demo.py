@@ -69,6 +69,9 @@ def make_checkpoints(root: str, size: str = "demo", seed: int = 0) -> dict[str, 
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     s = SIZES[size]
     paths = {role: os.path.join(root, role) for role in ("base", "finetuned", "target")}
     if all(os.path.exists(os.path.join(p, "config.json")) for p in paths.values()):

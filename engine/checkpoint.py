@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import CheckpointError, StorageError
-from .safetensors import Header, TensorEntry, read_header
+from .safetensors import Header, TensorEntry, read_header, strict_json_loads
 from .storage import FileStat, Storage
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "TensorRef", "Checkpoint", "open_checkpoint", "check_shard_name"]
@@ -23,19 +23,10 @@ _HEADER_READERS = 8
 
 
 @dataclass(frozen=True)
-class TensorRef:
-    """Where one tensor's bytes live: ``file`` inside the checkpoint, bytes ``[begin, end)``."""
+class TensorRef(TensorEntry):
+    """A header entry plus the shard ``file`` (a plain name inside the checkpoint) that holds it."""
 
-    name: str
     file: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
 
 
 @dataclass(frozen=True)
@@ -81,18 +72,8 @@ def check_shard_name(name: Any, where: str) -> str:
 
 
 def _strict_json(data: bytes, where: str) -> Any:
-    def no_dups(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in d:
-                raise CheckpointError(f"{where}: duplicate key {k!r}; fix the index")
-            d[k] = v
-        return d
-
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=no_dups)
-    except CheckpointError:
-        raise
+        return strict_json_loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{where}: not valid JSON ({e.__class__.__name__}: {e}); re-create the "
                               f"index") from None
@@ -189,4 +170,4 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
 
 
 def _ref(shard: str, e: TensorEntry) -> TensorRef:
-    return TensorRef(e.name, shard, e.dtype, e.shape, e.begin, e.end)
+    return TensorRef(e.name, e.dtype, e.shape, e.begin, e.end, file=shard)

@@ -231,11 +231,11 @@ def make_plan(
     if fp8:
         warnings.append(f"{len(fp8)} FP8 tensor(s) are combined element-wise without block scales: "
                         f"{_examples(fp8)}")
-    mixed = [n for n, t in tasks.items() if t.combine and len({t.target.dtype, t.finetuned.dtype,
-                                                                t.base.dtype}) > 1]
-    if mixed:
-        warnings.append(f"{len(mixed)} tensor(s) differ in dtype across checkpoints (computed in "
-                        f"{spec.compute_dtype}, stored as the target's dtype): {_examples(mixed)}")
+    stored = {role: sorted({getattr(t, role).dtype for t in tasks.values() if t.combine})
+              for role in ROLES}
+    if len({tuple(d) for d in stored.values()}) > 1:
+        warnings.append("input dtypes differ (" + ", ".join(f"{r} {'/'.join(d)}" for r, d in stored.items())
+                        + f"): computed in {spec.compute_dtype}, written in the target's dtypes")
     warnings.extend(_config_warnings(configs or {}))
 
     settings = ExecSettings(spec.compute_dtype, spec.chunk_size, spec.allow_nonfinite)

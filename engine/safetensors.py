@@ -27,6 +27,7 @@ __all__ = [
     "FLOATING_DTYPES",
     "TensorEntry",
     "Header",
+    "strict_json_loads",
     "parse_header",
     "read_header",
     "build_header",
@@ -77,17 +78,23 @@ class Header:
     metadata: dict[str, str] | None = field(default=None, compare=False)
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     d: dict[str, Any] = {}
     for k, v in pairs:
         if k in d:
-            raise HeaderError(f"duplicate key {k!r}")
+            raise ValueError(f"duplicate key {k!r}")
         d[k] = v
     return d
 
 
 def _reject_constant(name: str) -> Any:
-    raise HeaderError(f"non-standard JSON constant {name}")
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def strict_json_loads(text: str) -> Any:
+    """``json.loads`` that refuses duplicate keys and NaN/Infinity; raises ``ValueError`` (or
+    ``RecursionError`` for absurd nesting)."""
+    return json.loads(text, object_pairs_hook=_object_without_duplicates, parse_constant=_reject_constant)
 
 
 def _is_int(v: Any) -> bool:
@@ -119,9 +126,7 @@ def parse_header(prefix: bytes, header: bytes, file_size: int, where: str) -> He
     if not text.startswith("{"):
         raise fail("header does not start with '{'")
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
-    except HeaderError as e:
-        raise fail(str(e)) from None
+        obj = strict_json_loads(text)
     except RecursionError:
         raise fail("JSON nested too deeply") from None
     except ValueError as e:

@@ -334,22 +334,29 @@ class _FsspecWriterBase(AtomicWriter):
             raise self.storage._fail(self.name, "write", e) from e
         self.bytes_written += len(memoryview(data).cast("B"))
 
-
-class _DeferredCommitWriter(_FsspecWriterBase):
-    def __init__(self, storage: Storage, name: str):
-        super().__init__(storage, name)
-        self._f = self._open(storage.path(name), autocommit=False)
+    def _publish(self) -> None:
+        """Make the closed file visible at its final name."""
+        raise NotImplementedError
 
     def commit(self) -> None:
         try:
             self._f.close()
-            self._f.commit()
+            self._publish()
         except BaseException as e:
             self.discard()
             if isinstance(e, Exception):
                 raise self.storage._fail(self.name, "commit", e) from e
             raise
         self._done = True
+
+
+class _DeferredCommitWriter(_FsspecWriterBase):
+    def __init__(self, storage: Storage, name: str):
+        super().__init__(storage, name)
+        self._f = self._open(storage.path(name), autocommit=False)
+
+    def _publish(self) -> None:
+        self._f.commit()  # e.g. S3: complete the multipart upload
 
     def discard(self) -> None:
         self._done = True
@@ -365,16 +372,8 @@ class _RenameAtomicWriter(_FsspecWriterBase):
         self._tmp = storage.path(_temp_name(name))
         self._f = self._open(self._tmp)
 
-    def commit(self) -> None:
-        try:
-            self._f.close()
-            self.storage.fs.mv(self._tmp, self.storage.path(self.name))
-        except BaseException as e:
-            self.discard()
-            if isinstance(e, Exception):
-                raise self.storage._fail(self.name, "commit", e) from e
-            raise
-        self._done = True
+    def _publish(self) -> None:
+        self.storage.fs.mv(self._tmp, self.storage.path(self.name))
 
     def discard(self) -> None:
         self._done = True
