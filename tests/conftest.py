@@ -32,6 +32,29 @@ def reference(t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, alpha: float = 
     return (t.double() + alpha * (f.double() - b.double())).to(t.dtype)
 
 
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at each value of ``x`` (float64 result; subnormal spacing near 0)."""
+    fi = torch.finfo(dtype)
+    _, e = torch.frexp(x.double().abs())
+    return torch.maximum(torch.ldexp(torch.full_like(x, fi.eps, dtype=torch.float64), e - 1),
+                         torch.tensor(fi.tiny * fi.eps, dtype=torch.float64))
+
+
+def within_float32_contract(out: torch.Tensor, t: torch.Tensor, f: torch.Tensor, b: torch.Tensor,
+                            alpha: float) -> torch.Tensor:
+    """The float32 promise, per element: within 1 output ulp of the float64 reference, or within
+    float32 evaluation error of the operands, |out - ref| <= 2^-22 (|t| + |alpha| (|f| + |b|)).
+
+    One ulp covers double rounding (a float32 result exactly on a bf16 midpoint rounds to even);
+    the bound covers near-cancellation, where float32 can be several output ulps off.
+    """
+    ref = reference(t, f, b, alpha).double()
+    diff = (out.double() - ref).abs()
+    bound = 2.0**-22 * (t.double().abs() + abs(alpha) * (f.double().abs() + b.double().abs()))
+    one_ulp = torch.maximum(ulp(ref, out.dtype), ulp(out.double(), out.dtype))
+    return (diff <= one_ulp) | (diff <= bound)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """base (bf16, one file), finetuned (float32, hub-sharded), target (bf16, other shards).
