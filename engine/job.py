@@ -117,9 +117,13 @@ class OutputSession:
                 raise IntegrityError(f"{out.url(shard.file)}: shard result missing or of the wrong "
                                      f"size; run the job again")
             outputs.append(OutputFile(r.file, r.size, r.sha256))
+        donated: dict[str, list[dict[str, Any]]] = {role: [] for role in self.job.checkpoints}
         for side in plan.side_files:
-            data = self.job.checkpoints[side.donor].storage.read(side.name)
-            outputs.append(self._put(side.name, data))
+            donor = self.job.checkpoints[side.donor].storage
+            copied = self._put(side.name, donor.read(side.name))
+            outputs.append(copied)
+            donated[side.donor].append({"name": side.name, "uri": donor.url(side.name),
+                                        "size": copied.size, "sha256": copied.sha256})
         if plan.write_index:
             outputs.append(self._put(INDEX_NAME, json.dumps(plan.index_json(), indent=2).encode() + b"\n"))
         sums = self._put(SUMS_NAME, format_sums(outputs))
@@ -133,7 +137,8 @@ class OutputSession:
             "spec": self.job.spec.to_dict(),
             "inputs": {
                 role: {"uri": c.uri,
-                       "files": [{"name": f.name, "size": f.size, "version": f.version} for f in c.files]}
+                       "files": [{"name": f.name, "uri": c.storage.url(f.name), "size": f.size,
+                                  "version": f.version} for f in c.files] + donated[role]}
                 for role, c in self.job.checkpoints.items()
             },
             "outputs": [{"name": f.name, "size": f.size, "sha256": f.sha256}

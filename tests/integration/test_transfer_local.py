@@ -1,6 +1,7 @@
 """Whole jobs on the local executor, checked against the float64 reference and real readers."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -98,7 +99,10 @@ def test_output_holds_exactly_the_checksummed_files_plus_sums_and_manifest(tiny_
     assert manifest["spec"]["alpha"] == 1.0 and manifest["graft_version"]
     for role in ("target", "finetuned", "base"):
         files = manifest["inputs"][role]["files"]
-        assert files and all(f["size"] > 0 for f in files)
+        assert files and all(f["size"] > 0 and f["uri"].startswith(tiny_checkpoints[role]) for f in files)
+    donated = {f["name"]: f for f in manifest["inputs"]["finetuned"]["files"] if "sha256" in f}
+    with open(os.path.join(tiny_checkpoints["finetuned"], "tokenizer.json"), "rb") as fh:
+        assert donated["tokenizer.json"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
     assert manifest["run"]["seconds"] >= 0 and manifest["run"]["bytes_read"] > 0
     assert verify_output(out).ok
 
