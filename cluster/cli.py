@@ -90,9 +90,18 @@ def cmd_run(args: argparse.Namespace) -> int:
          f"{human_bytes(plan.write_bytes)} to {spec.output}")
     progress = None if args.quiet else Progress(plan.read_bytes, sys.stderr)
     t0 = time.monotonic()
+    log = _log if args.verbose else (lambda s: None)
+    update = progress.update if progress else None
     try:
-        result = run_local(job, workers=args.workers, on_progress=progress.update if progress else None,
-                           log=_log if args.verbose else (lambda s: None))
+        if args.executor == "local":
+            result = run_local(job, workers=args.workers or 1, on_progress=update, log=log,
+                               device=args.device)
+        else:
+            from .driver import RayOptions, run_ray  # Ray is imported only when used
+
+            opts = RayOptions(address=args.address, workers=args.workers,
+                              cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
+            result = run_ray(job, opts, on_progress=update, log=_log)
     finally:
         if progress:
             progress.close()
@@ -208,9 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a transfer job and commit its output")
     r.add_argument("config", help="YAML job spec")
-    r.add_argument("--executor", choices=["local"], default="local",
-                   help="where shard tasks run (local: threads in this process)")
-    r.add_argument("--workers", type=int, default=1, help="shards processed at once (default 1)")
+    r.add_argument("--executor", choices=["ray", "local"], default="ray",
+                   help="ray (default): shard actors on a Ray cluster; local: threads in this process")
+    r.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else start a private local Ray)")
+    r.add_argument("--workers", type=int, default=None,
+                   help="shards processed at once (ray: as many as the cluster's CPUs fit; local: 1)")
+    r.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per shard actor")
+    r.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="Ray GPUs per shard actor; > 0 runs the arithmetic on CUDA")
+    r.add_argument("--device", default="cpu", help="local executor: cpu or cuda[:N] for the arithmetic")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec key (dotted keys nest; value parsed as YAML)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")

@@ -1,10 +1,15 @@
 """Run one shard task: stream input ranges in chunks -> kernel -> write + sha256 -> commit.
 
-``execute_shard(task, inputs, output)`` is what every executor (threads, Ray actors) calls. Memory
-is bounded by the chunk size, whatever the tensor, shard or model size: two chunk slots of input
-buffers (one being computed, one being read ahead), two compute buffers, one output buffer. Each
-input byte is read exactly once. The shard becomes visible only when every byte is written and
-accounted for; on any error it is discarded.
+``execute_shard(task, inputs, output)`` is what every executor (threads, Ray actors) calls. The
+chunks of a shard flow through a three-stage pipeline:
+
+    read chunk i+1 (reader threads) | compute chunk i (CPU, or queued on a GPU) | write + hash chunk i-1
+
+Memory is bounded by the chunk size whatever the tensor, shard or model size: three slots of input
+buffers (being read, being computed, held until its output is written), two compute buffers and two
+output buffers (plus, on a GPU, device copies of those). Each input byte is read exactly once. The
+shard becomes visible only when every byte is written and accounted for; on any error it is
+discarded.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from .storage import RangeReader, Storage
 __all__ = ["ShardResult", "Chunk", "Cancelled", "iter_chunks", "execute_shard"]
 
 _ROLES = ("target", "finetuned", "base")
+_SLOTS = 3
 
 
 class Cancelled(GraftError):
@@ -50,6 +56,14 @@ class Chunk:
     start: int
     count: int
 
+    def sources(self) -> list[Source]:
+        t = self.tensor
+        return [s for s in (t.target, t.finetuned, t.base) if s is not None]
+
+    @property
+    def out_bytes(self) -> int:
+        return self.count * DTYPE_SIZES[self.tensor.dtype]
+
 
 def iter_chunks(task: ShardTask) -> Iterator[Chunk]:
     """The chunks of a shard in write order; a tensor larger than a chunk is split."""
@@ -61,26 +75,101 @@ def iter_chunks(task: ShardTask) -> Iterator[Chunk]:
             yield Chunk(t, start, min(step, t.numel - start))
 
 
-def _sources(chunk: Chunk) -> list[Source]:
-    t = chunk.tensor
-    return [s for s in (t.target, t.finetuned, t.base) if s is not None]
-
-
 class _Slot:
     """Input buffers for one chunk in flight (one per role), sized for the largest chunk."""
 
-    def __init__(self, capacity: dict[str, int]):
-        self.bufs = {role: torch.empty(n, dtype=torch.uint8) for role, n in capacity.items()}
+    def __init__(self, capacity: dict[str, int], pinned: bool):
+        self.bufs = {role: torch.empty(n, dtype=torch.uint8, pin_memory=pinned)
+                     for role, n in capacity.items()}
         self.pending: list[Future[None]] = []
 
-    def view(self, src: Source, nbytes: int) -> torch.Tensor:
-        return self.bufs[src.role][:nbytes]
+    def view(self, src: Source, count: int) -> torch.Tensor:
+        """The bytes of ``count`` elements of ``src`` (uint8)."""
+        return self.bufs[src.role][:count * DTYPE_SIZES[src.dtype]]
+
+    def typed(self, src: Source, count: int) -> torch.Tensor:
+        return self.view(src, count).view(TORCH_DTYPES[src.dtype])
+
+    def wait(self) -> None:
+        for fut in self.pending:
+            fut.result()
+        self.pending.clear()
 
 
-def _capacity(task: ShardTask) -> dict[str, int]:
+class _CpuCompute:
+    """Computes a chunk on the calling thread; ``finish`` has nothing left to wait for."""
+
+    def __init__(self, compute_dtype: str, max_elems: int, out_cap: int):
+        self.kernel = ChunkKernel(compute_dtype, max_elems) if max_elems else None
+        self.out = [torch.empty(out_cap, dtype=torch.uint8) for _ in range(2)]
+
+    def submit(self, i: int, chunk: Chunk, slot: _Slot) -> torch.Tensor:
+        t = chunk.tensor
+        assert self.kernel is not None and t.finetuned is not None and t.base is not None
+        out = self.out[i % 2][:chunk.out_bytes]
+        self.kernel.combine(slot.typed(t.target, chunk.count), slot.typed(t.finetuned, chunk.count),
+                            slot.typed(t.base, chunk.count), t.alpha, out.view(TORCH_DTYPES[t.dtype]))
+        return out
+
+    def finish(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
+
+
+class _CudaCompute:
+    """Queues each chunk on a GPU: upload (copy stream) -> kernel -> download (compute stream).
+
+    The upload of chunk i+1 overlaps the kernel of chunk i, and both overlap the host writing and
+    hashing chunk i-1. Host input buffers are pinned so the copies are truly asynchronous.
+    """
+
+    def __init__(self, device: str, compute_dtype: str, max_elems: int, out_cap: int,
+                 capacity: dict[str, int]):
+        self.device = torch.device(device)
+        self.kernel = ChunkKernel(compute_dtype, max_elems, self.device) if max_elems else None
+        self.copy_stream = torch.cuda.Stream(self.device)
+        self.compute_stream = torch.cuda.Stream(self.device)
+        self.staging = [{r: torch.empty(n, dtype=torch.uint8, device=self.device) for r, n in capacity.items()}
+                        for _ in range(2)]
+        self.out_dev = [torch.empty(out_cap, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        self.out_host = [torch.empty(out_cap, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.released: list[torch.cuda.Event | None] = [None, None]
+
+    def submit(self, i: int, chunk: Chunk, slot: _Slot) -> tuple[torch.cuda.Event, torch.Tensor]:
+        t = chunk.tensor
+        assert self.kernel is not None and t.finetuned is not None and t.base is not None
+        k = i % 2
+        staged = {}
+        with torch.cuda.stream(self.copy_stream):
+            if self.released[k] is not None:  # chunk i-2's kernel must be done with staging[k]
+                self.copy_stream.wait_event(self.released[k])
+            for src in chunk.sources():
+                dev = self.staging[k][src.role][:chunk.count * DTYPE_SIZES[src.dtype]]
+                dev.copy_(slot.view(src, chunk.count), non_blocking=True)
+                staged[src.role] = dev.view(TORCH_DTYPES[src.dtype])
+            uploaded = torch.cuda.Event()
+            uploaded.record(self.copy_stream)
+        with torch.cuda.stream(self.compute_stream):
+            self.compute_stream.wait_event(uploaded)
+            out_dev = self.out_dev[k][:chunk.out_bytes]
+            self.kernel.combine(staged["target"], staged["finetuned"], staged["base"], t.alpha,
+                                out_dev.view(TORCH_DTYPES[t.dtype]))
+            out_host = self.out_host[k][:chunk.out_bytes]
+            out_host.copy_(out_dev, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.compute_stream)
+        self.released[k] = done
+        return done, out_host
+
+    def finish(self, handle: tuple[torch.cuda.Event, torch.Tensor]) -> torch.Tensor:
+        done, out_host = handle
+        done.synchronize()
+        return out_host
+
+
+def _capacity(chunks: list[Chunk]) -> dict[str, int]:
     cap = dict.fromkeys(_ROLES, 0)
-    for c in iter_chunks(task):
-        for s in _sources(c):
+    for c in chunks:
+        for s in c.sources():
             cap[s.role] = max(cap[s.role], c.count * DTYPE_SIZES[s.dtype])
     return cap
 
@@ -91,24 +180,29 @@ def execute_shard(
     output: Storage,
     on_progress: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
+    device: str = "cpu",
 ) -> ShardResult:
     """Compute and commit output shard ``task.file`` from the ``inputs`` (keyed by role).
 
-    Raises ``IntegrityError`` (input shorter than planned), ``NonFiniteError``, ``StorageError``, or
-    ``Cancelled`` once ``cancel`` is set (checked between chunks); in every error case nothing is
-    left at the shard's final name.
+    ``device`` is ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``); float64 results are
+    bit-identical on both. Raises ``IntegrityError`` (input shorter than planned),
+    ``NonFiniteError``, ``StorageError``, or ``Cancelled`` once ``cancel`` is set (checked between
+    chunks); in every error case nothing is left at the shard's final name.
     """
     t0 = time.monotonic()
     settings = task.settings
     chunks = list(iter_chunks(task))
-    capacity = _capacity(task)
-    slots = [_Slot(capacity), _Slot(capacity)]
-    max_elems = max((c.count for c in chunks if c.tensor.combine), default=0)
-    kernel = ChunkKernel(settings.compute_dtype, max_elems) if max_elems else None
-    out_cap = max((c.count * DTYPE_SIZES[c.tensor.dtype] for c in chunks if c.tensor.combine), default=0)
-    out_buf = torch.empty(out_cap, dtype=torch.uint8)
+    capacity = _capacity(chunks)
+    on_gpu = device != "cpu"
+    slots = [_Slot(capacity, pinned=on_gpu) for _ in range(_SLOTS)]
+    combined = [c for c in chunks if c.tensor.combine]
+    max_elems = max((c.count for c in combined), default=0)
+    out_cap = max((c.out_bytes for c in combined), default=0)
+    compute: _CpuCompute | _CudaCompute = (
+        _CudaCompute(device, settings.compute_dtype, max_elems, out_cap, capacity) if on_gpu
+        else _CpuCompute(settings.compute_dtype, max_elems, out_cap))
     readers: dict[tuple[str, str], RangeReader] = {}
-    # One thread per role keeps the three input streams moving while this thread computes.
+    # One thread per role keeps the three input streams moving while this thread computes/writes.
     pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix=f"graft-read-{task.index}")
 
     def reader(src: Source) -> RangeReader:
@@ -117,32 +211,47 @@ def execute_shard(
             readers[key] = inputs[src.role].reader(src.file)
         return readers[key]
 
-    def submit(chunk: Chunk, slot: _Slot) -> None:
-        for src in _sources(chunk):
-            size = DTYPE_SIZES[src.dtype]
-            nbytes = chunk.count * size
-            dest = slot.view(src, nbytes).numpy()
-            slot.pending.append(pool.submit(reader(src).read_into, src.begin + chunk.start * size,
-                                            memoryview(dest)))
+    def read_ahead(i: int) -> None:
+        if i < len(chunks):
+            chunk, slot = chunks[i], slots[i % _SLOTS]
+            for src in chunk.sources():
+                dest = memoryview(slot.view(src, chunk.count).numpy())
+                slot.pending.append(pool.submit(reader(src).read_into,
+                                                src.begin + chunk.start * DTYPE_SIZES[src.dtype], dest))
 
     writer = output.writer(task.file)
     try:
         shard = ShardWriter(writer, task.header_tensors(), dict(task.metadata))
-        if chunks:
-            submit(chunks[0], slots[0])
+        held: tuple[Chunk, object] | None = None  # the chunk computed but not yet written
+
+        def write_held() -> None:
+            chunk, handle = held
+            t = chunk.tensor
+            if t.combine:
+                data = compute.finish(handle)
+            else:
+                data = handle  # the target's bytes, straight from the input slot
+            if not settings.allow_nonfinite and t.dtype in FLOATING_DTYPES:
+                check_finite(data.view(TORCH_DTYPES[t.dtype]), t.name, task.file, chunk.start)
+            shard.write(memoryview(data.numpy()))
+            if on_progress is not None:
+                on_progress(sum(DTYPE_SIZES[s.dtype] * chunk.count for s in chunk.sources()))
+
+        read_ahead(0)
         for i, chunk in enumerate(chunks):
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"{output.url(task.file)}: cancelled")
-            slot = slots[i % 2]
-            if i + 1 < len(chunks):
-                submit(chunks[i + 1], slots[(i + 1) % 2])
-            for fut in slot.pending:
-                fut.result()
-            slot.pending.clear()
-            data = _compute(chunk, slot, kernel, out_buf, task.file, settings.allow_nonfinite)
-            shard.write(memoryview(data.numpy()))
-            if on_progress is not None:
-                on_progress(sum(DTYPE_SIZES[s.dtype] * chunk.count for s in _sources(chunk)))
+            # Slot (i+1) % 3 is free: its last chunk, i-2, was written in the previous iteration.
+            read_ahead(i + 1)
+            slot = slots[i % _SLOTS]
+            slot.wait()
+            handle = compute.submit(i, chunk, slot) if chunk.tensor.combine else slot.view(
+                chunk.tensor.target, chunk.count)
+            if held is not None:
+                write_held()
+            held = (chunk, handle)
+        if held is not None:
+            write_held()
         size, digest = shard.finish()
         writer.commit()
     except BaseException:
@@ -155,27 +264,3 @@ def execute_shard(
             r.close()
     bytes_read = sum(r.bytes_read for r in readers.values())
     return ShardResult(task.file, size, digest, bytes_read, time.monotonic() - t0)
-
-
-def _compute(chunk: Chunk, slot: _Slot, kernel: ChunkKernel | None, out_buf: torch.Tensor,
-             shard_file: str, allow_nonfinite: bool) -> torch.Tensor:
-    """The output bytes of one chunk (a uint8 tensor view, valid until the next call)."""
-    t = chunk.tensor
-    out_dtype = TORCH_DTYPES[t.dtype]
-    nbytes = chunk.count * DTYPE_SIZES[t.dtype]
-    if not t.combine:
-        data = slot.view(t.target, nbytes)
-        if not allow_nonfinite and t.dtype in FLOATING_DTYPES:
-            check_finite(data.view(out_dtype), t.name, shard_file, chunk.start)
-        return data
-
-    def typed(src: Source) -> torch.Tensor:
-        return slot.view(src, chunk.count * DTYPE_SIZES[src.dtype]).view(TORCH_DTYPES[src.dtype])
-
-    assert kernel is not None and t.finetuned is not None and t.base is not None
-    out_bytes = out_buf[:nbytes]
-    out = out_bytes.view(out_dtype)
-    kernel.combine(typed(t.target), typed(t.finetuned), typed(t.base), t.alpha, out)
-    if not allow_nonfinite:
-        check_finite(out, t.name, shard_file, chunk.start)
-    return out_bytes

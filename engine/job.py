@@ -126,6 +126,10 @@ class OutputSession:
                                         "size": copied.size, "sha256": copied.sha256})
         if plan.write_index:
             outputs.append(self._put(INDEX_NAME, json.dumps(plan.index_json(), indent=2).encode() + b"\n"))
+        # A worker killed mid-shard leaves its temporary behind; none may outlive the commit.
+        for name in self.storage.list():
+            if TEMP_MARK in name:
+                self.storage.remove(name)
         sums = self._put(SUMS_NAME, format_sums(outputs))
         finished = time.time()
         read = sum(r.bytes_read for r in results)

@@ -35,15 +35,16 @@ def first_nonfinite(values: torch.Tensor) -> int | None:
 class ChunkKernel:
     """Combines 1-D chunks of up to ``capacity`` elements using two reusable compute buffers.
 
-    Contract: ``combine(t, f, b, alpha, out)`` with equal-length 1-D tensors of any floating dtypes
-    writes ``t + alpha * (f - b)`` (computed in the compute dtype) into ``out`` (the target's dtype).
-    No allocation happens per call.
+    Contract: ``combine(t, f, b, alpha, out)`` with equal-length 1-D tensors of any floating dtypes,
+    all on the kernel's device, writes ``t + alpha * (f - b)`` (computed in the compute dtype) into
+    ``out`` (the target's dtype). No allocation happens per call; on CUDA the work is queued on the
+    current stream.
     """
 
-    def __init__(self, compute_dtype: str, capacity: int):
+    def __init__(self, compute_dtype: str, capacity: int, device: str | torch.device = "cpu"):
         self.dtype = COMPUTE_DTYPES[compute_dtype]
-        self._diff = torch.empty(capacity, dtype=self.dtype)
-        self._tmp = torch.empty(capacity, dtype=self.dtype)
+        self._diff = torch.empty(capacity, dtype=self.dtype, device=device)
+        self._tmp = torch.empty(capacity, dtype=self.dtype, device=device)
 
     def _as_compute(self, x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.dtype:

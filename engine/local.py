@@ -31,8 +31,12 @@ def run_local(
     workers: int = 1,
     on_progress: Callable[[int], None] | None = None,
     log: Callable[[str], None] = lambda s: None,
+    device: str = "cpu",
 ) -> RunResult:
-    """Run the whole job in this process with ``workers`` shards in flight; commit or roll back."""
+    """Run the whole job in this process with ``workers`` shards in flight; commit or roll back.
+
+    ``device``: ``"cpu"`` or a CUDA device for the arithmetic (reads and writes stay on the host).
+    """
     job = spec if isinstance(spec, Job) else prepare_job(spec)
     session = OutputSession.open(job)
     inputs = job.input_storages()
@@ -46,7 +50,8 @@ def run_local(
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="graft-shard") as pool:
-            futures = [pool.submit(execute_shard, task, inputs, session.storage, progress, cancel)
+            futures = [pool.submit(execute_shard, task, inputs, session.storage, progress, cancel,
+                                   device)
                        for task in job.plan.shards]
             try:
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)

@@ -21,6 +21,7 @@ GRAFT = [sys.executable, "-m", "graft.cluster.cli"]
 
 def graft(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)  # the embedded default: graft starts (and stops) its own Ray
     return subprocess.run([*GRAFT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
@@ -38,14 +39,15 @@ def test_console_script_is_installed():
     assert r.returncode == 0 and r.stdout.startswith("graft ")
 
 
-def test_run_then_verify_then_sha256sum(tiny_checkpoints, tmp_path):
+def test_run_on_the_default_embedded_ray_then_verify_then_sha256sum(tiny_checkpoints, tmp_path):
     cfg = write_config(tmp_path, tiny_checkpoints)
     r = graft("run", cfg, "--set", "alpha=0.5", "--workers", "2")
     assert r.returncode == 0, r.stderr
     out = str(tmp_path / "out")
     assert f"wrote {out}" in r.stdout
     assert "% " in r.stderr and "read" in r.stderr  # plain progress lines when not on a TTY
-    assert json.load(open(os.path.join(out, "graft.manifest.json")))["spec"]["alpha"] == 0.5
+    manifest = json.load(open(os.path.join(out, "graft.manifest.json")))
+    assert manifest["spec"]["alpha"] == 0.5 and manifest["run"]["executor"] == "ray"
     v = graft("verify", out)
     assert v.returncode == 0 and "verified" in v.stdout
     s = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
@@ -54,7 +56,7 @@ def test_run_then_verify_then_sha256sum(tiny_checkpoints, tmp_path):
 
 def test_verify_catches_a_flipped_bit(tiny_checkpoints, tmp_path):
     cfg = write_config(tmp_path, tiny_checkpoints)
-    assert graft("run", cfg, "-q").returncode == 0
+    assert graft("run", cfg, "-q", "--executor", "local").returncode == 0
     out = tmp_path / "out"
     shard = sorted(p for p in os.listdir(out) if p.endswith(".safetensors"))[-1]
     with open(out / shard, "r+b") as f:
@@ -165,23 +167,25 @@ def test_engine_never_imports_ray():
             assert "import ray" not in src and "from ray" not in src, name
 
 
-def test_ctrl_c_exits_130_and_leaves_no_partial_output(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_ctrl_c_exits_130_and_leaves_no_partial_output(tiny_checkpoints, tmp_path, executor):
     # Two elements per chunk makes this tiny job take many seconds; interrupt once a shard is being
     # written (its temporary file exists).
     cfg = write_config(tmp_path, tiny_checkpoints, chunk_size=8)
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([*GRAFT, "run", cfg, "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([*GRAFT, "run", cfg, "-q", "--executor", executor], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not (out.exists() and any(n.startswith(".model") and ".graft-tmp-" in n
                                         for n in os.listdir(out))):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, err

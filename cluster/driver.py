@@ -1,0 +1,204 @@
+"""The Ray driver: plan on the driver, run one task per output shard on ShardWorker actors, commit.
+
+Order of work (the engine's, see ``graft.engine.job``): prepare the job (headers only) -> open the
+output session -> start actors -> submit shard tasks with at most one in flight per actor -> on a
+worker's death, replace it and run its shard again -> commit on the driver (index, SHA256SUMS,
+manifest last). On any other failure, or Ctrl-C, the actors are killed *before* the output is rolled
+back, so no shard can land after the rollback.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
+
+from graft.engine.errors import GraftError
+from graft.engine.execute import ShardResult
+from graft.engine.job import Job, OutputSession
+from graft.engine.local import RunResult
+from graft.engine.planner import ShardTask
+
+from .actors import ShardWorker
+
+__all__ = ["RayOptions", "ShardFailedError", "run_ray", "connect"]
+
+# Tensor bytes never enter the object store, so the embedded cluster needs only a small one.
+_EMBEDDED_OBJECT_STORE = 128 * 2**20
+_POLL_SECONDS = 0.5
+_START_TIMEOUT = 600.0
+
+
+class ShardFailedError(GraftError):
+    """A shard's worker died more often than the retry budget allows."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How to run on Ray. ``address`` None (and no RAY_ADDRESS): start a private local Ray."""
+
+    address: str | None = None
+    workers: int | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_attempts: int = 3
+
+
+def connect(address: str | None) -> bool:
+    """Connect to Ray; returns True if this call started a cluster that the caller must shut down.
+
+    Without an address graft starts its own local Ray (``address="local"``): a bare ``ray.init()``
+    would try to join the last cluster started on this machine, even a dead one.
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    common: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+    if address:
+        ray.init(address=address, **common)
+    else:
+        ray.init(address="local", include_dashboard=False, object_store_memory=_EMBEDDED_OBJECT_STORE,
+                 **common)
+    return True
+
+
+def _worker_count(opts: RayOptions, shards: int) -> int:
+    if opts.workers is not None:
+        return max(1, min(opts.workers, shards))
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    fit = int(cpus // opts.cpus_per_worker) if opts.cpus_per_worker > 0 else shards
+    return max(1, min(fit, shards))
+
+
+def run_ray(
+    job: Job,
+    opts: RayOptions = RayOptions(),
+    on_progress: Callable[[int], None] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> RunResult:
+    """Run ``job`` on Ray and commit its output; roll back and raise on failure."""
+    started_here = connect(opts.address)
+    try:
+        session = OutputSession.open(job)
+        pool = _WorkerPool(job, session, opts)
+        try:
+            results = pool.run_all(on_progress, log)
+            manifest = session.commit(results, executor="ray", workers=pool.size, log=log)
+        except BaseException:
+            pool.kill_all()
+            session.rollback()
+            raise
+        pool.kill_all()
+        return RunResult(session.storage.uri, tuple(results), manifest)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+class _WorkerPool:
+    """The actors of one run and the bookkeeping of which shard each is running."""
+
+    def __init__(self, job: Job, session: OutputSession, opts: RayOptions):
+        self.job = job
+        self.opts = opts
+        self.size = _worker_count(opts, len(job.plan.shards))
+        # Plain values only: the actor rebuilds its Storage objects from these.
+        self._ctor = ({role: c.storage.uri for role, c in job.checkpoints.items()},
+                      session.storage.uri, job.spec.storage_options, opts.gpus_per_worker > 0)
+        self.actors = [self._new_actor() for _ in range(self.size)]
+        self.in_flight: dict[ray.ObjectRef, tuple[int, ShardTask]] = {}
+        # Replacement actors join the idle pool only once they answer: if the cluster lost the
+        # capacity to place one, the surviving workers take all remaining shards instead of shards
+        # queueing forever on an actor that never starts.
+        self.starting: dict[ray.ObjectRef, int] = {}
+
+    def _new_actor(self) -> Any:
+        return ShardWorker.options(num_cpus=self.opts.cpus_per_worker,
+                                   num_gpus=self.opts.gpus_per_worker).remote(*self._ctor)
+
+    def run_all(self, on_progress: Callable[[int], None] | None, log: Callable[[str], None]) -> list[ShardResult]:
+        pending: deque[ShardTask] = deque(self.job.plan.shards)
+        attempts = {t.file: 0 for t in pending}
+        idle = list(range(self.size))
+        results: dict[str, ShardResult] = {}
+        finished_bytes = reported = 0
+        stalled_since: float | None = None
+        while pending or self.in_flight:
+            while pending and idle:
+                slot, task = idle.pop(), pending.popleft()
+                attempts[task.file] += 1
+                self.in_flight[self.actors[slot].run.remote(task)] = (slot, task)
+            if self.in_flight or not self.starting:
+                stalled_since = None
+            elif stalled_since is None:
+                stalled_since = time.monotonic()
+            elif time.monotonic() - stalled_since > _START_TIMEOUT:
+                raise ShardFailedError(f"{pending[0].file}: no worker could be started for "
+                                       f"{_START_TIMEOUT:.0f}s; check the cluster's free CPUs/GPUs")
+            ready, _ = ray.wait([*self.in_flight, *self.starting], num_returns=1, timeout=_POLL_SECONDS)
+            for ref in ready:
+                if ref in self.starting:
+                    slot = self.starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        idle.append(slot)
+                    except (RayActorError, WorkerCrashedError):
+                        self._replace(slot)
+                    continue
+                slot, task = self.in_flight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except RayTaskError as e:
+                    # A GraftError inside the worker (bad input, NaN, storage) is deterministic or
+                    # already retried by the engine: fail the job with the worker's own error.
+                    raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+                except (RayActorError, WorkerCrashedError) as e:
+                    if attempts[task.file] >= self.opts.max_attempts:
+                        raise ShardFailedError(
+                            f"{task.file}: its worker died {attempts[task.file]} times "
+                            f"(last: {e.__class__.__name__}); check the workers' memory and logs"
+                        ) from None
+                    log(f"worker for {task.file} died ({e.__class__.__name__}); running it again")
+                    self._replace(slot)
+                    pending.appendleft(task)
+                    continue
+                results[task.file] = result
+                finished_bytes += task.read_bytes
+                idle.append(slot)
+            if on_progress is not None:
+                done = finished_bytes + self._live_progress()
+                if done > reported:
+                    on_progress(done - reported)
+                    reported = done
+        return [results[t.file] for t in self.job.plan.shards]
+
+    def _replace(self, slot: int) -> None:
+        self.actors[slot] = self._new_actor()
+        self.starting[self.actors[slot].pid.remote()] = slot
+
+    def _live_progress(self) -> int:
+        asks = [(self.actors[slot].progress.remote(), task.file) for slot, task in self.in_flight.values()]
+        total = 0
+        for ref, file in asks:
+            try:
+                running, done = ray.get(ref, timeout=_POLL_SECONDS)
+            except (GetTimeoutError, RayActorError, WorkerCrashedError):
+                continue  # a dying worker's progress no longer counts
+            if running == file:  # not yet started: the count still belongs to its previous shard
+                total += done
+        return total
+
+    def kill_all(self) -> None:
+        """Stop every actor and wait until the tasks they ran are over (none can commit later)."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + 30
+        refs = list(self.in_flight)
+        while refs and time.monotonic() < deadline:
+            _, refs = ray.wait(refs, num_returns=len(refs), timeout=1)
+        self.in_flight.clear()
+        self.starting.clear()

@@ -1,0 +1,75 @@
+"""The CUDA path: runs wherever CUDA is present, skipped elsewhere. float64 on the GPU is
+bit-identical to the CPU (and so to the float64 reference); float32 keeps the float32 contract."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import load_all, reference, within_float32_contract
+from graft.engine.kernel import ChunkKernel
+from graft.engine.local import run_local
+from graft.engine.spec import spec_from_mapping
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def spec(paths: dict[str, str], out: str, **extra):  # noqa: ANN201
+    return spec_from_mapping({**paths, "output": out, **extra})
+
+
+def shards(out: str) -> dict[str, bytes]:
+    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith(".safetensors")}
+
+
+@pytest.mark.parametrize("compute_dtype", ["float64", "float32"])
+def test_gpu_job_matches_cpu_job_byte_for_byte_in_float64(tiny_checkpoints, tmp_path, compute_dtype):
+    cpu, gpu = str(tmp_path / "cpu"), str(tmp_path / "gpu")
+    common = dict(compute_dtype=compute_dtype, alpha=0.7, chunk_size=4096)
+    run_local(spec(tiny_checkpoints, cpu, **common))
+    run_local(spec(tiny_checkpoints, gpu, **common), device="cuda", workers=2)
+    t, f, b = (load_all(tiny_checkpoints[r]) for r in ("target", "finetuned", "base"))
+    got = load_all(gpu)
+    for name in t:
+        if compute_dtype == "float64":
+            assert torch.equal(got[name], reference(t[name], f[name], b[name], 0.7)), name
+        else:
+            assert bool(within_float32_contract(got[name], t[name], f[name], b[name], 0.7).all()), name
+    if compute_dtype == "float64":
+        assert shards(gpu) == shards(cpu)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_gpu_kernel_float64_equals_cpu_kernel_including_rounding_ties(out_dtype):
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 20
+    t = (torch.randn(n, generator=g, dtype=torch.float64) * 10).to(out_dtype)
+    b = torch.randn(n, generator=g, dtype=torch.float64).to(torch.float32)
+    f = b.double() + torch.randn(n, generator=g, dtype=torch.float64) * 1e-3
+    # Values right next to rounding midpoints of the output dtype: where a cast that rounds once
+    # and torch's float64 -> float32 -> narrow cast disagree.
+    eps = torch.finfo(out_dtype).eps
+    f[:4096] = b[:4096].double() + eps / 2 + 2.0**-40
+    outs = {}
+    for device in ("cpu", "cuda"):
+        out = torch.empty(n, dtype=out_dtype, device=device)
+        ChunkKernel("float64", n, device).combine(t.to(device), f.to(device), b.to(device), 0.7, out)
+        outs[device] = out.cpu()
+    assert torch.equal(outs["cuda"], outs["cpu"])
+    assert torch.equal(outs["cpu"], reference(t, f, b, 0.7))
+
+
+def test_gpu_run_of_a_tensor_much_larger_than_a_chunk(tmp_path):
+    paths = {}
+    for role, seed in (("target", 1), ("finetuned", 2), ("base", 3)):
+        g = torch.Generator().manual_seed(seed)
+        d = tmp_path / role
+        d.mkdir()
+        save_file({"w": torch.randn(3_000_001, generator=g).to(torch.bfloat16)}, str(d / "model.safetensors"))
+        paths[role] = str(d)
+    cpu, gpu = str(tmp_path / "cpu"), str(tmp_path / "gpu")
+    run_local(spec(paths, cpu, compute_dtype="float64", chunk_size="1MiB"))
+    run_local(spec(paths, gpu, compute_dtype="float64", chunk_size="1MiB"), device="cuda")
+    assert shards(gpu) == shards(cpu)

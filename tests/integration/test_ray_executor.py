@@ -1,0 +1,77 @@
+"""The Ray executor on a local Ray (one per module): same bytes as the local executor, worker death
+is survived, errors inside workers fail the job cleanly."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+
+from ray_helpers import Background, kill_one_worker, shard_in_progress, wait_for
+from test_transfer_local import assert_nothing_committed, make_spec
+from graft.cluster.driver import RayOptions, run_ray
+from graft.engine.errors import NonFiniteError
+from graft.engine.job import prepare_job
+from graft.engine.local import run_local
+from graft.engine.manifest import verify_output
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():  # noqa: ANN201
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20,
+             log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def shard_bytes(out: str) -> dict[str, bytes]:
+    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))
+            if n != "graft.manifest.json"}
+
+
+def test_ray_output_is_bit_identical_to_the_local_executor(tiny_checkpoints, tmp_path):
+    local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
+    run_local(make_spec(tiny_checkpoints, local_out))
+    result = run_ray(prepare_job(make_spec(tiny_checkpoints, ray_out)), RayOptions(workers=2))
+    assert shard_bytes(ray_out) == shard_bytes(local_out)
+    assert result.manifest["run"]["executor"] == "ray" and result.manifest["run"]["workers"] == 2
+    assert verify_output(ray_out).ok
+    assert ray.is_initialized()  # a cluster graft did not start is left running
+
+
+def test_progress_counts_every_input_byte_once(tiny_checkpoints, tmp_path):
+    job = prepare_job(make_spec(tiny_checkpoints, str(tmp_path / "out"), chunk_size=2048))
+    seen: list[int] = []
+    run_ray(job, RayOptions(workers=2), on_progress=seen.append)
+    assert all(n > 0 for n in seen) and sum(seen) == job.plan.read_bytes
+
+
+def test_worker_killed_mid_shard_is_redone_with_bit_identical_output(tiny_checkpoints, tmp_path):
+    ref_out, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    run_local(make_spec(tiny_checkpoints, ref_out))
+    # Small chunks make each shard take a few seconds, so the kill lands mid-shard.
+    job = prepare_job(make_spec(tiny_checkpoints, out, chunk_size=32))
+    logs: list[str] = []
+    bg = Background(lambda: run_ray(job, RayOptions(workers=2), log=logs.append))
+    wait_for(lambda: shard_in_progress(out), "a shard in progress")
+    kill_one_worker()
+    bg.outcome()
+    assert any("died" in line and "running it again" in line for line in logs)
+    assert shard_bytes(out) == shard_bytes(ref_out)
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_an_error_inside_a_worker_fails_the_job_and_commits_nothing(copy_checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ft = copy_checkpoints["finetuned"]
+    shard = sorted(n for n in os.listdir(ft) if n.endswith(".safetensors"))[-1]
+    sd = load_file(os.path.join(ft, shard))
+    victim = sorted(sd)[0]
+    sd[victim].view(-1)[0] = float("nan")
+    save_file(sd, os.path.join(ft, shard), metadata={"format": "pt"})
+    out = str(tmp_path / "out")
+    with pytest.raises(NonFiniteError, match=victim.replace(".", r"\.")):
+        run_ray(prepare_job(make_spec(copy_checkpoints, out)), RayOptions(workers=2))
+    assert_nothing_committed(out)
+    assert os.listdir(out) == []
