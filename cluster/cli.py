@@ -37,9 +37,12 @@ def human_bytes(n: float) -> str:
 class Progress:
     """Bytes done / total, throughput and ETA: a redrawn bar on a TTY, plain log lines otherwise."""
 
-    def __init__(self, total: int, stream: TextIO, tty: bool | None = None, interval: float | None = None):
+    def __init__(self, total: int, stream: TextIO, tty: bool | None = None, interval: float | None = None,
+                 shards: int = 0):
         self.total = max(total, 1)
         self.done = 0
+        self.shards = shards
+        self.events = {"done": 0, "retried": 0, "failed": 0}
         self.stream = stream
         self.tty = stream.isatty() if tty is None else tty
         self.interval = interval if interval is not None else (0.1 if self.tty else 5.0)
@@ -52,8 +55,16 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         pct = 100.0 * self.done / self.total
         eta_s = f"{eta:.0f}s" if eta != float("inf") else "?"
-        return (f"{pct:5.1f}% {human_bytes(self.done)}/{human_bytes(self.total)} read, "
+        line = (f"{pct:5.1f}% {human_bytes(self.done)}/{human_bytes(self.total)} read, "
                 f"{human_bytes(rate)}/s, ETA {eta_s}")
+        if self.shards:
+            extra = "".join(f", {n} {k}" for k, n in self.events.items() if k != "done" and n)
+            line += f", shards {self.events['done']}/{self.shards} done{extra}"
+        return line
+
+    def shard(self, event: str) -> None:
+        """Count a shard event (done, retried, failed); shown with the next line."""
+        self.events[event] = self.events.get(event, 0) + 1
 
     def update(self, n: int) -> None:
         self.done += n
@@ -88,20 +99,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     _log(f"{plan.tensor_count} tensors ({plan.combined} combined, {plan.copied} copied) into "
          f"{len(plan.shards)} shard(s); reading {human_bytes(plan.read_bytes)}, writing "
          f"{human_bytes(plan.write_bytes)} to {spec.output}")
-    progress = None if args.quiet else Progress(plan.read_bytes, sys.stderr)
+    progress = None if args.quiet else Progress(plan.read_bytes, sys.stderr, shards=len(plan.shards))
     t0 = time.monotonic()
     log = _log if args.verbose else (lambda s: None)
     update = progress.update if progress else None
+    on_shard = progress.shard if progress else None
     try:
         if args.executor == "local":
             result = run_local(job, workers=args.workers or 1, on_progress=update, log=log,
-                               device=args.device)
+                               device=args.device, on_shard=on_shard)
         else:
             from .driver import RayOptions, run_ray  # Ray is imported only when used
 
             opts = RayOptions(address=args.address, workers=args.workers,
                               cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
-            result = run_ray(job, opts, on_progress=update, log=_log)
+            result = run_ray(job, opts, on_progress=update, log=_log, on_shard=on_shard)
     finally:
         if progress:
             progress.close()

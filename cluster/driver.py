@@ -18,7 +18,6 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 
 from graft.engine.errors import GraftError
-from graft.engine.execute import ShardResult
 from graft.engine.job import Job, OutputSession
 from graft.engine.local import RunResult
 from graft.engine.planner import ShardTask
@@ -79,21 +78,29 @@ def run_ray(
     opts: RayOptions = RayOptions(),
     on_progress: Callable[[int], None] | None = None,
     log: Callable[[str], None] = lambda s: None,
+    on_shard: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Run ``job`` on Ray and commit its output; roll back and raise on failure."""
+    """Run ``job`` on Ray and commit its output; roll back and raise on failure.
+
+    ``on_shard(event)`` hears "done", "retried" (its worker died) and "failed" per shard.
+    """
     started_here = connect(opts.address)
     try:
-        session = OutputSession.open(job)
+        session = OutputSession.open(job, log=log)
+        kept = sum(t.read_bytes for t in job.plan.shards if t.file in session.results)
+        if kept and on_progress is not None:
+            on_progress(kept)
         pool = _WorkerPool(job, session, opts)
         try:
-            results = pool.run_all(on_progress, log)
-            manifest = session.commit(results, executor="ray", workers=pool.size, log=log)
+            pool.run_all(session, on_progress, log, on_shard or (lambda event: None))
+            manifest = session.commit(executor="ray", workers=pool.size, log=log)
         except BaseException:
             pool.kill_all()
             session.rollback()
             raise
         pool.kill_all()
-        return RunResult(session.storage.uri, tuple(results), manifest)
+        return RunResult(session.storage.uri, tuple(session.results[s.file] for s in job.plan.shards),
+                         manifest)
     finally:
         if started_here:
             ray.shutdown()
@@ -105,7 +112,7 @@ class _WorkerPool:
     def __init__(self, job: Job, session: OutputSession, opts: RayOptions):
         self.job = job
         self.opts = opts
-        self.size = _worker_count(opts, len(job.plan.shards))
+        self.size = _worker_count(opts, max(1, len(session.pending)))
         # Plain values only: the actor rebuilds its Storage objects from these.
         self._ctor = ({role: c.storage.uri for role, c in job.checkpoints.items()},
                       session.storage.uri, job.spec.storage_options, opts.gpus_per_worker > 0)
@@ -120,11 +127,12 @@ class _WorkerPool:
         return ShardWorker.options(num_cpus=self.opts.cpus_per_worker,
                                    num_gpus=self.opts.gpus_per_worker).remote(*self._ctor)
 
-    def run_all(self, on_progress: Callable[[int], None] | None, log: Callable[[str], None]) -> list[ShardResult]:
-        pending: deque[ShardTask] = deque(self.job.plan.shards)
+    def run_all(self, session: OutputSession, on_progress: Callable[[int], None] | None,
+                log: Callable[[str], None], on_shard: Callable[[str], None]) -> None:
+        """Run every pending shard, recording each in ``session`` as it commits."""
+        pending: deque[ShardTask] = deque(session.pending)
         attempts = {t.file: 0 for t in pending}
         idle = list(range(self.size))
-        results: dict[str, ShardResult] = {}
         finished_bytes = reported = 0
         stalled_since: float | None = None
         while pending or self.in_flight:
@@ -153,20 +161,24 @@ class _WorkerPool:
                 try:
                     result = ray.get(ref)
                 except RayTaskError as e:
+                    on_shard("failed")
                     # A GraftError inside the worker (bad input, NaN, storage) is deterministic or
                     # already retried by the engine: fail the job with the worker's own error.
                     raise (e.cause if isinstance(e.cause, BaseException) else e) from None
                 except (RayActorError, WorkerCrashedError) as e:
                     if attempts[task.file] >= self.opts.max_attempts:
+                        on_shard("failed")
                         raise ShardFailedError(
                             f"{task.file}: its worker died {attempts[task.file]} times "
                             f"(last: {e.__class__.__name__}); check the workers' memory and logs"
                         ) from None
                     log(f"worker for {task.file} died ({e.__class__.__name__}); running it again")
+                    on_shard("retried")
                     self._replace(slot)
                     pending.appendleft(task)
                     continue
-                results[task.file] = result
+                session.record(result)
+                on_shard("done")
                 finished_bytes += task.read_bytes
                 idle.append(slot)
             if on_progress is not None:
@@ -174,7 +186,6 @@ class _WorkerPool:
                 if done > reported:
                     on_progress(done - reported)
                     reported = done
-        return [results[t.file] for t in self.job.plan.shards]
 
     def _replace(self, slot: int) -> None:
         self.actors[slot] = self._new_actor()

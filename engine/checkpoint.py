@@ -153,7 +153,7 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
         for name, shard in weight_map.items():
             ref = tensors.get(name)
             if ref is None or ref.file != shard:
-                found = f"it is in {ref.file}" if ref else "no shard holds it"
+                found = f"it is in {ref.file}" if ref else f"{shard} does not hold it"
                 raise CheckpointError(f"{where}: maps tensor {name!r} to {shard} but {found}; the "
                                       f"index does not match the shards, re-create it")
         extra = [n for n in tensors if n not in weight_map]

@@ -5,36 +5,35 @@ Every executor follows the same order (the local one in ``local.py``, the Ray dr
 
 1. ``prepare_job(spec)``: read headers of all three checkpoints and plan (no tensor data moves).
 2. ``OutputSession.open(job)``: check the output location is new, empty or an unfinished graft run
-   of ours; mark it as in progress; sweep temporary leftovers.
-3. run ``execute_shard`` for every ``job.plan.shards`` task (any order, any process).
-4. ``session.commit(results, ...)``: side files, index, SHA256SUMS, then the manifest (the commit
-   marker), then remove the in-progress mark. Or ``session.rollback()`` on failure: no manifest, no
-   file at any final shard name, no temporary file.
+   of ours (not a live one: the run mark is a lock); keep the shards a crashed run of the same job
+   committed, after checking their size and sha256; take the run mark; sweep temporary leftovers.
+3. run ``execute_shard`` for every ``session.pending`` task (any order, any process) and
+   ``session.record(result)`` each one as it commits.
+4. ``session.commit(...)``: side files, index, SHA256SUMS, then the manifest (the commit marker),
+   then remove the run mark. Or ``session.rollback()`` on failure: no manifest, no file at any final
+   shard name, no temporary file.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from . import __version__
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from .errors import IntegrityError, OutputError
+from .errors import GraftError, IntegrityError, OutputError
 from .execute import ShardResult
-from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, SUMS_NAME, OutputFile, format_sums
-from .planner import ROLES, Plan, make_plan
+from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, SUMS_NAME, OutputFile, format_sums, hash_file
+from .planner import ROLES, Plan, ShardTask, make_plan
+from .runmark import RUN_MARK, STALE_AFTER_SECONDS, RunMark, describe, is_stale, read_mark
 from .spec import JobSpec
 from .storage import TEMP_MARK, Storage
 
 __all__ = ["RUN_MARK", "Job", "prepare_job", "OutputSession"]
 
-# Present in the output only while a run is going (or after a crash): marks the location as ours.
-RUN_MARK = ".graft-run.json"
 
 
 @dataclass(frozen=True)
@@ -56,21 +55,46 @@ def prepare_job(spec: JobSpec) -> Job:
     return Job(spec, checkpoints, make_plan(spec, checkpoints, configs))
 
 
+def _still_intact(storage: Storage, name: str, info: Any) -> bool:
+    """A shard a crashed run committed is kept only if its size and sha256 are what it journaled."""
+    try:
+        size = storage.stat(name).size
+        return size == int(info["size"]) and hash_file(storage, name, size) == info["sha256"]
+    except (GraftError, KeyError, TypeError, ValueError):
+        return False
+
+
 def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
+def fingerprint(job: Job) -> str:
+    """Identifies the work: the planned shards (names, tensors, byte ranges, settings) and the input
+    files' sizes and versions. A resumed run keeps shards only from a run with the same fingerprint."""
+    inputs = [(role, [(f.name, f.size, f.version) for f in c.files]) for role, c in job.checkpoints.items()]
+    return hashlib.sha256(repr((job.plan.shards, inputs)).encode()).hexdigest()
+
+
 @dataclass
 class OutputSession:
-    """The output location of one run, from preparation to commit or rollback."""
+    """The output location of one run, from preparation to commit or rollback.
+
+    ``pending`` lists the shard tasks still to run (a resumed run keeps shards already committed);
+    executors call ``record(result)`` as each shard commits, then ``commit()`` or ``rollback()``.
+    """
 
     job: Job
     storage: Storage
-    started: float
+    mark: RunMark
+    results: dict[str, ShardResult]
+    resumed: tuple[str, ...]
 
     @classmethod
-    def check(cls, job: Job) -> tuple[Storage, list[str]]:
-        """Raise ``OutputError`` unless the output location can take this run; changes nothing."""
+    def check(cls, job: Job) -> tuple[Storage, list[str], dict[str, Any] | None]:
+        """Raise ``OutputError`` unless the output location can take this run; changes nothing.
+
+        Returns the storage, its listing and the stale mark of a crashed run, if any.
+        """
         storage = Storage(job.spec.output, job.spec.storage_options)
         listing = storage.list()
         uri = storage.uri
@@ -83,21 +107,43 @@ class OutputSession:
         if foreign:
             raise OutputError(f"{uri} is not empty (it holds {', '.join(foreign[:3])}); "
                               f"graft writes only into a new or empty location: choose another output")
-        return storage, listing
+        previous = read_mark(storage) if RUN_MARK in listing else None
+        if previous is not None and not is_stale(previous):
+            raise OutputError(f"{uri} is being written by another graft run ({describe(previous)}); "
+                              f"wait for it to finish, or if it died, run again after "
+                              f"{STALE_AFTER_SECONDS:.0f}s")
+        return storage, listing, previous
 
     @classmethod
-    def open(cls, job: Job) -> OutputSession:
-        """Check the output can take this run and mark it in progress."""
-        storage, listing = cls.check(job)
+    def open(cls, job: Job, log: Callable[[str], None] = lambda s: None) -> OutputSession:
+        """Check the output can take this run, keep what a crashed run of the same job committed,
+        and take the run mark."""
+        storage, listing, previous = cls.check(job)
         storage.makedirs()
         for name in listing:
             if TEMP_MARK in name:
                 storage.remove(name)
-        started = time.time()
-        mark = {"graft_version": __version__, "started": _utc(started), "host": socket.gethostname(),
-                "pid": os.getpid()}
-        storage.write_bytes(RUN_MARK, json.dumps(mark).encode())
-        return cls(job, storage, started)
+        fp = fingerprint(job)
+        kept: dict[str, ShardResult] = {}
+        if previous is not None and previous.get("fingerprint") == fp:
+            planned = {s.file: s for s in job.plan.shards}
+            for name, info in (previous.get("shards") or {}).items():
+                if name in planned and name in listing and _still_intact(storage, name, info):
+                    kept[name] = ShardResult(name, int(info["size"]), str(info["sha256"]), 0, 0.0)
+            if kept:
+                log(f"resuming: keeping {len(kept)} shard(s) already committed and verified")
+        mark = RunMark(storage, fp, {n: {"size": r.size, "sha256": r.sha256} for n, r in kept.items()})
+        mark.acquire(replacing=previous is not None)
+        return cls(job, storage, mark, kept, tuple(sorted(kept)))
+
+    @property
+    def pending(self) -> list[ShardTask]:
+        return [s for s in self.job.plan.shards if s.file not in self.results]
+
+    def record(self, result: ShardResult) -> None:
+        """Note a committed shard (journaled in the run mark for resumption)."""
+        self.mark.record(result.file, result.size, result.sha256)
+        self.results[result.file] = result
 
     @staticmethod
     def _planned_names(job: Job) -> set[str]:
@@ -105,11 +151,11 @@ class OutputSession:
         return ({s.file for s in plan.shards} | {f.name for f in plan.side_files}
                 | {INDEX_NAME, SUMS_NAME})
 
-    def commit(self, results: Sequence[ShardResult], executor: str, workers: int,
-               log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    def commit(self, executor: str, workers: int, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
         """Write side files, index, SHA256SUMS and the manifest (last); returns the manifest."""
         plan, out = self.job.plan, self.storage
-        by_file = {r.file: r for r in results}
+        by_file = self.results
+        results = list(by_file.values())
         outputs: list[OutputFile] = []
         for shard in plan.shards:
             r = by_file.get(shard.file)
@@ -151,12 +197,13 @@ class OutputSession:
                      "left_out": list(plan.left_out), "shards": len(plan.shards),
                      "side_files": {s.name: s.donor for s in plan.side_files},
                      "warnings": list(plan.warnings)},
-            "run": {"executor": executor, "workers": workers, "started": _utc(self.started),
-                    "finished": _utc(finished), "seconds": round(finished - self.started, 3),
+            "run": {"executor": executor, "workers": workers, "resumed_shards": list(self.resumed),
+                    "started": _utc(self.mark.started),
+                    "finished": _utc(finished), "seconds": round(finished - self.mark.started, 3),
                     "bytes_read": read, "bytes_written": sum(f.size for f in outputs)},
         }
         out.write_bytes(MANIFEST_NAME, json.dumps(manifest, indent=2).encode() + b"\n")
-        out.remove(RUN_MARK)
+        self.mark.release()
         log(f"committed {out.uri} ({len(outputs)} files + {SUMS_NAME} + {MANIFEST_NAME})")
         return manifest
 
@@ -166,6 +213,9 @@ class OutputSession:
 
     def rollback(self) -> list[str]:
         """Remove every file this run may have made visible, temporaries and the mark; best effort."""
+        self.mark.release(remove=False)
+        if self.mark.lost:
+            return []  # the output now belongs to the run that took it over: touch nothing
         removed = []
         names = self._planned_names(self.job)
         for name in self.storage.list():

@@ -6,7 +6,7 @@ Also the reference path the tests compare the Ray executor against. Order of cal
 from __future__ import annotations
 
 import threading
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,13 +32,16 @@ def run_local(
     on_progress: Callable[[int], None] | None = None,
     log: Callable[[str], None] = lambda s: None,
     device: str = "cpu",
+    on_shard: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Run the whole job in this process with ``workers`` shards in flight; commit or roll back.
 
     ``device``: ``"cpu"`` or a CUDA device for the arithmetic (reads and writes stay on the host).
+    ``on_shard(event)`` hears "done" per committed shard and "failed" for the shard that fails.
     """
+    shard_event = on_shard or (lambda event: None)
     job = spec if isinstance(spec, Job) else prepare_job(spec)
-    session = OutputSession.open(job)
+    session = OutputSession.open(job, log=log)
     inputs = job.input_storages()
     lock = threading.Lock()
     cancel = threading.Event()
@@ -48,26 +51,32 @@ def run_local(
             with lock:
                 on_progress(n)
 
+    kept = sum(t.read_bytes for t in job.plan.shards if t.file in session.results)
+    if kept and on_progress is not None:
+        on_progress(kept)
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="graft-shard") as pool:
             futures = [pool.submit(execute_shard, task, inputs, session.storage, progress, cancel,
                                    device)
-                       for task in job.plan.shards]
+                       for task in session.pending]
             try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    f.result()  # re-raises the first failure
+                for f in as_completed(futures):
+                    try:
+                        r = f.result()  # re-raises the first failure
+                    except BaseException:
+                        shard_event("failed")
+                        raise
+                    session.record(r)
+                    shard_event("done")
+                    log(f"shard {r.file}: {r.size} bytes in {r.seconds:.2f}s")
             except BaseException:
                 # Stop the other shards at their next chunk instead of letting them run to the end.
                 cancel.set()
                 for f in futures:
                     f.cancel()
                 raise
-            results = tuple(f.result() for f in futures)
-        for r in results:
-            log(f"shard {r.file}: {r.size} bytes in {r.seconds:.2f}s")
-        manifest = session.commit(results, executor="local", workers=workers, log=log)
+        manifest = session.commit(executor="local", workers=workers, log=log)
     except BaseException:
         session.rollback()
         raise
-    return RunResult(session.storage.uri, results, manifest)
+    return RunResult(session.storage.uri, tuple(session.results[s.file] for s in job.plan.shards), manifest)

@@ -11,6 +11,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
@@ -54,7 +55,10 @@ _SIZE_UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-_SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key$|^key|credential|signature)", re.I)
+# Option names whose values are credentials (s3fs key/secret/token, adlfs account_key /
+# connection_string / sas_token, gcsfs token, ...).
+_SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key$|^key|credential|signature|connection_string"
+                          r"|conn_str|sas)", re.I)
 
 
 def parse_size(value: int | str, what: str) -> int:
@@ -64,10 +68,11 @@ def parse_size(value: int | str, what: str) -> int:
     if isinstance(value, int):
         n = value
     else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value) if isinstance(value, str) else None
         if not m or m.group(2).lower() not in _SIZE_UNITS:
             raise SpecError(f"{what}: expected a size like 5GB or 512MiB, got {value!r}")
-        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+        # Exact decimal arithmetic: "2.01KB" is 2010 bytes, which float arithmetic gets wrong.
+        n = int(Fraction(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
     if n <= 0:
         raise SpecError(f"{what}: must be positive, got {value!r}")
     return n
@@ -162,8 +167,9 @@ class _SpecModel(BaseModel):
     on_missing: Literal["error", "carry_target"] = "error"
     allow_nonfinite: bool = False
     files: dict[str, Literal["target", "finetuned", "base", "none"]] = {}
-    max_shard_size: int | str | None = None
-    chunk_size: int | str = "16MiB"
+    # Validated by parse_size: pydantic's int|str would turn YAML `true` into 1 first.
+    max_shard_size: Any = None
+    chunk_size: Any = "16MiB"
     storage_options: dict[str, dict[str, Any]] = {}
 
 
@@ -241,6 +247,8 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
             raise SpecError(f"--set {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
         parts = key.strip().split(".")
         _check_keys({parts[0]: None}, _KEYS, f"--set {item!r}")
+        if parts[0] == "files" and len(parts) > 2:
+            parts = ["files", ".".join(parts[1:])]  # file names have dots: files.config.json=base
         node = out
         for p in parts[:-1]:
             child = node.get(p)

@@ -139,6 +139,26 @@ class Storage:
             return _DeferredCommitWriter(self, name)
         return _RenameAtomicWriter(self, name)
 
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Create ``name`` only if it does not exist, atomically. Returns False if it existed.
+
+        Only local filesystems offer this (``O_EXCL``); elsewhere raises ``NotImplementedError``.
+        """
+        if not self.is_local:
+            raise NotImplementedError(self.protocol)
+        try:
+            fd = os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise self._fail(name, "create", e) from e
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
     def write_bytes(self, name: str, data: bytes) -> None:
         """Atomically write a small file."""
         with self.writer(name) as w:

@@ -27,6 +27,12 @@ def load_all(directory: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def shard_bytes(out: str) -> dict[str, bytes]:
+    """Every output file's bytes but the manifest's (which records timing), for bit-identity checks."""
+    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))
+            if n != "graft.manifest.json"}
+
+
 def reference(t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """The float64 reference: exact arithmetic in float64, one cast to the target dtype."""
     return (t.double() + alpha * (f.double() - b.double())).to(t.dtype)

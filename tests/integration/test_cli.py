@@ -151,9 +151,13 @@ def test_progress_draws_a_bar_on_a_tty_and_log_lines_otherwise():
     p.close()
     assert "\r[###############" in tty.getvalue() and "100.0%" in tty.getvalue() and "ETA" in tty.getvalue()
     plain = io.StringIO()
-    p = Progress(1000, plain, tty=False, interval=0)
+    p = Progress(1000, plain, tty=False, interval=0, shards=4)
+    for event in ("done", "done", "retried", "done", "done"):
+        p.shard(event)
     p.update(1000)
-    assert plain.getvalue().startswith("graft: 100.0% ") and "\r" not in plain.getvalue()
+    line = plain.getvalue()
+    assert line.startswith("graft: 100.0% ") and "\r" not in line
+    assert "shards 4/4 done, 1 retried" in line
 
 
 def test_engine_never_imports_ray():
@@ -175,8 +179,10 @@ def test_ctrl_c_exits_130_and_leaves_no_partial_output(tiny_checkpoints, tmp_pat
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("RAY_ADDRESS", None)
+    # A shell's background job inherits SIGINT ignored; give graft the terminal default back.
     proc = subprocess.Popen([*GRAFT, "run", cfg, "-q", "--executor", executor], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not (out.exists() and any(n.startswith(".model") and ".graft-tmp-" in n

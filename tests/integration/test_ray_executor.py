@@ -7,6 +7,7 @@ import os
 import pytest
 import ray
 
+from conftest import shard_bytes
 from ray_helpers import Background, kill_one_worker, shard_in_progress, wait_for
 from test_transfer_local import assert_nothing_committed, make_spec
 from graft.cluster.driver import RayOptions, run_ray
@@ -22,11 +23,6 @@ def local_ray():  # noqa: ANN201
              log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
-
-
-def shard_bytes(out: str) -> dict[str, bytes]:
-    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))
-            if n != "graft.manifest.json"}
 
 
 def test_ray_output_is_bit_identical_to_the_local_executor(tiny_checkpoints, tmp_path):
@@ -52,11 +48,13 @@ def test_worker_killed_mid_shard_is_redone_with_bit_identical_output(tiny_checkp
     # Small chunks make each shard take a few seconds, so the kill lands mid-shard.
     job = prepare_job(make_spec(tiny_checkpoints, out, chunk_size=32))
     logs: list[str] = []
-    bg = Background(lambda: run_ray(job, RayOptions(workers=2), log=logs.append))
+    events: list[str] = []
+    bg = Background(lambda: run_ray(job, RayOptions(workers=2), log=logs.append, on_shard=events.append))
     wait_for(lambda: shard_in_progress(out), "a shard in progress")
     kill_one_worker()
     bg.outcome()
     assert any("died" in line and "running it again" in line for line in logs)
+    assert events.count("retried") == 1 and events.count("done") == len(job.plan.shards)
     assert shard_bytes(out) == shard_bytes(ref_out)
     assert not [n for n in os.listdir(out) if n.startswith(".")]
 

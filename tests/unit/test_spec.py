@@ -1,0 +1,332 @@
+"""The job spec: defaults, normalisation, rules, overrides, redaction, and a one-line ``SpecError``
+naming the key for every invalid spec.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from graft.engine.errors import SpecError
+from graft.engine.spec import DEFAULT_FILES, JobSpec, Rule, apply_overrides, load_spec, parse_size, spec_from_mapping
+
+MINIMAL = {"target": "/ck/target", "finetuned": "/ck/ft", "base": "/ck/base", "output": "/ck/out"}
+
+
+def _spec(**changes) -> JobSpec:
+    return spec_from_mapping({**MINIMAL, **changes}, source="job.yaml")
+
+
+def _write(tmp_path, data, name: str = "job.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def _error(data=None, *, text: str | None = None, overrides=(), tmp_path=None) -> str:
+    """The one-line SpecError message for an invalid spec (given as a mapping or as YAML text)."""
+    with pytest.raises(SpecError) as caught:
+        if tmp_path is not None:
+            load_spec(_write(tmp_path, text if text is not None else data), overrides)
+        else:
+            spec_from_mapping(data, source="job.yaml")
+    msg = str(caught.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# --- defaults and normalisation ------------------------------------------------------------------
+
+
+def test_defaults_of_a_minimal_spec():
+    spec = _spec()
+    assert spec.alpha == 1.0
+    assert spec.compute_dtype == "float32"
+    assert spec.on_missing == "error"
+    assert spec.allow_nonfinite is False
+    assert spec.rules == ()
+    assert spec.max_shard_size is None
+    assert spec.chunk_size == 16 * 2**20
+    assert spec.storage_options == {}
+    assert spec.files == DEFAULT_FILES
+
+
+@pytest.mark.parametrize("name,donor", [
+    ("config.json", "target"),
+    ("tokenizer.json", "finetuned"),
+    ("tokenizer_config.json", "finetuned"),
+    ("generation_config.json", "finetuned"),
+    ("chat_template.jinja", "finetuned"),  # via the chat_template.* pattern
+    ("chat_template.json", "finetuned"),
+    ("README.md", None),
+    ("pytorch_model.bin", None),
+])
+def test_default_donor_of_each_side_file(name, donor):
+    assert _spec().donor_for(name) == donor
+
+
+def test_relative_paths_become_absolute_against_the_working_directory():
+    spec = spec_from_mapping({"target": "ck/target", "finetuned": "./ck/ft", "base": "../ck/base",
+                              "output": "out/"})
+    assert spec.target == os.path.abspath("ck/target")
+    assert spec.finetuned == os.path.abspath("ck/ft")
+    assert spec.base == os.path.abspath("../ck/base")
+    assert spec.output == os.path.abspath("out")
+    assert all(os.path.isabs(p) for p in (spec.target, spec.finetuned, spec.base, spec.output))
+
+
+def test_home_is_expanded_and_uris_are_kept_without_a_trailing_slash():
+    spec = _spec(target="~/models/t", finetuned="s3://bucket/ft/", base="memory://b")
+    assert spec.target == os.path.join(os.path.expanduser("~"), "models", "t")
+    assert spec.finetuned == "s3://bucket/ft"
+    assert spec.base == "memory://b"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("5GB", 5 * 10**9),
+    ("16MiB", 16 * 2**20),
+    ("512KiB", 512 * 1024),
+    ("2TB", 2 * 10**12),
+    ("1gib", 2**30),
+    (" 300 MB ", 300 * 10**6),
+    ("1.5GB", 1_500_000_000),
+    ("4096", 4096),
+    (4096, 4096),
+])
+def test_sizes_parse_to_bytes(text, expected):
+    assert parse_size(text, "max_shard_size") == expected
+
+
+def test_sizes_in_a_spec_are_parsed():
+    spec = _spec(max_shard_size="5GB", chunk_size="16MiB")
+    assert spec.max_shard_size == 5 * 10**9
+    assert spec.chunk_size == 16 * 2**20
+
+
+def test_fractional_sizes_are_exact():
+    assert parse_size("2.01KB", "max_shard_size") == 2010
+    assert parse_size("8.03KB", "max_shard_size") == 8030
+
+
+def test_first_matching_rule_wins_then_the_global_alpha():
+    spec = _spec(alpha=0.7, rules=[
+        {"match": r"^lm_head\.", "alpha": 0.0},
+        {"match": r"embed", "alpha": 0.25},
+        {"match": r"\.weight$", "alpha": 2.0},
+    ])
+    assert spec.rules == (Rule(r"^lm_head\.", 0.0), Rule("embed", 0.25), Rule(r"\.weight$", 2.0))
+    assert spec.alpha_for("lm_head.weight") == 0.0       # matches rules 1 and 3: the first wins
+    assert spec.alpha_for("model.embed_tokens.weight") == 0.25  # rules 2 and 3
+    assert spec.alpha_for("model.norm.weight") == 2.0
+    assert spec.alpha_for("model.norm.bias") == 0.7      # no rule: the global alpha
+
+
+def test_rule_match_is_a_search_not_a_full_match():
+    spec = _spec(rules=[{"match": "mlp", "alpha": 0.5}])
+    assert spec.alpha_for("model.layers.3.mlp.up_proj.weight") == 0.5
+
+
+def test_user_files_entries_override_the_defaults_and_none_copies_nothing():
+    spec = _spec(files={"config.json": "finetuned", "tokenizer.json": "none", "extra.txt": "base"})
+    assert spec.donor_for("config.json") == "finetuned"
+    assert spec.donor_for("tokenizer.json") is None
+    assert spec.donor_for("extra.txt") == "base"
+    assert spec.donor_for("vocab.json") == "finetuned"  # untouched defaults remain
+    assert [p for p, _ in spec.files].count("config.json") == 1
+
+
+def test_user_file_patterns_come_before_default_patterns():
+    spec = _spec(files={"chat_template.*": "target"})
+    assert spec.donor_for("chat_template.jinja") == "target"
+
+
+def test_load_spec_reads_yaml(tmp_path):
+    path = _write(tmp_path, "target: /t\nfinetuned: /f\nbase: /b\noutput: /o\nalpha: 0.5\n"
+                            "compute_dtype: float64\non_missing: carry_target\n")
+    spec = load_spec(path)
+    assert (spec.target, spec.finetuned, spec.base, spec.output) == ("/t", "/f", "/b", "/o")
+    assert (spec.alpha, spec.compute_dtype, spec.on_missing) == (0.5, "float64", "carry_target")
+
+
+# --- invalid specs: one line naming the key ------------------------------------------------------
+
+
+def test_unknown_top_level_key_suggests_the_closest():
+    msg = _error({**MINIMAL, "alpah": 0.5})
+    assert msg.startswith("job.yaml: ")
+    assert "unknown key 'alpah'" in msg and "did you mean 'alpha'?" in msg
+
+
+def test_unknown_key_far_from_any_lists_the_valid_keys():
+    msg = _error({**MINIMAL, "zzzzzz": 1})
+    assert "unknown key 'zzzzzz'" in msg and "valid keys:" in msg and "compute_dtype" in msg
+
+
+def test_unknown_key_in_a_rule_is_named_with_its_rule():
+    msg = _error({**MINIMAL, "rules": [{"match": "x", "alpha": 0}, {"match": "y", "alhpa": 0}]})
+    assert "rules[1]" in msg and "unknown key 'alhpa'" in msg and "did you mean 'alpha'?" in msg
+
+
+def test_bad_regex_in_a_rule_is_refused():
+    msg = _error({**MINIMAL, "rules": [{"match": "(unclosed", "alpha": 0}]})
+    assert "rules.0.match" in msg and "invalid regular expression" in msg and "(unclosed" in msg
+
+
+def test_compute_dtype_float16_is_refused():
+    msg = _error({**MINIMAL, "compute_dtype": "float16"})
+    assert "'compute_dtype'" in msg and "float32" in msg and "float64" in msg and "'float16'" in msg
+
+
+def test_bad_on_missing_value_is_refused():
+    msg = _error({**MINIMAL, "on_missing": "skip"})
+    assert "'on_missing'" in msg and "carry_target" in msg and "'skip'" in msg
+
+
+def test_bad_file_donor_is_refused():
+    msg = _error({**MINIMAL, "files": {"config.json": "output"}})
+    assert "files.config.json" in msg and "'output'" in msg
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_alpha_is_refused(tmp_path, value):
+    text = "target: /t\nfinetuned: /f\nbase: /b\noutput: /o\n" + f"alpha: {value}\n"
+    msg = _error(text=text, tmp_path=tmp_path)
+    assert msg.startswith("job.yaml: ") and "'alpha'" in msg and "finite" in msg
+
+
+def test_non_finite_rule_alpha_is_refused(tmp_path):
+    text = "target: /t\nfinetuned: /f\nbase: /b\noutput: /o\nrules:\n  - {match: x, alpha: .nan}\n"
+    msg = _error(text=text, tmp_path=tmp_path)
+    assert "'rules.0.alpha'" in msg and "finite" in msg
+
+
+@pytest.mark.parametrize("key,value", [
+    ("max_shard_size", "5 gigs"), ("max_shard_size", "GB"), ("max_shard_size", "-5GB"),
+    ("max_shard_size", 0), ("chunk_size", "0MiB"), ("chunk_size", [1]),
+])
+def test_bad_size_is_refused(key, value):
+    msg = _error({**MINIMAL, key: value})
+    assert f"key '{key}" in msg
+
+
+@pytest.mark.parametrize("key", ["chunk_size", "max_shard_size"])
+def test_boolean_size_is_refused(key):
+    with pytest.raises(SpecError, match=f"'{key}'"):
+        spec_from_mapping({**MINIMAL, key: True}, source="job.yaml")
+
+
+def test_missing_required_key_output_is_refused():
+    msg = _error({k: v for k, v in MINIMAL.items() if k != "output"})
+    assert "'output'" in msg and "required" in msg.lower()
+
+
+def test_empty_output_is_refused():
+    msg = _error({**MINIMAL, "output": ""})
+    assert "'output'" in msg
+
+
+def test_yaml_that_is_a_list_is_refused(tmp_path):
+    msg = _error(text="- target: /t\n- output: /o\n", tmp_path=tmp_path)
+    assert "job.yaml" in msg and "expected a mapping" in msg
+
+
+def test_invalid_yaml_is_refused(tmp_path):
+    msg = _error(text="target: [unclosed\n", tmp_path=tmp_path)
+    assert "job.yaml" in msg and "not valid YAML" in msg
+
+
+def test_load_spec_on_a_missing_file_is_refused(tmp_path):
+    with pytest.raises(SpecError, match="no such config file") as caught:
+        load_spec(str(tmp_path / "absent.yaml"))
+    assert "absent.yaml" in str(caught.value)
+
+
+# --- overrides ----------------------------------------------------------------------------------
+
+
+def test_set_alpha_overrides_the_file(tmp_path):
+    path = _write(tmp_path, {**MINIMAL, "alpha": 1.0})
+    assert load_spec(path, ["alpha=0.5"]).alpha == 0.5
+
+
+def test_set_a_dotted_key_nests_into_storage_options(tmp_path):
+    path = _write(tmp_path, {**MINIMAL, "storage_options": {"s3": {"anon": False}}})
+    spec = load_spec(path, ["storage_options.s3.endpoint_url=http://127.0.0.1:9"])
+    assert spec.storage_options == {"s3": {"anon": False, "endpoint_url": "http://127.0.0.1:9"}}
+
+
+def test_set_rules_takes_a_yaml_list(tmp_path):
+    spec = load_spec(_write(tmp_path, MINIMAL), ["rules=[{match: x, alpha: 0}]"])
+    assert spec.rules == (Rule("x", 0.0),)
+
+
+def test_later_overrides_win(tmp_path):
+    spec = load_spec(_write(tmp_path, MINIMAL), ["alpha=0.5", "alpha=0.25"])
+    assert spec.alpha == 0.25
+
+
+def test_overrides_do_not_modify_the_input_mapping():
+    data = {**MINIMAL, "storage_options": {"s3": {"anon": True}}}
+    out = apply_overrides(data, ["storage_options.s3.anon=false", "alpha=2"])
+    assert data == {**MINIMAL, "storage_options": {"s3": {"anon": True}}}
+    assert out["storage_options"] == {"s3": {"anon": False}} and out["alpha"] == 2
+
+
+def test_set_a_whole_files_mapping_for_names_with_dots(tmp_path):
+    # Dotted keys nest, so a file name with a dot is set through its parent mapping.
+    spec = load_spec(_write(tmp_path, MINIMAL), ["files={config.json: finetuned}"])
+    assert spec.donor_for("config.json") == "finetuned"
+
+
+def test_set_without_equals_is_refused():
+    with pytest.raises(SpecError, match=r"expected key=value") as caught:
+        apply_overrides(MINIMAL, ["alpha"])
+    assert "'alpha'" in str(caught.value)
+
+
+def test_set_of_an_unknown_key_suggests_the_closest(tmp_path):
+    msg = _error(tmp_path=tmp_path, text=yaml.safe_dump(MINIMAL), overrides=["alpah=0.5"])
+    assert "--set 'alpah=0.5'" in msg and "did you mean 'alpha'?" in msg
+
+
+def test_set_with_an_invalid_value_is_refused_naming_the_key(tmp_path):
+    msg = _error(tmp_path=tmp_path, text=yaml.safe_dump(MINIMAL), overrides=["compute_dtype=float16"])
+    assert "'compute_dtype'" in msg
+
+
+# --- redaction ----------------------------------------------------------------------------------
+
+
+def test_to_dict_redacts_secrets_but_keeps_the_endpoint():
+    spec = _spec(storage_options={"s3": {
+        "key": "AKIAEXAMPLE", "secret": "s3cr3t", "token": "SESSIONTOKEN42", "endpoint_url": "http://127.0.0.1:9",
+        "client_kwargs": {"aws_secret_access_key": "deep", "region_name": "eu-west-1"},
+    }})
+    d = spec.to_dict()
+    s3 = d["storage_options"]["s3"]
+    assert s3["key"] == s3["secret"] == s3["token"] == "***"
+    assert s3["client_kwargs"]["aws_secret_access_key"] == "***"
+    assert s3["endpoint_url"] == "http://127.0.0.1:9"
+    assert s3["client_kwargs"]["region_name"] == "eu-west-1"
+    for secret in ("AKIAEXAMPLE", "s3cr3t", "SESSIONTOKEN42", "deep"):
+        assert secret not in repr(d)
+    # The spec itself keeps the real values for the filesystems.
+    assert spec.storage_options["s3"]["secret"] == "s3cr3t"
+    assert spec.to_dict(redact_secrets=False)["storage_options"]["s3"]["key"] == "AKIAEXAMPLE"
+
+
+def test_to_dict_redacts_an_azure_connection_string():
+    conn = "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=QUJDREVGR0g=;EndpointSuffix=x"
+    spec = _spec(storage_options={"az": {"connection_string": conn, "account_name": "acct"}})
+    d = spec.to_dict()
+    assert "QUJDREVGR0g=" not in repr(d)
+    assert d["storage_options"]["az"]["account_name"] == "acct"
+
+
+def test_to_dict_is_plain_data():
+    d = _spec(alpha=0.5, rules=[{"match": "x", "alpha": 0}]).to_dict()
+    assert d["alpha"] == 0.5
+    assert d["rules"] == [{"match": "x", "alpha": 0.0}]
+    assert d["files"]["config.json"] == "target"
+    assert yaml.safe_load(yaml.safe_dump(d)) == d

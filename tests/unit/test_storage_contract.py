@@ -1,0 +1,205 @@
+"""One storage contract, run unchanged on a local directory and on memory:// (an fsspec backend)."""
+from __future__ import annotations
+
+import uuid
+
+import fsspec
+import pytest
+
+from graft.engine.errors import IntegrityError, StorageError
+from graft.engine.storage import Storage
+
+
+@pytest.fixture(params=["local", "memory"])
+def store(request, tmp_path):  # noqa: ANN201
+    """An empty, existing directory of its own on the backend under test."""
+    if request.param == "local":
+        s = Storage(str(tmp_path / "store"))
+        s.makedirs()
+        yield s
+        return
+    root = f"memory://graft-contract-{uuid.uuid4().hex}"
+    s = Storage(root)
+    s.makedirs()
+    yield s
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def _everything_under(store: Storage) -> list[str]:
+    """Every entry below the directory, hidden temporary files and sub-directories included."""
+    root = store.root.rstrip("/")
+    return sorted(p[len(root) + 1:] for p in store.fs.find(store.root, withdirs=True)
+                  if p.rstrip("/") != root)
+
+
+def test_write_bytes_then_read_stat_and_list(store):
+    store.write_bytes("a.bin", b"0123456789")
+    store.write_bytes("b.json", b"{}")
+    assert store.read("a.bin") == b"0123456789"
+    assert store.stat("a.bin").size == 10
+    assert store.stat("a.bin").name == "a.bin"
+    assert store.list() == ["a.bin", "b.json"]
+    assert store.exists("a.bin") and not store.exists("c.bin")
+
+
+def test_write_bytes_replaces_an_existing_file(store):
+    store.write_bytes("a.bin", b"old contents")
+    store.write_bytes("a.bin", b"new")
+    assert store.read("a.bin") == b"new"
+    assert store.list() == ["a.bin"]
+
+
+@pytest.mark.parametrize("start,end", [(0, 1), (2, 5), (0, 100), (99, 100), (37, 37), (50, 64)])
+def test_read_returns_exactly_the_asked_range(store, start, end):
+    data = bytes(range(100))
+    store.write_bytes("a.bin", data)
+    assert store.read("a.bin", start, end) == data[start:end]
+
+
+@pytest.mark.parametrize("start,end", [(0, 101), (95, 120), (200, 210)])
+def test_read_past_the_end_is_an_integrity_error(store, start, end):
+    store.write_bytes("a.bin", bytes(100))
+    with pytest.raises(IntegrityError) as caught:
+        store.read("a.bin", start, end)
+    assert "a.bin" in str(caught.value)
+
+
+def test_reader_fills_caller_buffers_and_counts_bytes(store):
+    data = bytes(range(256)) * 4
+    store.write_bytes("a.bin", data)
+    first, second = bytearray(10), bytearray(300)
+    with store.reader("a.bin") as r:
+        r.read_into(40, memoryview(first))
+        r.read_into(700, memoryview(second))
+        assert r.bytes_read == 310
+    assert bytes(first) == data[40:50]
+    assert bytes(second) == data[700:1000]
+
+
+def test_reader_fills_a_slice_of_a_larger_buffer(store):
+    store.write_bytes("a.bin", b"abcdefgh")
+    buf = bytearray(b"........")
+    with store.reader("a.bin") as r:
+        r.read_into(2, memoryview(buf)[3:6])
+    assert bytes(buf) == b"...cde.."
+
+
+def test_reader_read_past_the_end_is_an_integrity_error(store):
+    store.write_bytes("a.bin", bytes(100))
+    with store.reader("a.bin") as r:
+        with pytest.raises(IntegrityError) as caught:
+            r.read_into(90, memoryview(bytearray(20)))
+    assert "a.bin" in str(caught.value)
+
+
+def test_writer_context_manager_commits_on_success(store):
+    with store.writer("out.bin") as w:
+        w.write(b"hello ")
+        w.write(memoryview(b"world"))
+        assert not store.exists("out.bin")  # invisible until commit
+    assert w.bytes_written == 11
+    assert store.read("out.bin") == b"hello world"
+    assert _everything_under(store) == ["out.bin"]
+
+
+def test_explicit_commit_publishes_the_file(store):
+    w = store.writer("out.bin")
+    w.write(b"x" * 1000)
+    w.commit()
+    assert store.stat("out.bin").size == 1000
+    assert _everything_under(store) == ["out.bin"]
+
+
+def test_exception_inside_the_writer_leaves_nothing_behind(store):
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with store.writer("out.bin") as w:
+            w.write(b"partial data")
+            raise Boom()
+    assert not store.exists("out.bin")
+    assert store.list() == []
+    assert _everything_under(store) == []  # no temporary file either
+
+
+def test_exception_inside_the_writer_keeps_the_previous_file(store):
+    store.write_bytes("out.bin", b"committed")
+    with pytest.raises(RuntimeError):
+        with store.writer("out.bin") as w:
+            w.write(b"replacement")
+            raise RuntimeError("fail mid-write")
+    assert store.read("out.bin") == b"committed"
+    assert _everything_under(store) == ["out.bin"]
+
+
+def test_discard_leaves_nothing_behind(store):
+    w = store.writer("out.bin")
+    w.write(b"abc" * 100)
+    w.discard()
+    assert not store.exists("out.bin")
+    assert _everything_under(store) == []
+
+
+def test_discard_before_any_write_leaves_nothing_behind(store):
+    store.writer("out.bin").discard()
+    assert _everything_under(store) == []
+
+
+def test_list_leaves_out_sub_directories(store):
+    store.write_bytes("top.bin", b"1")
+    sub = Storage(store.uri + "/sub")
+    sub.makedirs()
+    sub.write_bytes("inner.bin", b"2")
+    assert store.list() == ["top.bin"]
+    assert sub.list() == ["inner.bin"]
+
+
+def test_list_of_a_missing_directory_is_empty(store):
+    assert Storage(store.uri + "/absent").list() == []
+
+
+def test_remove_deletes_and_tolerates_a_missing_file(store):
+    store.write_bytes("a.bin", b"1")
+    store.remove("a.bin")
+    assert store.list() == []
+    store.remove("a.bin")  # already gone: fine
+    store.remove("never-existed.bin")
+    assert store.list() == []
+
+
+def test_stat_of_a_missing_file_is_a_storage_error(store):
+    with pytest.raises(StorageError) as caught:
+        store.stat("missing.bin")
+    assert str(caught.value) == f"{store.url('missing.bin')}: no such file"
+
+
+def test_read_of_a_missing_file_is_a_storage_error(store):
+    with pytest.raises(StorageError, match="missing.bin: no such file"):
+        store.read("missing.bin")
+
+
+def test_url_names_the_file_inside_the_directory(store):
+    assert store.url("a.bin") == f"{store.uri}/a.bin"
+    assert store.path("a.bin").endswith("/a.bin")
+
+
+def test_an_empty_file_round_trips(store):
+    store.write_bytes("empty.bin", b"")
+    assert store.stat("empty.bin").size == 0
+    assert store.read("empty.bin") == b""
+    assert store.read("empty.bin", 0, 0) == b""
+    assert store.list() == ["empty.bin"]
+
+
+def test_reading_a_missing_file_through_a_reader_is_a_storage_error(store):
+    with pytest.raises(StorageError, match="missing.bin"):
+        with store.reader("missing.bin") as r:
+            r.read_into(0, memoryview(bytearray(4)))
+
+
+def test_unknown_protocol_says_what_to_install():
+    with pytest.raises(StorageError, match="no filesystem for protocol 'nosuchproto'.*pip install"):
+        Storage("nosuchproto://bucket/x")
