@@ -27,6 +27,20 @@ def load_all(directory: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def poison(checkpoint: str, value: float, index: int = 0, last: bool = True) -> str:
+    """Write ``value`` (NaN/Inf) into one element of a tensor of the first or last shard of a
+    checkpoint copy; returns the tensor's name."""
+    from safetensors.torch import save_file
+
+    shards = sorted(n for n in os.listdir(checkpoint) if n.endswith(".safetensors"))
+    path = os.path.join(checkpoint, shards[-1] if last else shards[0])
+    sd = load_file(path)
+    victim = sorted(sd)[0]
+    sd[victim].view(-1)[index] = value
+    save_file(sd, path, metadata={"format": "pt"})
+    return victim
+
+
 def shard_bytes(out: str) -> dict[str, bytes]:
     """Every output file's bytes but the manifest's (which records timing), for bit-identity checks."""
     return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))

@@ -7,7 +7,7 @@ import os
 import pytest
 import ray
 
-from conftest import shard_bytes
+from conftest import poison, shard_bytes
 from ray_helpers import Background, kill_one_worker, shard_in_progress, wait_for
 from test_transfer_local import assert_nothing_committed, make_spec
 from graft.cluster.driver import RayOptions, run_ray
@@ -60,14 +60,7 @@ def test_worker_killed_mid_shard_is_redone_with_bit_identical_output(tiny_checkp
 
 
 def test_an_error_inside_a_worker_fails_the_job_and_commits_nothing(copy_checkpoints, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    ft = copy_checkpoints["finetuned"]
-    shard = sorted(n for n in os.listdir(ft) if n.endswith(".safetensors"))[-1]
-    sd = load_file(os.path.join(ft, shard))
-    victim = sorted(sd)[0]
-    sd[victim].view(-1)[0] = float("nan")
-    save_file(sd, os.path.join(ft, shard), metadata={"format": "pt"})
+    victim = poison(copy_checkpoints["finetuned"], float("nan"))
     out = str(tmp_path / "out")
     with pytest.raises(NonFiniteError, match=victim.replace(".", r"\.")):
         run_ray(prepare_job(make_spec(copy_checkpoints, out)), RayOptions(workers=2))

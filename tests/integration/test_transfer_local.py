@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import load_all, reference, within_float32_contract
+from conftest import load_all, poison, reference, within_float32_contract
 from graft.engine.errors import NonFiniteError, OutputError, PlanError
 from graft.engine.execute import iter_chunks
 from graft.engine.job import RUN_MARK, prepare_job
@@ -202,15 +202,7 @@ def test_edge_case_tensors_zero_dim_zero_size_integer_and_oversized(tmp_path, co
 
 
 def test_nonfinite_output_fails_naming_the_tensor_and_commits_nothing(copy_checkpoints, tmp_path):
-    # Put an Inf into one tensor of the fine-tune's last shard.
-    from safetensors.torch import load_file
-
-    ft = copy_checkpoints["finetuned"]
-    last = sorted(n for n in os.listdir(ft) if n.endswith(".safetensors"))[-1]
-    sd = load_file(os.path.join(ft, last))
-    victim = sorted(sd)[0]
-    sd[victim].view(-1)[3] = float("inf")
-    save_file(sd, os.path.join(ft, last), metadata={"format": "pt"})
+    victim = poison(copy_checkpoints["finetuned"], float("inf"), index=3)
     out = str(tmp_path / "out")
     with pytest.raises(NonFiniteError, match=victim.replace(".", r"\.")):
         run_local(make_spec(copy_checkpoints, out), workers=2)
@@ -220,16 +212,9 @@ def test_nonfinite_output_fails_naming_the_tensor_and_commits_nothing(copy_check
 
 
 def test_failure_in_a_later_shard_removes_shards_already_committed(copy_checkpoints, tmp_path):
-    from safetensors.torch import load_file
-
-    tgt = copy_checkpoints["target"]
-    shards = sorted(n for n in os.listdir(tgt) if n.endswith(".safetensors"))
-    sd = load_file(os.path.join(tgt, shards[-1]))
-    victim = sorted(sd)[-1]
-    sd[victim].view(-1)[0] = float("nan")
-    save_file(sd, os.path.join(tgt, shards[-1]), metadata={"format": "pt"})
+    victim = poison(copy_checkpoints["target"], float("nan"))  # in the target's last shard
     out = str(tmp_path / "out")
-    with pytest.raises(NonFiniteError):
+    with pytest.raises(NonFiniteError, match=victim.replace(".", r"\.")):
         run_local(make_spec(copy_checkpoints, out), workers=1)  # earlier shards commit first
     assert_nothing_committed(out)
     assert os.listdir(out) == []
