@@ -68,8 +68,11 @@ class Progress:
 
     def update(self, n: int) -> None:
         self.done += n
+        self._render()
+
+    def _render(self, final: bool = False) -> None:
         now = time.monotonic()
-        if now - self._last < self.interval and self.done < self.total:
+        if not final and now - self._last < self.interval:
             return
         self._last = now
         if self.tty:
@@ -81,6 +84,8 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
+        """Show the final state (every shard event counted), then end the bar's line."""
+        self._render(final=True)
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
