@@ -84,26 +84,29 @@ def run_ray(
 
     ``on_shard(event)`` hears "done", "retried" (its worker died) and "failed" per shard.
     """
-    started_here = connect(opts.address)
+    # The output is checked (and locked) before Ray starts: a refused output costs no start-up.
+    session = OutputSession.open(job, log=log)
+    kept = sum(t.read_bytes for t in job.plan.shards if t.file in session.results)
+    if kept and on_progress is not None:
+        on_progress(kept)
+    started_here = False
+    pool: _WorkerPool | None = None
     try:
-        session = OutputSession.open(job, log=log)
-        kept = sum(t.read_bytes for t in job.plan.shards if t.file in session.results)
-        if kept and on_progress is not None:
-            on_progress(kept)
+        started_here = connect(opts.address)
         pool = _WorkerPool(job, session, opts)
-        try:
-            pool.run_all(session, on_progress, log, on_shard or (lambda event: None))
-            manifest = session.commit(executor="ray", workers=pool.size, log=log)
-        except BaseException:
-            pool.kill_all()
-            session.rollback()
-            raise
+        pool.run_all(session, on_progress, log, on_shard or (lambda event: None))
         pool.kill_all()
-        return RunResult(session.storage.uri, tuple(session.results[s.file] for s in job.plan.shards),
-                         manifest)
+        manifest = session.commit(executor="ray", workers=pool.size, log=log)
+    except BaseException:
+        if pool is not None:
+            pool.kill_all()  # before the rollback, so no shard can land after it
+        session.rollback()
+        raise
     finally:
         if started_here:
             ray.shutdown()
+    return RunResult(session.storage.uri, tuple(session.results[s.file] for s in job.plan.shards),
+                     manifest)
 
 
 class _WorkerPool:
@@ -112,7 +115,7 @@ class _WorkerPool:
     def __init__(self, job: Job, session: OutputSession, opts: RayOptions):
         self.job = job
         self.opts = opts
-        self.size = _worker_count(opts, max(1, len(session.pending)))
+        self.size = _worker_count(opts, len(session.pending)) if session.pending else 0
         # Plain values only: the actor rebuilds its Storage objects from these.
         self._ctor = ({role: c.storage.uri for role, c in job.checkpoints.items()},
                       session.storage.uri, job.spec.storage_options, opts.gpus_per_worker > 0)

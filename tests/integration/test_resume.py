@@ -132,3 +132,18 @@ def test_driver_killed_mid_run_then_the_same_command_completes_bit_identical(tin
     assert "resuming: keeping" in again.stderr
     assert shard_bytes(out) == shard_bytes(ref)
     assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_a_refused_output_fails_before_ray_starts(tiny_checkpoints, tmp_path):
+    import ray
+
+    from graft.cluster.driver import RayOptions, run_ray
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert not ray.is_initialized()
+    with pytest.raises(OutputError, match="not empty"):
+        run_ray(prepare_job(make_spec(tiny_checkpoints, str(out))), RayOptions())
+    assert not ray.is_initialized()
+    assert os.listdir(out) == ["notes.txt"]
