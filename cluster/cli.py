@@ -19,7 +19,7 @@ from graft.engine.errors import GraftError, PlanError
 from graft.engine.job import OutputSession, prepare_job
 from graft.engine.local import run_local
 from graft.engine.manifest import verify_output
-from graft.engine.spec import load_spec
+from graft.engine.spec import apply_overrides, load_spec
 
 __all__ = ["main", "Progress"]
 
@@ -182,8 +182,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_FAIL if problems else EXIT_OK
 
 
+def _storage_options(items: Sequence[str]) -> dict[str, Any]:
+    """``-o s3.endpoint_url=http://...`` -> ``{"s3": {"endpoint_url": ...}}`` (values parsed as YAML)."""
+    return apply_overrides({}, [f"storage_options.{item}" for item in items]).get("storage_options", {})
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = verify_output(_location(args.output))
+    report = verify_output(_location(args.output), _storage_options(args.storage_option))
     for name in report.checked:
         print(f"{name}: OK")
     for p in report.problems:
@@ -195,7 +200,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    ckpt = open_checkpoint(_location(args.path))
+    ckpt = open_checkpoint(_location(args.path), _storage_options(args.storage_option))
     if args.json:
         print(json.dumps({
             "uri": ckpt.uri,
@@ -258,14 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     common(pl)
     pl.set_defaults(func=cmd_plan)
 
+    def storage_option(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-o", "--storage-option", action="append", default=[], metavar="PROTO.KEY=VALUE",
+                        help="fsspec option, e.g. -o s3.endpoint_url=http://minio:9000 (credentials "
+                             "come from the environment's standard chain)")
+
     v = sub.add_parser("verify", help="re-hash an output against SHA256SUMS and its manifest")
     v.add_argument("output")
+    storage_option(v)
     common(v)
     v.set_defaults(func=cmd_verify)
 
     i = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes and shards")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
+    storage_option(i)
     common(i)
     i.set_defaults(func=cmd_inspect)
     return p

@@ -51,6 +51,7 @@ class Storage:
 
     def __init__(self, uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None):
         self.uri = uri.rstrip("/") or "/"
+        self.storage_options = storage_options or {}
         self.protocol = _protocol(self.uri)
         opts = dict((storage_options or {}).get(self.protocol, {}))
         try:
@@ -86,7 +87,8 @@ class Storage:
     def list(self) -> list[str]:
         """Names of the files directly inside this directory (sorted; sub-directories left out)."""
         try:
-            entries = self.fs.ls(self.root, detail=True)
+            # refresh: other processes (shard workers) write here; a cached listing would be stale.
+            entries = self.fs.ls(self.root, detail=True, refresh=True)
         except FileNotFoundError:
             return []
         except NotADirectoryError:
@@ -102,7 +104,7 @@ class Storage:
 
     def stat(self, name: str) -> FileStat:
         try:
-            info = self.fs.info(self.path(name))
+            info = self.fs.info(self.path(name), refresh=True)
         except FileNotFoundError:
             raise StorageError(f"{self.url(name)}: no such file") from None
         except Exception as e:  # noqa: BLE001
@@ -112,18 +114,31 @@ class Storage:
 
     def read(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
         """Bytes ``[start, end)`` of ``name`` (the whole file by default), exactly that many."""
+        if start is not None and end is not None and end <= start:
+            return b""  # an empty HTTP range is invalid: S3 would answer with the whole object
         try:
             data = self.fs.cat_file(self.path(name), start=start, end=end)
         except FileNotFoundError:
             raise StorageError(f"{self.url(name)}: no such file") from None
         except Exception as e:  # noqa: BLE001
+            if end is not None and self._ends_before(name, end):
+                raise self._short(name, start, end, None) from None
             raise self._fail(name, f"read bytes {start}..{end}", e) from e
         if start is not None and end is not None and len(data) != end - start:
-            raise IntegrityError(
-                f"{self.url(name)}: asked for bytes {start}..{end} but got {len(data)}; "
-                f"the file is shorter than its header says or changed during the run"
-            )
+            raise self._short(name, start, end, len(data))
         return data
+
+    def _ends_before(self, name: str, end: int) -> bool:
+        # Object stores refuse a range past the end ("not satisfiable") instead of returning less.
+        try:
+            return self.stat(name).size < end
+        except StorageError:
+            return False
+
+    def _short(self, name: str, start: int | None, end: int, got: int | None) -> IntegrityError:
+        what = f"got {got}" if got is not None else "the file ends before that"
+        return IntegrityError(f"{self.url(name)}: asked for bytes {start}..{end} but {what}; the file "
+                              f"is shorter than its header says or changed during the run")
 
     def reader(self, name: str) -> RangeReader:
         """A reader for byte ranges of ``name``; close it (or use ``with``) when done."""

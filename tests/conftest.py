@@ -76,6 +76,44 @@ def within_float32_contract(out: torch.Tensor, t: torch.Tensor, f: torch.Tensor,
 
 
 @pytest.fixture(scope="session")
+def s3_server():  # noqa: ANN201
+    """A real S3 wire protocol: moto in server mode on 127.0.0.1 (never any other address).
+
+    Yields the fsspec ``storage_options`` that reach it. Credentials are moto's dummies, passed
+    explicitly so nothing from the machine's AWS configuration is used.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server._server.server_address  # noqa: SLF001 - moto exposes no public accessor
+    options = {"s3": {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing",
+                      "client_kwargs": {"region_name": "us-east-1"}}}
+    yield options
+    server.stop()
+
+
+def new_bucket(options: dict) -> str:
+    """A fresh bucket on the test S3 server; returns its s3:// root."""
+    import uuid
+
+    import fsspec
+
+    name = f"graft-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3", **options["s3"]).call_s3("create_bucket", Bucket=name)
+    return f"s3://{name}"
+
+
+def unfinished_uploads(options: dict, bucket_uri: str) -> list:
+    """Multipart uploads started and never completed nor aborted in a bucket."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **options["s3"])
+    bucket = bucket_uri.removeprefix("s3://").split("/")[0]
+    return fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """base (bf16, one file), finetuned (float32, hub-sharded), target (bf16, other shards).
 

@@ -1,4 +1,5 @@
-"""One storage contract, run unchanged on a local directory and on memory:// (an fsspec backend)."""
+"""One storage contract, run unchanged on a local directory, memory:// and a real S3 server (moto on
+127.0.0.1)."""
 from __future__ import annotations
 
 import uuid
@@ -6,17 +7,24 @@ import uuid
 import fsspec
 import pytest
 
+from conftest import new_bucket, unfinished_uploads
 from graft.engine.errors import IntegrityError, StorageError
 from graft.engine.storage import Storage
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def store(request, tmp_path):  # noqa: ANN201
     """An empty, existing directory of its own on the backend under test."""
     if request.param == "local":
         s = Storage(str(tmp_path / "store"))
         s.makedirs()
         yield s
+        return
+    if request.param == "s3":
+        options = request.getfixturevalue("s3_server")
+        bucket = new_bucket(options)
+        yield Storage(f"{bucket}/store", options)
+        assert unfinished_uploads(options, bucket) == []  # every writer completed or aborted
         return
     root = f"memory://graft-contract-{uuid.uuid4().hex}"
     s = Storage(root)
@@ -150,7 +158,7 @@ def test_discard_before_any_write_leaves_nothing_behind(store):
 
 def test_list_leaves_out_sub_directories(store):
     store.write_bytes("top.bin", b"1")
-    sub = Storage(store.uri + "/sub")
+    sub = Storage(store.uri + "/sub", store.storage_options)
     sub.makedirs()
     sub.write_bytes("inner.bin", b"2")
     assert store.list() == ["top.bin"]
@@ -158,7 +166,7 @@ def test_list_leaves_out_sub_directories(store):
 
 
 def test_list_of_a_missing_directory_is_empty(store):
-    assert Storage(store.uri + "/absent").list() == []
+    assert Storage(store.uri + "/absent", store.storage_options).list() == []
 
 
 def test_remove_deletes_and_tolerates_a_missing_file(store):
