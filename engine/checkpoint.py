@@ -45,6 +45,10 @@ class Checkpoint:
     side_files: tuple[str, ...] = ()
     sharded: bool = False
 
+    def version_of(self, file: str) -> str | None:
+        """The ETag / version / mtime ``file`` had when the checkpoint was opened."""
+        return next((f.version for f in self.files if f.name == file), None)
+
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from .errors import GraftError
+from .errors import GraftError, IntegrityError
 from .kernel import TORCH_DTYPES, ChunkKernel, check_finite
 from .planner import ShardTask, Source, TensorTask
 from .safetensors import DTYPE_SIZES, FLOATING_DTYPES, ShardWriter
@@ -166,6 +166,22 @@ class _CudaCompute:
         return out_host
 
 
+def _check_inputs_unchanged(task: ShardTask, inputs: Mapping[str, Storage]) -> None:
+    """Refuse to commit a shard if an input file it read is no longer the version planned.
+
+    Checked after the last read, so any change before or during this shard's reads is caught and
+    bytes of two versions are never committed together.
+    """
+    planned = {(s.role, s.file): s.version for t in task.tensors for s in (t.target, t.finetuned, t.base)
+               if s is not None and s.version is not None}
+    for (role, file), version in sorted(planned.items()):
+        now = inputs[role].stat(file).version
+        if now != version:
+            raise IntegrityError(f"{inputs[role].url(file)}: changed during the run (version {version} "
+                                 f"when planned, {now} now); nothing read from it was committed, run "
+                                 f"the job again to use the new version")
+
+
 def _capacity(chunks: list[Chunk]) -> dict[str, int]:
     cap = dict.fromkeys(_ROLES, 0)
     for c in chunks:
@@ -253,6 +269,7 @@ def execute_shard(
         if held is not None:
             write_held()
         size, digest = shard.finish()
+        _check_inputs_unchanged(task, inputs)
         writer.commit()
     except BaseException:
         writer.discard()

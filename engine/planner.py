@@ -45,6 +45,7 @@ class Source:
     dtype: str
     begin: int
     end: int
+    version: str | None = None  # the file's ETag / version / mtime when it was planned
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,8 @@ class Plan:
         return {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map().items()))}
 
 
-def _source(role: str, ref: TensorRef) -> Source:
-    return Source(role, ref.file, ref.dtype, ref.begin, ref.end)
+def _source(ckpt: Checkpoint, role: str, ref: TensorRef) -> Source:
+    return Source(role, ref.file, ref.dtype, ref.begin, ref.end, ckpt.version_of(ref.file))
 
 
 def _examples(names: list[str], n: int = 3) -> str:
@@ -178,12 +179,12 @@ def make_plan(
         alpha = spec.alpha_for(name)
         f, b = ft.tensors.get(name), bs.tensors.get(name)
         if t.dtype not in FLOATING_DTYPES or alpha == 0.0:
-            tasks[name] = TensorTask(name, t.dtype, t.shape, 0.0, _source("target", t))
+            tasks[name] = TensorTask(name, t.dtype, t.shape, 0.0, _source(tgt, "target", t))
             copied += 1
             continue
         if f is None or b is None:
             if spec.on_missing == "carry_target":
-                tasks[name] = TensorTask(name, t.dtype, t.shape, 0.0, _source("target", t))
+                tasks[name] = TensorTask(name, t.dtype, t.shape, 0.0, _source(tgt, "target", t))
                 carried_missing.append(name)
                 copied += 1
             continue  # reported below, once for all tensors
@@ -198,8 +199,8 @@ def make_plan(
             if ref.dtype not in FLOATING_DTYPES:
                 problems.append(f"tensor {name!r} is {ref.dtype} in {role} ({checkpoints[role].uri}) "
                                 f"but {t.dtype} in target; cannot compute a float difference from it")
-        tasks[name] = TensorTask(name, t.dtype, t.shape, alpha, _source("target", t),
-                                 _source("finetuned", f), _source("base", b))
+        tasks[name] = TensorTask(name, t.dtype, t.shape, alpha, _source(tgt, "target", t),
+                                 _source(ft, "finetuned", f), _source(bs, "base", b))
         combined += 1
 
     if spec.on_missing == "error":

@@ -109,7 +109,10 @@ class Storage:
             raise StorageError(f"{self.url(name)}: no such file") from None
         except Exception as e:  # noqa: BLE001
             raise self._fail(name, "stat", e) from e
-        version = info.get("VersionId") or info.get("ETag") or info.get("etag")
+        version = info.get("VersionId") or info.get("ETag") or info.get("etag") or info.get("generation")
+        if version is None and self.is_local and info.get("mtime") is not None:
+            # Local files have no ETag; a rewrite changes the modification time.
+            version = f"mtime:{info['mtime']!r}"
         return FileStat(name=name, size=int(info["size"]), version=str(version).strip('"') if version else None)
 
     def read(self, name: str, start: int | None = None, end: int | None = None) -> bytes:

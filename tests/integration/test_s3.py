@@ -117,3 +117,27 @@ def test_cli_verifies_and_inspects_on_s3(s3_server, s3_inputs):
                        text=True, env=env)
     assert i.returncode == 0, i.stderr
     assert json.loads(i.stdout)["tensors"]["model.embed_tokens.weight"]["dtype"] == "F32"
+
+
+def test_an_s3_input_replaced_during_the_run_is_refused(s3_server, tiny_checkpoints, tmp_path):
+    from ray_helpers import Background, shard_in_progress, wait_for
+
+    from graft.engine.errors import IntegrityError
+
+    bucket = new_bucket(s3_server)
+    fs = fsspec.filesystem("s3", **s3_server["s3"])
+    for role, path in tiny_checkpoints.items():
+        for name in os.listdir(path):
+            fs.pipe_file(f"{bucket.removeprefix('s3://')}/{role}/{name}", open(os.path.join(path, name), "rb").read())
+    inputs = {role: f"{bucket}/{role}" for role in ROLES}
+    out = str(tmp_path / "out")
+    planned = job(inputs, out, s3_server, chunk_size=2048)  # ~1000 range requests: seconds
+    bg = Background(lambda: run_local(planned))
+    wait_for(lambda: shard_in_progress(out), "a shard in progress")
+    key = f"{bucket.removeprefix('s3://')}/target/{planned.plan.shards[-1].file}"
+    data = bytearray(fs.cat_file(key))
+    data[-1] ^= 0xFF
+    fs.pipe_file(key, bytes(data))  # a new object version under the same key
+    with pytest.raises(IntegrityError, match="changed during the run"):
+        bg.outcome()
+    assert os.listdir(out) == []

@@ -286,3 +286,24 @@ def test_the_same_job_gives_bit_identical_output_with_any_worker_count(tiny_chec
         result = run_local(make_spec(tiny_checkpoints, out, chunk_size=8192 * workers), workers=workers)
         digests.append(sorted((r.file, r.sha256) for r in result.results))
     assert digests[0] == digests[1]
+
+
+def test_an_input_rewritten_during_the_run_is_refused_and_nothing_is_committed(copy_checkpoints, tmp_path):
+    from ray_helpers import Background, shard_in_progress, wait_for
+
+    from graft.engine.errors import IntegrityError
+
+    out = str(tmp_path / "out")
+    job = prepare_job(make_spec(copy_checkpoints, out, chunk_size=32))  # slow: a few seconds a shard
+    bg = Background(lambda: run_local(job))
+    wait_for(lambda: shard_in_progress(out), "a shard in progress")
+    victim = os.path.join(copy_checkpoints["target"], job.plan.shards[-1].file)
+    data = bytearray(open(victim, "rb").read())
+    data[-1] ^= 0xFF  # same size, other bytes: a new upload of the "same" file
+    with open(victim + ".new", "wb") as f:
+        f.write(data)
+    os.utime(victim + ".new", ns=(os.stat(victim).st_atime_ns, os.stat(victim).st_mtime_ns + 10**9))
+    os.replace(victim + ".new", victim)
+    with pytest.raises(IntegrityError, match=r"changed during the run.*run the job again"):
+        bg.outcome()
+    assert_nothing_committed(out)
