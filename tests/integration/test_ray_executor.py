@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from conftest import poison, shard_bytes
-from ray_helpers import Background, kill_one_worker, shard_in_progress, wait_for
+from live_runs import Background, kill_one_worker, shard_in_progress, wait_for
 from test_transfer_local import assert_nothing_committed, make_spec
 from graft.cluster.driver import RayOptions, run_ray
 from graft.engine.errors import NonFiniteError

@@ -9,7 +9,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from conftest import shard_bytes
-from ray_helpers import Background, shard_in_progress, wait_for
+from live_runs import Background, shard_in_progress, wait_for
 from test_transfer_local import make_spec
 from graft.cluster.driver import RayOptions, run_ray
 from graft.engine.job import prepare_job

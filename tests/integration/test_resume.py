@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import shard_bytes
-from ray_helpers import Background, shard_in_progress, wait_for
+from live_runs import Background, shard_in_progress, wait_for
 from test_transfer_local import make_spec
 from graft.engine.errors import OutputError
 from graft.engine.job import fingerprint, prepare_job

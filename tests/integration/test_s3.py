@@ -120,7 +120,7 @@ def test_cli_verifies_and_inspects_on_s3(s3_server, s3_inputs):
 
 
 def test_an_s3_input_replaced_during_the_run_is_refused(s3_server, tiny_checkpoints, tmp_path):
-    from ray_helpers import Background, shard_in_progress, wait_for
+    from live_runs import Background, shard_in_progress, wait_for
 
     from graft.engine.errors import IntegrityError
 

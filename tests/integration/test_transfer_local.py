@@ -289,7 +289,7 @@ def test_the_same_job_gives_bit_identical_output_with_any_worker_count(tiny_chec
 
 
 def test_an_input_rewritten_during_the_run_is_refused_and_nothing_is_committed(copy_checkpoints, tmp_path):
-    from ray_helpers import Background, shard_in_progress, wait_for
+    from live_runs import Background, shard_in_progress, wait_for
 
     from graft.engine.errors import IntegrityError
 

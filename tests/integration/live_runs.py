@@ -1,4 +1,5 @@
-"""Helpers shared by the Ray test modules: run a job in a thread, find and kill workers."""
+"""Helpers for tests that act on a run while it is going: run it in a thread, wait for a shard in
+progress, find and kill Ray workers."""
 from __future__ import annotations
 
 import os
