@@ -1,4 +1,4 @@
-"""``graft``: run | plan | verify | inspect.
+"""``graft``: run | plan | verify | inspect | push.
 
 Every failure graft anticipates is a ``GraftError``: it is printed as one line on stderr naming the
 file or tensor and what to do, with the traceback only under ``--debug``.
@@ -224,6 +224,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from graft.engine.hub import push_output  # the Hub client loads only when pushing
+
+    url = push_output(_location(args.output), args.repo, _storage_options(args.storage_option),
+                      private=True if args.private else None, message=args.message,
+                      verify=not args.no_verify, log=_log)
+    print(f"pushed {args.output} to {url}")
+    return EXIT_OK
+
+
 def _location(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
@@ -280,6 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     storage_option(i)
     common(i)
     i.set_defaults(func=cmd_inspect)
+
+    pu = sub.add_parser("push", help="publish a committed output to the Hugging Face Hub in one commit, "
+                                     "with a model card naming its sources")
+    pu.add_argument("output", help="a finished graft output (local path or object store URI)")
+    pu.add_argument("repo", help="hf://org/name[@branch] (created if missing)")
+    pu.add_argument("--private", action="store_true", help="create the repository as private")
+    pu.add_argument("--message", default=None, help="commit message")
+    pu.add_argument("--no-verify", action="store_true",
+                    help="skip re-hashing the output against its manifest before uploading")
+    storage_option(pu)
+    common(pu)
+    pu.set_defaults(func=cmd_push)
     return p
 
 

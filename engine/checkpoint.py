@@ -95,14 +95,14 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
     """Discover and validate the checkpoint at ``uri`` (a directory, or one ``.safetensors`` file)."""
     if uri.endswith(".safetensors"):
         parent, _, fname = uri.rstrip("/").rpartition("/")
-        storage = Storage(parent or "/", storage_options)
+        storage = Storage(parent or "/", storage_options).pinned()
         listing = storage.list()
         if fname not in listing:
             raise CheckpointError(f"{uri}: no such file")
         shard_names = [fname]
         weight_map = None
     else:
-        storage = Storage(uri, storage_options)
+        storage = Storage(uri, storage_options).pinned()
         listing = storage.list()
         if not listing:
             raise CheckpointError(f"{uri}: no such checkpoint directory, or it is empty")

@@ -224,7 +224,7 @@ def execute_shard(
     def reader(src: Source) -> RangeReader:
         key = (src.role, src.file)
         if key not in readers:
-            readers[key] = inputs[src.role].reader(src.file)
+            readers[key] = inputs[src.role].reader(src.file, task.settings.read_concurrency)
         return readers[key]
 
     def read_ahead(i: int) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -72,7 +72,11 @@ def fingerprint(job: Job) -> str:
     """Identifies the work: the planned shards (names, tensors, byte ranges, settings) and the input
     files' sizes and versions. A resumed run keeps shards only from a run with the same fingerprint."""
     inputs = [(role, [(f.name, f.size, f.version) for f in c.files]) for role, c in job.checkpoints.items()]
-    return hashlib.sha256(repr((job.plan.shards, inputs)).encode()).hexdigest()
+    # How the bytes are moved (chunk size, reads in flight) does not change them: a rerun with
+    # other I/O settings still keeps the shards already committed.
+    shards = [replace(s, settings=replace(s.settings, chunk_size=0, read_concurrency=0))
+              for s in job.plan.shards]
+    return hashlib.sha256(repr((shards, inputs)).encode()).hexdigest()
 
 
 @dataclass
@@ -186,7 +190,7 @@ class OutputSession:
                        "target's dtype",
             "spec": self.job.spec.to_dict(),
             "inputs": {
-                role: {"uri": c.uri,
+                role: {"uri": c.uri, **({"commit": c.storage.commit} if c.storage.commit else {}),
                        "files": [{"name": f.name, "uri": c.storage.url(f.name), "size": f.size,
                                   "version": f.version} for f in c.files] + donated[role]}
                 for role, c in self.job.checkpoints.items()

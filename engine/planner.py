@@ -80,6 +80,7 @@ class ExecSettings:
     compute_dtype: str
     chunk_size: int
     allow_nonfinite: bool
+    read_concurrency: int = 1
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ def make_plan(
                         + f"): computed in {spec.compute_dtype}, written in the target's dtypes")
     warnings.extend(_config_warnings(configs or {}))
 
-    settings = ExecSettings(spec.compute_dtype, spec.chunk_size, spec.allow_nonfinite)
+    settings = ExecSettings(spec.compute_dtype, spec.chunk_size, spec.allow_nonfinite, spec.read_concurrency)
     shards = _layout(spec, tgt, tasks, settings)
     side_files, side_warnings = _side_files(spec, checkpoints)
     warnings.extend(side_warnings)

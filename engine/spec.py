@@ -102,6 +102,7 @@ class JobSpec:
     files: tuple[tuple[str, str], ...] = DEFAULT_FILES
     max_shard_size: int | None = None
     chunk_size: int = 16 * 2**20
+    read_concurrency: int = 4
     storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def alpha_for(self, tensor_name: str) -> float:
@@ -170,6 +171,7 @@ class _SpecModel(BaseModel):
     # Validated by parse_size: pydantic's int|str would turn YAML `true` into 1 first.
     max_shard_size: Any = None
     chunk_size: Any = "16MiB"
+    read_concurrency: int = Field(default=4, ge=1, le=64, strict=True)
     storage_options: dict[str, dict[str, Any]] = {}
 
 
@@ -212,6 +214,10 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
     for i, r in enumerate(m.rules):
         if not math.isfinite(r.alpha):
             raise SpecError(f"{source}: key 'rules.{i}.alpha' must be finite, got {r.alpha}")
+    if m.output.startswith("hf://"):
+        raise SpecError(f"{source}: key 'output': the Hub is not a job output ({m.output}); write to a "
+                        f"local path or an object store, then publish the committed result with "
+                        f"`graft push OUTPUT {m.output}`")
     user_files = tuple(m.files.items())
     return JobSpec(
         target=_normalize_location(m.target),
@@ -230,6 +236,7 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
             else parse_size(m.max_shard_size, f"{source}: key 'max_shard_size'")
         ),
         chunk_size=parse_size(m.chunk_size, f"{source}: key 'chunk_size'"),
+        read_concurrency=m.read_concurrency,
         storage_options={k: dict(v) for k, v in m.storage_options.items()},
     )
 

@@ -14,8 +14,12 @@ fsync + rename) differ, so the tested code path is the one users run.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import re
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -23,7 +27,7 @@ import fsspec
 
 from .errors import IntegrityError, StorageError
 
-__all__ = ["FileStat", "Storage", "RangeReader", "AtomicWriter", "TEMP_MARK"]
+__all__ = ["FileStat", "Storage", "RangeReader", "AtomicWriter", "TEMP_MARK", "check_digest"]
 
 # Temporary files carry this in their name so a later run can recognise and remove its leftovers.
 TEMP_MARK = ".graft-tmp-"
@@ -33,17 +37,52 @@ TEMP_MARK = ".graft-tmp-"
 _DEFERRED_COMMIT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
+# Object stores that fsspec drives through one asyncio loop: concurrent range reads share a
+# connection pool, sized here (unless the user sets it) to cover every part in flight.
+_POOL_CONNECTIONS = 64
+
+
 @dataclass(frozen=True)
 class FileStat:
-    """What a store knows of a file without reading it; ``version`` is an ETag/VersionId if any."""
+    """What a store knows of a file without reading it.
+
+    ``version`` is an ETag / VersionId / generation (an mtime locally); ``digest`` is a content hash
+    the store vouches for (``sha256:<hex>`` or ``git-sha1:<hex>``, the Hub's LFS and git ids), checked
+    whenever the whole file is read.
+    """
 
     name: str
     size: int
     version: str | None = None
+    digest: str | None = None
 
 
 def _protocol(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def _with_defaults(protocol: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """The user's options for ``protocol`` plus graft's defaults for what they left unset."""
+    if protocol in ("s3", "s3a"):
+        config = dict(opts.get("config_kwargs") or {})
+        config.setdefault("max_pool_connections", _POOL_CONNECTIONS)
+        opts = {**opts, "config_kwargs": config}
+    return opts
+
+
+def check_digest(where: str, data: bytes, expected: str) -> None:
+    """Raise ``IntegrityError`` unless ``data`` hashes to ``expected`` (``sha256:`` / ``git-sha1:``)."""
+    kind, _, want = expected.partition(":")
+    if kind == "sha256":
+        got = hashlib.sha256(data).hexdigest()
+    elif kind == "git-sha1":  # a git blob id: sha1 over "blob <size>\0" + content
+        got = hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+    else:
+        raise ValueError(f"unknown digest kind {kind!r}")
+    if got != want:
+        raise IntegrityError(f"{where}: content does not match its recorded {kind} ({want[:12]}..., "
+                             f"read {got[:12]}...); the download was corrupted or the store serves "
+                             f"other bytes than it lists, run again")
 
 
 class Storage:
@@ -53,7 +92,7 @@ class Storage:
         self.uri = uri.rstrip("/") or "/"
         self.storage_options = storage_options or {}
         self.protocol = _protocol(self.uri)
-        opts = dict((storage_options or {}).get(self.protocol, {}))
+        opts = _with_defaults(self.protocol, dict((storage_options or {}).get(self.protocol, {})))
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.uri, **opts)
         except (ImportError, ValueError) as e:
@@ -63,9 +102,24 @@ class Storage:
             ) from None
         self.root = self.root.rstrip("/") or "/"
         self.is_local = self.protocol in ("file", "local")
+        self.is_hub = self.protocol == "hf"
+        # The immutable revision every read uses (Hub: a commit sha, written or from pinned()).
+        self.commit: str | None = None
+        if self.is_hub:
+            m = re.search(r"@([0-9a-f]{40})(?:/|$)", self.uri)
+            self.commit = m.group(1) if m else None
 
     def __repr__(self) -> str:
         return f"Storage({self.uri!r})"
+
+    def pinned(self) -> Storage:
+        """This location at a revision that cannot move: on the Hub, ``@branch`` or ``@tag``
+        resolved to its commit sha now (the same ``Storage`` everywhere else)."""
+        if not self.is_hub or self.commit is not None:
+            return self
+        from .hub import pin_revision  # the Hub client loads only for hf:// locations
+
+        return Storage(pin_revision(self)[0], self.storage_options)
 
     def path(self, name: str) -> str:
         """The filesystem path of ``name`` inside this directory."""
@@ -104,9 +158,15 @@ class Storage:
 
     def stat(self, name: str) -> FileStat:
         try:
+            if self.is_hub:
+                from .hub import stat_hub_file
+
+                return stat_hub_file(self, name)
             info = self.fs.info(self.path(name), refresh=True)
         except FileNotFoundError:
             raise StorageError(f"{self.url(name)}: no such file") from None
+        except StorageError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise self._fail(name, "stat", e) from e
         version = info.get("VersionId") or info.get("ETag") or info.get("etag") or info.get("generation")
@@ -119,8 +179,12 @@ class Storage:
         """Bytes ``[start, end)`` of ``name`` (the whole file by default), exactly that many."""
         if start is not None and end is not None and end <= start:
             return b""  # an empty HTTP range is invalid: S3 would answer with the whole object
+        whole = start is None and end is None
+        expected = self.stat(name).digest if whole and self.is_hub else None
         try:
-            data = self.fs.cat_file(self.path(name), start=start, end=end)
+            # The Hub's file objects cache read-ahead blocks by default: ask for exactly the range.
+            extra = {"cache_type": "none"} if self.is_hub else {}
+            data = self.fs.cat_file(self.path(name), start=start, end=end, **extra)
         except FileNotFoundError:
             raise StorageError(f"{self.url(name)}: no such file") from None
         except Exception as e:  # noqa: BLE001
@@ -129,6 +193,8 @@ class Storage:
             raise self._fail(name, f"read bytes {start}..{end}", e) from e
         if start is not None and end is not None and len(data) != end - start:
             raise self._short(name, start, end, len(data))
+        if expected is not None:
+            check_digest(self.url(name), data, expected)
         return data
 
     def _ends_before(self, name: str, end: int) -> bool:
@@ -143,11 +209,15 @@ class Storage:
         return IntegrityError(f"{self.url(name)}: asked for bytes {start}..{end} but {what}; the file "
                               f"is shorter than its header says or changed during the run")
 
-    def reader(self, name: str) -> RangeReader:
-        """A reader for byte ranges of ``name``; close it (or use ``with``) when done."""
+    def reader(self, name: str, concurrency: int = 1) -> RangeReader:
+        """A reader for byte ranges of ``name``; close it (or use ``with``) when done.
+
+        On remote stores a range is split into up to ``concurrency`` parts fetched at once (each
+        an HTTP range request); local files are read with one ``preadv``.
+        """
         if self.is_local:
             return _LocalRangeReader(self, name)
-        return _FsspecRangeReader(self, name)
+        return _FsspecRangeReader(self, name, concurrency)
 
     def writer(self, name: str) -> AtomicWriter:
         """A writer whose bytes become visible at ``name`` only on ``commit()``."""
@@ -256,10 +326,46 @@ class _LocalRangeReader(RangeReader):
 
 
 class _FsspecRangeReader(RangeReader):
+    # Parts smaller than this cost more in request overhead than they gain in parallelism.
+    MIN_PART = 1 << 20
+
+    def __init__(self, storage: Storage, name: str, concurrency: int = 1):
+        super().__init__(storage, name)
+        self.concurrency = max(1, concurrency)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _fetch(self, offset: int, buf: memoryview) -> None:
+        buf[:] = self.storage.read(self.name, offset, offset + len(buf))
+
     def read_into(self, offset: int, buf: memoryview) -> None:
-        data = self.storage.read(self.name, offset, offset + len(buf))
-        buf[:] = data
-        self.bytes_read += len(buf)
+        n = len(buf)
+        parts = max(1, min(self.concurrency, n // self.MIN_PART))
+        if parts == 1:
+            self._fetch(offset, buf)
+        else:
+            step = -(-n // parts)
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.concurrency - 1,
+                                                    thread_name_prefix="graft-range")
+            # The calling thread fetches the first part itself; the others run alongside it.
+            rest = [self._pool.submit(self._fetch, offset + a, buf[a:a + step])
+                    for a in range(step, n, step)]
+            try:
+                self._fetch(offset, buf[:step])
+            finally:
+                # Every part must be finished with ``buf`` before the caller reuses it.
+                wait(rest)
+            for fut in rest:
+                fut.result()
+        with self._lock:
+            self.bytes_read += n
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 class AtomicWriter:

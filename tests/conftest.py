@@ -114,6 +114,28 @@ def unfinished_uploads(options: dict, bucket_uri: str) -> list:
 
 
 @pytest.fixture(scope="session")
+def hub():  # noqa: ANN201
+    """The fake Hugging Face Hub (tests/fake_hub.py): an HTTP server on 127.0.0.1 only."""
+    from fake_hub import FakeHub
+
+    with FakeHub() as h:
+        yield h
+
+
+@pytest.fixture
+def hub_online(monkeypatch: pytest.MonkeyPatch, hub):  # noqa: ANN001, ANN201
+    """Let the in-process Hub client reach the fake Hub, and start from a clean request log."""
+    from huggingface_hub import HfFileSystem, constants
+
+    # The suite runs with HF_HUB_OFFLINE=1, read once at import; the request hook asks is_offline_mode().
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # hf_xet is installed: without this the client uploads through Xet, which the fake does not serve.
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    HfFileSystem.clear_instance_cache()
+    hub.clear_requests()
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """base (bf16, one file), finetuned (float32, hub-sharded), target (bf16, other shards).
 

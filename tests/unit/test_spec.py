@@ -330,3 +330,22 @@ def test_to_dict_is_plain_data():
     assert d["rules"] == [{"match": "x", "alpha": 0.0}]
     assert d["files"]["config.json"] == "target"
     assert yaml.safe_load(yaml.safe_dump(d)) == d
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "s3.yaml", "hub.yaml"])
+def test_shipped_example_configs_are_valid_specs(name):
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    spec = load_spec(os.path.join(root, name))
+    assert spec.alpha == 1.0 and spec.read_concurrency == 4
+
+
+@pytest.mark.parametrize("value", [0, 65, True, "4"])
+def test_read_concurrency_must_be_a_small_positive_integer(value):
+    with pytest.raises(SpecError, match="read_concurrency"):
+        spec_from_mapping({"target": "t", "finetuned": "f", "base": "b", "output": "o",
+                           "read_concurrency": value})
+
+
+def test_the_hub_is_refused_as_an_output_with_the_push_command_to_use():
+    with pytest.raises(SpecError, match=r"graft push OUTPUT hf://org/name"):
+        spec_from_mapping({"target": "t", "finetuned": "f", "base": "b", "output": "hf://org/name"})

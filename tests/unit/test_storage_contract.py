@@ -2,9 +2,12 @@
 127.0.0.1)."""
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 
 import fsspec
+import fsspec.implementations.memory
 import pytest
 
 from conftest import new_bucket, unfinished_uploads
@@ -211,3 +214,77 @@ def test_reading_a_missing_file_through_a_reader_is_a_storage_error(store):
 def test_unknown_protocol_says_what_to_install():
     with pytest.raises(StorageError, match="no filesystem for protocol 'nosuchproto'.*pip install"):
         Storage("nosuchproto://bucket/x")
+
+
+@pytest.mark.parametrize("concurrency", [1, 3, 8])
+def test_reader_splits_large_ranges_into_parts_and_still_fills_exactly(store, concurrency):
+    data = bytes(range(251)) * 15000  # ~3.6 MiB, not a multiple of any part size
+    store.write_bytes("big.bin", data)
+    buf = bytearray(len(data))
+    with store.reader("big.bin", concurrency) as r:
+        r.read_into(5, memoryview(buf)[1:-4])
+        assert r.bytes_read == len(data) - 5
+        with pytest.raises(IntegrityError, match="big.bin"):
+            r.read_into(100, memoryview(bytearray(len(data))))
+    assert bytes(buf[1:-4]) == data[5:]
+    assert buf[0] == 0 and bytes(buf[-4:]) == bytes(4)
+
+
+class _CountingMemoryFS(fsspec.implementations.memory.MemoryFileSystem):
+    """memory:// that records how many range reads are in flight at once."""
+
+    protocol = "countingmem"
+    in_flight = 0
+    most = 0
+    lock = threading.Lock()
+
+    def cat_file(self, path, start=None, end=None, **kwargs):  # noqa: ANN001, ANN201
+        cls = type(self)
+        with cls.lock:
+            cls.in_flight += 1
+            cls.most = max(cls.most, cls.in_flight)
+        try:
+            time.sleep(0.05)  # long enough for the other parts to start
+            return super().cat_file(path, start=start, end=end, **kwargs)
+        finally:
+            with cls.lock:
+                cls.in_flight -= 1
+
+
+def test_remote_reader_keeps_several_ranges_in_flight():
+    fsspec.register_implementation("countingmem", _CountingMemoryFS, clobber=True)
+    store = Storage(f"countingmem://graft-{uuid.uuid4().hex}")
+    data = bytes(range(256)) * (4 * 2**12)  # 4 MiB: four 1 MiB parts
+    store.fs.pipe_file(store.path("a.bin"), data)
+    buf = bytearray(len(data))
+    _CountingMemoryFS.most = 0
+    with store.reader("a.bin", 4) as r:
+        r.read_into(0, memoryview(buf))
+    assert bytes(buf) == data
+    assert _CountingMemoryFS.most == 4
+    _CountingMemoryFS.most = 0
+    with store.reader("a.bin", 1) as r:
+        r.read_into(0, memoryview(buf))
+    assert _CountingMemoryFS.most == 1
+
+
+def test_s3_connection_pool_covers_the_reads_in_flight_unless_set():
+    default = Storage("s3://bucket/x", {"s3": {"anon": True}})
+    assert default.fs.config_kwargs["max_pool_connections"] >= 3 * 8
+    mine = Storage("s3://bucket/y", {"s3": {"anon": True, "config_kwargs": {"max_pool_connections": 5}}})
+    assert mine.fs.config_kwargs["max_pool_connections"] == 5
+
+
+def test_check_digest_accepts_the_right_hashes_and_names_the_file_otherwise():
+    import hashlib
+
+    from graft.engine.storage import check_digest
+
+    data = b"weights"
+    check_digest("x", data, f"sha256:{hashlib.sha256(data).hexdigest()}")
+    git = hashlib.sha1(b"blob 7\0weights").hexdigest()  # what `git hash-object` prints for the file
+    check_digest("x", data, f"git-sha1:{git}")
+    with pytest.raises(IntegrityError, match=r"^hf://o/r@s/config\.json: content does not match its recorded sha256"):
+        check_digest("hf://o/r@s/config.json", b"other", f"sha256:{hashlib.sha256(data).hexdigest()}")
+    with pytest.raises(IntegrityError, match="git-sha1"):
+        check_digest("f", b"other", f"git-sha1:{git}")
