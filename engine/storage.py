@@ -37,8 +37,8 @@ TEMP_MARK = ".graft-tmp-"
 _DEFERRED_COMMIT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
-# Object stores that fsspec drives through one asyncio loop: concurrent range reads share a
-# connection pool, sized here (unless the user sets it) to cover every part in flight.
+# S3 range reads in flight share one connection pool per filesystem (aiobotocore's default is 10);
+# graft sizes it to cover every part in flight (3 inputs x read_concurrency x shards per process).
 _POOL_CONNECTIONS = 64
 
 
