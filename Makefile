@@ -10,7 +10,11 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast clean
+# The benchmark gets a venv of its own: mergekit's dependencies must not move the tested ones.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -39,5 +43,17 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q tests/unit
 
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(BENCH_VENV)/bin/python -m pip install -q -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+# Generates the checkpoints once (bench/data, ~9 GB), then measures everything in one run:
+# bench/results.md, bench/results.json and bench/results.png.
+bench: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python -m bench.run
+
 clean:
-	rm -rf $(VENV) build *.egg-info demo .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info demo .pytest_cache

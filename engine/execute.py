@@ -3,11 +3,12 @@
 ``execute_shard(task, inputs, output)`` is what every executor (threads, Ray actors) calls. The
 chunks of a shard flow through a three-stage pipeline:
 
-    read chunk i+1 (reader threads) | compute chunk i (CPU, or queued on a GPU) | write + hash chunk i-1
+    read chunk i+1 (reader threads) | compute chunk i (CPU, or queued on a GPU) | write + hash
+    chunks i-1, i-2 (the write thread)
 
 Memory is bounded by the chunk size whatever the tensor, shard or model size: three slots of input
-buffers (being read, being computed, held until its output is written), two compute buffers and two
-output buffers (plus, on a GPU, device copies of those). Each input byte is read exactly once. The
+buffers (being read, being computed, held until its output is written), two output buffers, and
+the kernel's cache-sized compute blocks (plus, on a GPU, device copies of those). Each input byte is read exactly once. The
 shard becomes visible only when every byte is written and accounted for; on any error it is
 discarded.
 """
@@ -235,18 +236,18 @@ def execute_shard(
                 slot.pending.append(pool.submit(reader(src).read_into,
                                                 src.begin + chunk.start * DTYPE_SIZES[src.dtype], dest))
 
+    # One thread writes and hashes while this one computes: sha256 and the page-cache copy cost
+    # as much CPU as the arithmetic, and writes can block on the disk.
+    write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"graft-write-{task.index}")
+    written: list[Future[None]] = []
     writer = output.writer(task.file)
     try:
         shard = ShardWriter(writer, task.header_tensors(), dict(task.metadata))
-        held: tuple[Chunk, object] | None = None  # the chunk computed but not yet written
 
-        def write_held() -> None:
-            chunk, handle = held
+        def write_chunk(chunk: Chunk, handle: object) -> None:  # on the write thread, in order
             t = chunk.tensor
-            if t.combine:
-                data = compute.finish(handle)
-            else:
-                data = handle  # the target's bytes, straight from the input slot
+            # A copied tensor's bytes go out straight from the input slot.
+            data = compute.finish(handle) if t.combine else handle
             if not settings.allow_nonfinite and t.dtype in FLOATING_DTYPES:
                 check_finite(data.view(TORCH_DTYPES[t.dtype]), t.name, task.file, chunk.start)
             shard.write(memoryview(data.numpy()))
@@ -257,24 +258,28 @@ def execute_shard(
         for i, chunk in enumerate(chunks):
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"{output.url(task.file)}: cancelled")
-            # Slot (i+1) % 3 is free: its last chunk, i-2, was written in the previous iteration.
+            # Chunk i-2 must be written before its input slot is refilled (with chunk i+1) and its
+            # output buffer reused (by chunk i); this also surfaces a failed write.
+            if i >= 2:
+                written[i - 2].result()
             read_ahead(i + 1)
             slot = slots[i % _SLOTS]
             slot.wait()
             handle = compute.submit(i, chunk, slot) if chunk.tensor.combine else slot.view(
                 chunk.tensor.target, chunk.count)
-            if held is not None:
-                write_held()
-            held = (chunk, handle)
-        if held is not None:
-            write_held()
+            written.append(write_pool.submit(write_chunk, chunk, handle))
+        for fut in written:
+            fut.result()
         size, digest = shard.finish()
         _check_inputs_unchanged(task, inputs)
         writer.commit()
     except BaseException:
+        # No write may be in flight while the temporary file is discarded.
+        write_pool.shutdown(wait=True, cancel_futures=True)
         writer.discard()
         raise
     finally:
+        write_pool.shutdown(wait=True, cancel_futures=True)
         # Readers are closed only after every read in flight has finished with its buffer.
         pool.shutdown(wait=True, cancel_futures=True)
         for r in readers.values():

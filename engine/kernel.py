@@ -6,11 +6,13 @@ reference ``(t.double() + alpha * (f.double() - b.double())).to(dtype)``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import NonFiniteError
 
-__all__ = ["TORCH_DTYPES", "COMPUTE_DTYPES", "ChunkKernel", "first_nonfinite", "check_finite"]
+__all__ = ["TORCH_DTYPES", "COMPUTE_DTYPES", "CPU_BLOCK", "ChunkKernel", "first_nonfinite", "check_finite"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
@@ -20,12 +22,23 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64, "C64": torch.complex64,
 }
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+# Elements per block of CPU work (1 MiB of float32): measured fastest here, 256Ki vs the whole chunk.
+CPU_BLOCK = 1 << 18
 
 
 def first_nonfinite(values: torch.Tensor) -> int | None:
     """Index of the first NaN/Inf in a 1-D floating tensor, or None if all are finite."""
+    if values.numel() == 0:
+        return None
     if values.dtype.itemsize == 1:  # FP8: isfinite is not implemented for it
         values = values.float()
+    # Fast path, one reduction without a temporary: any NaN or Inf makes the sum NaN or Inf, so a
+    # finite sum proves every value finite. A non-finite sum may also be an overflow: look closely.
+    # Summed in cache-sized blocks: a sum that widens (bf16 -> float32) converts its input first.
+    wide = torch.float64 if values.dtype == torch.float64 else torch.float32
+    if all(math.isfinite(float(values[s:s + CPU_BLOCK].sum(dtype=wide)))
+           for s in range(0, values.numel(), CPU_BLOCK)):
+        return None
     finite = torch.isfinite(values)
     if bool(finite.all()):
         return None
@@ -43,8 +56,12 @@ class ChunkKernel:
 
     def __init__(self, compute_dtype: str, capacity: int, device: str | torch.device = "cpu"):
         self.dtype = COMPUTE_DTYPES[compute_dtype]
-        self._diff = torch.empty(capacity, dtype=self.dtype, device=device)
-        self._tmp = torch.empty(capacity, dtype=self.dtype, device=device)
+        # On a CPU the chunk goes through in cache-sized blocks: every pass of a block then reads
+        # what the previous pass left in cache instead of streaming the whole chunk from memory.
+        on_cpu = torch.device(device).type == "cpu"
+        self.block = max(1, min(capacity, CPU_BLOCK) if on_cpu else capacity)
+        self._diff = torch.empty(self.block, dtype=self.dtype, device=device)
+        self._tmp = torch.empty(self.block, dtype=self.dtype, device=device)
 
     def _as_compute(self, x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.dtype:
@@ -54,6 +71,13 @@ class ChunkKernel:
 
     def combine(self, t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, alpha: float,
                 out: torch.Tensor) -> None:
+        n = t.numel()
+        for s in range(0, n, self.block):
+            e = min(n, s + self.block)
+            self._combine(t[s:e], f[s:e], b[s:e], alpha, out[s:e])
+
+    def _combine(self, t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, alpha: float,
+                 out: torch.Tensor) -> None:
         n = t.numel()
         diff, tmp = self._diff[:n], self._tmp[:n]
         fc = self._as_compute(f, diff)

@@ -18,7 +18,7 @@ import torch
 
 from conftest import ulp, within_float32_contract
 from graft.engine.errors import NonFiniteError
-from graft.engine.kernel import ChunkKernel, check_finite, first_nonfinite
+from graft.engine.kernel import CPU_BLOCK, ChunkKernel, check_finite, first_nonfinite
 
 N = 20_000
 ALPHAS = (1.0, 0.5, -1.3)
@@ -207,3 +207,22 @@ def test_the_shared_float32_contract_allows_one_ulp_and_no_more():
     assert bool(within_float32_contract(t.clone(), t, f, b, 1.0).all())
     assert bool(within_float32_contract((t.double() + step).to(torch.bfloat16), t, f, b, 1.0).all())
     assert not bool(within_float32_contract((t.double() + 2 * step).to(torch.bfloat16), t, f, b, 1.0).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_first_nonfinite_is_exact_when_a_finite_sum_would_overflow(dtype):
+    # The fast path sums; a sum of huge finite values overflows, and that must not be reported.
+    big = torch.finfo(dtype).max
+    values = torch.full((CPU_BLOCK + 10,), big, dtype=dtype)
+    assert first_nonfinite(values) is None
+    values[CPU_BLOCK + 3] = float("nan")  # past the first block
+    assert first_nonfinite(values) == CPU_BLOCK + 3
+
+
+def test_kernel_blocks_give_the_same_bits_as_one_pass():
+    torch.manual_seed(11)
+    n = 3 * CPU_BLOCK + 123  # several blocks and a ragged tail
+    t, f, b = (torch.randn(n).to(torch.bfloat16) for _ in range(3))
+    out = torch.empty(n, dtype=torch.bfloat16)
+    ChunkKernel("float64", n).combine(t, f, b, -0.7, out)
+    assert torch.equal(out, (t.double() + -0.7 * (f.double() - b.double())).to(torch.bfloat16))

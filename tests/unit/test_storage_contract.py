@@ -288,3 +288,15 @@ def test_check_digest_accepts_the_right_hashes_and_names_the_file_otherwise():
         check_digest("hf://o/r@s/config.json", b"other", f"sha256:{hashlib.sha256(data).hexdigest()}")
     with pytest.raises(IntegrityError, match="git-sha1"):
         check_digest("f", b"other", f"git-sha1:{git}")
+
+
+def test_a_local_write_larger_than_the_writeback_step_round_trips(tmp_path):
+    # Past 64 MiB the local writer starts the kernel's writeback as it goes; the bytes must not care.
+    store = Storage(str(tmp_path))
+    piece = bytes(range(256)) * 4096  # 1 MiB
+    with store.writer("big.bin") as w:
+        for i in range(70):
+            w.write(piece[i:] + piece[:i])
+    with open(tmp_path / "big.bin", "rb") as f:
+        for i in range(70):
+            assert f.read(len(piece)) == piece[i:] + piece[:i]

@@ -1,0 +1,1 @@
+"""graft's benchmark: ``make bench`` (see bench/run.py, bench/NOTES.md)."""

@@ -1,0 +1,121 @@
+"""Benchmark inputs, generated once and cached under ``bench/data/`` (about 9 GB).
+
+- ``llama``: three TinyLlama-1.1B-shaped bf16 checkpoints (vocab 32000, hidden 2048, intermediate
+  5632, 22 layers, 32 heads, 4 KV heads; 1.1 B parameters, 2.2 GB each), written by the Hub's
+  sharded safetensors writer with different layouts: base and finetuned in 400 MB shards, target
+  in 700 MB shards. finetuned = base + noise, target = base + other noise.
+- ``big``: three checkpoints holding one 768 MiB bf16 tensor each (memory must not grow with it).
+
+Usage: ``python -m bench.data [--root bench/data]``; prints the directories.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+__all__ = ["LLAMA", "make_llama", "make_big", "ensure"]
+
+LLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+             num_attention_heads=32, num_key_value_heads=4)
+SHARDS = {"base": "400MB", "finetuned": "400MB", "target": "700MB"}
+BIG_SHAPE = (49152, 8192)  # 768 MiB of bf16
+_DONE = ".complete"
+
+
+def _shapes() -> dict[str, tuple[int, ...]]:
+    h, i, v = LLAMA["hidden_size"], LLAMA["intermediate_size"], LLAMA["vocab_size"]
+    kv = h // LLAMA["num_attention_heads"] * LLAMA["num_key_value_heads"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for n in range(LLAMA["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def _config() -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1,
+            "eos_token_id": 2, "initializer_range": 0.02, **LLAMA}
+
+
+def _save(sd: dict[str, torch.Tensor], path: str, shard: str) -> None:
+    from huggingface_hub import save_torch_state_dict
+
+    os.makedirs(path, exist_ok=True)
+    save_torch_state_dict(sd, path, max_shard_size=shard)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(_config(), f, indent=2)
+    open(os.path.join(path, _DONE), "w").close()
+
+
+def make_llama(root: str, seed: int = 0) -> dict[str, str]:
+    paths = {role: os.path.join(root, "llama", role) for role in SHARDS}
+    if all(os.path.exists(os.path.join(p, _DONE)) for p in paths.values()):
+        return paths
+    gen = torch.Generator().manual_seed(seed)
+    shapes = _shapes()
+    base = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            base[name] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            base[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+    _save(base, paths["base"], SHARDS["base"])
+    for role, scale in (("finetuned", 0.002), ("target", 0.001)):
+        sd = {}
+        for name, t in base.items():
+            noise = torch.randn(t.shape, generator=gen).mul_(scale)
+            sd[name] = noise.add_(t).to(torch.bfloat16)
+        _save(sd, paths[role], SHARDS[role])
+        del sd
+    return paths
+
+
+def make_big(root: str, seed: int = 1) -> dict[str, str]:
+    from safetensors.torch import save_file
+
+    paths = {role: os.path.join(root, "big", role) for role in SHARDS}
+    if all(os.path.exists(os.path.join(p, _DONE)) for p in paths.values()):
+        return paths
+    gen = torch.Generator().manual_seed(seed)
+    for role, path in paths.items():
+        os.makedirs(path, exist_ok=True)
+        t = torch.randn(BIG_SHAPE, generator=gen).mul_(0.02).to(torch.bfloat16)
+        save_file({"big.weight": t}, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        del t
+        open(os.path.join(path, _DONE), "w").close()
+    return paths
+
+
+def ensure(root: str) -> dict[str, dict[str, str]]:
+    """Both data sets under ``root``, generating what is missing."""
+    t0 = time.monotonic()
+    out = {"llama": make_llama(root), "big": make_big(root)}
+    took = time.monotonic() - t0
+    if took > 1:
+        print(f"bench data generated in {took:.0f} s under {root}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--root", default=os.path.join(os.path.dirname(__file__), "data"))
+    args = ap.parse_args()
+    print(json.dumps(ensure(args.root), indent=2))
+
+
+if __name__ == "__main__":
+    main()

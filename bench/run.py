@@ -1,0 +1,358 @@
+"""``make bench``: graft against the I/O floor, mergekit and a naive script, in one run on one machine.
+
+Every contender runs in a fresh process, several times after a warm-up read of its inputs; the
+table reports medians. Ratios are against numbers measured in this same run (machines are noisy).
+Writes bench/results.md, bench/results.json and bench/results.png.
+
+    python -m bench.run [--runs 3] [--quick]   # --quick: one run each, no mergekit / naive
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import psutil
+import yaml
+
+from bench.data import ensure
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROLES = ("target", "finetuned", "base")
+PY = sys.executable
+ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+ENV.pop("RAY_ADDRESS", None)
+
+
+@dataclass
+class Row:
+    name: str
+    job: str
+    seconds: list[float] = field(default_factory=list)
+    peak_rss: list[int] = field(default_factory=list)
+    bytes_read: list[int] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def input_files(paths: dict[str, str]) -> list[str]:
+    return sorted(f for p in paths.values() for f in glob.glob(os.path.join(p, "*.safetensors")))
+
+
+def warm(paths: dict[str, str]) -> None:
+    subprocess.run(["cat", *input_files(paths)], stdout=subprocess.DEVNULL, check=True)
+
+
+def clear(out: str) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(["sync"], check=True)
+
+
+def tree_peak(proc: subprocess.Popen, pick: Callable[[psutil.Process], bool]) -> Callable[[], int]:
+    """Poll the RSS of ``proc``'s process tree every 50 ms; returns a getter for the largest seen."""
+    peak = [0]
+
+    def poll() -> None:
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                procs = [root, *root.children(recursive=True)]
+                peak[0] = max([peak[0], *(p.memory_info().rss for p in procs if pick(p))])
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    return lambda: (t.join(), peak[0])[1]
+
+
+def floor(paths: dict[str, str], out_bytes: int, scratch: str) -> float:
+    """Read every input byte once (cat > /dev/null), then write the output's size once with a sync."""
+    target = os.path.join(scratch, "floor.bin")
+    t0 = time.perf_counter()
+    subprocess.run(["cat", *input_files(paths)], stdout=subprocess.DEVNULL, check=True)
+    mib = -(-out_bytes // 2**20)
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={mib}", "conv=fsync"],
+                   stderr=subprocess.DEVNULL, check=True)
+    seconds = time.perf_counter() - t0
+    os.remove(target)
+    return seconds
+
+
+def spec_file(paths: dict[str, str], out: str, scratch: str, **extra: object) -> str:
+    path = os.path.join(scratch, f"spec-{len(os.listdir(scratch))}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump({**paths, "output": out, **extra}, f)
+    return path
+
+
+def graft_local(row: Row, paths: dict[str, str], out: str, scratch: str, **extra: object) -> None:
+    clear(out)
+    r = subprocess.run([PY, "-m", "bench.one", "graft", spec_file(paths, out, scratch, **extra)],
+                       capture_output=True, text=True, env=ENV, check=True)
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    row.seconds.append(m["seconds"])
+    row.peak_rss.append(m["peak_rss"])
+    row.bytes_read.append(m["rchar"])
+
+
+def graft_ray(row: Row, paths: dict[str, str], out: str, scratch: str, workers: int) -> None:
+    clear(out)
+    cmd = [PY, "-m", "graft.cluster.cli", "run", spec_file(paths, out, scratch), "-q", "--executor", "ray",
+           "--workers", str(workers)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = tree_peak(proc, lambda p: "ShardWorker" in " ".join(p.cmdline()))
+    _, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"graft ray failed: {err[-2000:]}")
+    manifest = json.load(open(os.path.join(out, "graft.manifest.json")))
+    row.seconds.append(seconds)
+    row.peak_rss.append(peak())
+    row.bytes_read.append(manifest["run"]["bytes_read"])
+
+
+def ray_startup(workers: int) -> float:
+    """Ray's own start-up for this job's shape: a local Ray, ``workers`` shard actors that import the
+    engine and answer, then shutdown; no data moves."""
+    code = ("import ray; from graft.cluster.actors import ShardWorker; "
+            "ray.init(address='local', include_dashboard=False, num_cpus=2, "
+            "object_store_memory=128*2**20, logging_level='ERROR'); "
+            f"ws = [ShardWorker.remote({{}}, '/tmp', {{}}) for _ in range({workers})]; "
+            "ray.get([w.pid.remote() for w in ws]); ray.shutdown()")
+    t0 = time.perf_counter()
+    subprocess.run([PY, "-c", code], env=ENV, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def measured(row: Row, cmd: list[str], out: str) -> None:
+    """A command in its own process: wall time and the peak RSS of its largest process. (Bytes read
+    are not reported: mergekit and safetensors' load_file read through mmap, which rchar misses.)"""
+    clear(out)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = tree_peak(proc, lambda p: True)
+    _, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {err[-2000:]}")
+    row.seconds.append(seconds)
+    row.peak_rss.append(peak())
+
+
+def mergekit(row: Row, paths: dict[str, str], out: str, scratch: str, alpha: float = 1.0) -> None:
+    cfg = os.path.join(scratch, "mergekit.yaml")
+    with open(cfg, "w") as f:
+        yaml.safe_dump({
+            "merge_method": "linear",
+            "models": [{"model": paths["target"], "parameters": {"weight": 1.0}},
+                       {"model": paths["finetuned"], "parameters": {"weight": alpha}},
+                       {"model": paths["base"], "parameters": {"weight": -alpha}}],
+            "parameters": {"normalize": False},
+            "dtype": "float32",
+            "out_dtype": "bfloat16",
+        }, f)
+    exe = os.path.join(os.path.dirname(PY), "mergekit-yaml")
+    measured(row, [exe, cfg, out, "--no-cuda", "--lazy-unpickle", "--quiet", "--no-copy-tokenizer",
+                   "--no-write-model-card"], out)
+
+
+def s3_rows(paths: dict[str, str], scratch: str, runs: int) -> tuple[Row, Row]:
+    """Reads from a moto S3 server on 127.0.0.1: raw s3fs range reads vs a graft job, same bytes."""
+    import fsspec
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server._server.server_address  # noqa: SLF001 - moto has no public accessor
+    opts = {"endpoint_url": f"http://{host}:{port}", "key": "bench", "secret": "bench",
+            "client_kwargs": {"region_name": "us-east-1"}}
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **opts)
+    fs.call_s3("create_bucket", Bucket="bench")
+    s3 = {}
+    for role, path in paths.items():
+        for f in glob.glob(os.path.join(path, "*")):
+            with open(f, "rb") as src:
+                fs.pipe_file(f"bench/{role}/{os.path.basename(f)}", src.read())
+        s3[role] = f"s3://bench/{role}"
+    files = [f"bench/{role}/{os.path.basename(f)}" for role, p in paths.items() for f in input_files({role: p})]
+    sizes = {f: fs.size(f) for f in files}
+    total = sum(sizes.values())
+    raw, job = Row("s3fs range reads (raw)", "s3"), Row("graft, S3 inputs", "s3")
+    part = 2 * 2**20  # what graft asks for: 16 MiB chunks of float32 -> 8 MiB of bf16 in 4 parts
+    starts = [(f, a) for f in files for a in range(0, sizes[f], part)]
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for i in range(0, len(starts), 12):  # 12 in flight, as graft keeps for 3 inputs x 4 parts
+            batch = starts[i:i + 12]
+            fs.cat_ranges([f for f, _ in batch], [a for _, a in batch],
+                          [min(a + part, sizes[f]) for f, a in batch])
+        raw.seconds.append(time.perf_counter() - t0)
+        raw.bytes_read.append(total)
+        out = os.path.join(scratch, "s3-out")
+        graft_local(job, s3, out, scratch, storage_options={"s3": opts})
+        clear(out)
+    server.stop()
+    return raw, job
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="one run each; no mergekit, naive or S3")
+    args = ap.parse_args()
+    runs = 1 if args.quick else args.runs
+    data = ensure(os.path.join(HERE, "data"))
+    scratch = tempfile.mkdtemp(prefix="graft-bench-", dir=os.path.join(HERE, "data"))
+    out = os.path.join(scratch, "out")
+    llama, big = data["llama"], data["big"]
+    in_llama = sum(os.path.getsize(f) for f in input_files(llama))
+    out_llama = sum(os.path.getsize(f) for f in input_files({"t": llama["target"]}))
+    rows: list[Row] = []
+    floor_row = Row("I/O floor: cat inputs, write + sync output", "1.1B")
+    local = Row("graft --executor local (2 shards at once, the default)", "1.1B")
+    rays = {w: Row(f"graft --executor ray --workers {w}", "1.1B") for w in (1, 2)}
+    startup = {w: Row(f"Ray start-up: init, {w} actor(s) ready, shutdown", "1.1B") for w in (1, 2)}
+    merge, naive = Row("mergekit 0.1.5 linear", "1.1B"), Row("naive: 3 state dicts in memory, float64", "1.1B")
+    big_local = Row("graft --executor local, one 768 MiB tensor", "768MiB")
+    print(f"inputs {in_llama / 1e9:.2f} GB, output {out_llama / 1e9:.2f} GB; {runs} run(s) each", flush=True)
+    warm(llama)
+    for i in range(runs):
+        floor_row.seconds.append(floor(llama, out_llama, scratch))
+        graft_local(local, llama, out, scratch)
+        for w, row in rays.items():
+            graft_ray(row, llama, out, scratch, w)
+        for w, row in startup.items():
+            row.seconds.append(ray_startup(w))
+        if not args.quick:
+            mergekit(merge, llama, out, scratch)
+            measured(naive, [PY, "-m", "bench.one", "naive", llama["target"], llama["finetuned"], llama["base"],
+                             out], out)
+        print(f"run {i + 1}: floor {floor_row.seconds[-1]:.1f}s, local {local.seconds[-1]:.1f}s, "
+              f"ray {rays[1].seconds[-1]:.1f}/{rays[2].seconds[-1]:.1f}s"
+              + ("" if args.quick else f", mergekit {merge.seconds[-1]:.1f}s, naive {naive.seconds[-1]:.1f}s"),
+              flush=True)
+    warm(big)
+    in_big = sum(os.path.getsize(f) for f in input_files(big))
+    for _ in range(runs):
+        graft_local(big_local, big, out, scratch)
+    rows = [floor_row, local, rays[1], rays[2], startup[1], startup[2]] + ([] if args.quick else [merge, naive]) + [big_local]
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "runs": runs,
+               "input_bytes": {"1.1B": in_llama, "768MiB": in_big}, "output_bytes": out_llama,
+               "rows": [r.__dict__ for r in rows]}
+    if not args.quick:
+        raw, job = s3_rows(big, scratch, runs)
+        results["rows"] += [raw.__dict__, job.__dict__]
+        rows += [raw, job]
+    shutil.rmtree(scratch, ignore_errors=True)
+    write_results(rows, results, in_llama, in_big)
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+    return (f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int) -> None:
+    by = {r.name: r for r in rows}
+    floor_s = by["I/O floor: cat inputs, write + sync output"].median
+
+    merge = by.get("mergekit 0.1.5 linear")
+    lines = [
+        f"# graft benchmark ({results['date']})",
+        "",
+        f"{results['machine']}; warm page cache; median of {results['runs']} run(s) each, all in one "
+        f"`make bench` run. 1.1B job: three TinyLlama-1.1B-shaped bf16 checkpoints "
+        f"({in_llama / 1e9:.2f} GB of inputs, {results['output_bytes'] / 1e9:.2f} GB written). "
+        f"768 MiB job: one 768 MiB tensor per checkpoint ({in_big / 1e9:.2f} GB of inputs).",
+        "",
+        "| contender | job | wall (s) | × floor | speed-up vs mergekit | peak RSS (MB) | bytes read ÷ input |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.job == "s3":
+            continue
+        if "--workers" in r.name:
+            w = r.name.rsplit(" ", 1)[1]
+            up = by[f"Ray start-up: init, {w} actor(s) ready, shutdown"].median
+            ratio = f"{r.median / (floor_s + up):.2f} of floor + start-up"
+        elif r.job == "1.1B" and "start-up" not in r.name:
+            ratio = f"{r.median / floor_s:.2f}"
+        else:
+            ratio = ""
+        speed = (f"{merge.median / r.median:.1f}×" if merge and r.job == "1.1B" and "floor" not in r.name
+                 and "start-up" not in r.name else "")
+        rss = f"{statistics.median(r.peak_rss) / 1e6:.0f}" if r.peak_rss else ""
+        inb = in_llama if r.job == "1.1B" else in_big
+        read = f"{statistics.median(r.bytes_read) / inb:.3f}" if r.bytes_read else ""
+        lines.append(f"| {r.name} | {r.job} | {r.median:.2f} | {ratio} "
+                     f"| {speed} | {rss} | {read} |")
+    s3 = [r for r in rows if r.job == "s3"]
+    if s3:
+        raw, job = s3
+        total = raw.bytes_read[0]
+        raw_tp, job_tp = total / raw.median, total / job.median
+        lines += ["", "S3 (moto server on 127.0.0.1, the 768 MiB job's three inputs): read throughput",
+                  "", "| reader | wall (s) | MB/s | vs raw |", "|---|---:|---:|---:|",
+                  f"| {raw.name} | {raw.median:.2f} | {raw_tp / 1e6:.0f} | 1.00 |",
+                  f"| {job.name} (whole job: read, compute, write) | {job.median:.2f} | {job_tp / 1e6:.0f} "
+                  f"| {job_tp / raw_tp:.2f} |"]
+    lines += ["", "Peak RSS: the largest single process (for Ray, the largest shard worker). Bytes read: "
+              "`rchar` of the process (every system-call read, headers and configs included) for graft "
+              "local; graft's own count for Ray; not measurable for mergekit and naive, which read "
+              "through mmap. Ray rows are compared with the floor plus Ray's own start-up for the same "
+              "number of actors (the start-up rows).", ""]
+    with open(os.path.join(HERE, "results.md"), "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(HERE, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    chart(rows, floor_s)
+    print("\n".join(lines))
+
+
+def chart(rows: list[Row], floor_s: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r.job == "1.1B" and "start-up" not in r.name]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(shown) + 1.2))
+    names = [r.name for r in shown][::-1]
+    values = [r.median for r in shown][::-1]
+    colors = ["#2b7bb9" if n.startswith("graft") else "#999999" for n in names]
+    ax.barh(names, values, color=colors)
+    ax.axvline(floor_s, color="black", linestyle="--", linewidth=1)
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.1f}s", va="center", fontsize=8)
+    ax.set_xlabel("wall time, seconds (1.1B bf16 transfer; dashed: I/O floor)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "results.png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()
