@@ -5,6 +5,9 @@
   sharded safetensors writer with different layouts: base and finetuned in 400 MB shards, target
   in 700 MB shards. finetuned = base + noise, target = base + other noise.
 - ``big``: three checkpoints holding one 768 MiB bf16 tensor each (memory must not grow with it).
+- ``s3``: three small checkpoints (16 tensors of 8 MiB each, one per shard file) for the S3 row.
+  moto answers every range request by reading the whole object, so its cost per request grows with
+  the object's size; small objects keep the server from dominating what is compared.
 
 Usage: ``python -m bench.data [--root bench/data]``; prints the directories.
 """
@@ -17,12 +20,13 @@ import time
 
 import torch
 
-__all__ = ["LLAMA", "make_llama", "make_big", "ensure"]
+__all__ = ["LLAMA", "make_llama", "make_big", "make_s3", "ensure"]
 
 LLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
              num_attention_heads=32, num_key_value_heads=4)
 SHARDS = {"base": "400MB", "finetuned": "400MB", "target": "700MB"}
 BIG_SHAPE = (49152, 8192)  # 768 MiB of bf16
+S3_TENSORS, S3_SHAPE = 16, (2048, 2048)  # 8 MiB of bf16 each
 _DONE = ".complete"
 
 
@@ -100,10 +104,30 @@ def make_big(root: str, seed: int = 1) -> dict[str, str]:
     return paths
 
 
+def make_s3(root: str, seed: int = 2) -> dict[str, str]:
+    from safetensors.torch import save_file
+
+    paths = {role: os.path.join(root, "s3", role) for role in SHARDS}
+    if all(os.path.exists(os.path.join(p, _DONE)) for p in paths.values()):
+        return paths
+    gen = torch.Generator().manual_seed(seed)
+    for role, path in paths.items():
+        os.makedirs(path, exist_ok=True)
+        names, weight_map = [f"model-{i + 1:05d}-of-{S3_TENSORS:05d}.safetensors" for i in range(S3_TENSORS)], {}
+        for i, name in enumerate(names):
+            t = torch.randn(S3_SHAPE, generator=gen).mul_(0.02).to(torch.bfloat16)
+            save_file({f"layers.{i}.weight": t}, os.path.join(path, name), metadata={"format": "pt"})
+            weight_map[f"layers.{i}.weight"] = name
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+        open(os.path.join(path, _DONE), "w").close()
+    return paths
+
+
 def ensure(root: str) -> dict[str, dict[str, str]]:
-    """Both data sets under ``root``, generating what is missing."""
+    """The data sets under ``root``, generating what is missing."""
     t0 = time.monotonic()
-    out = {"llama": make_llama(root), "big": make_big(root)}
+    out = {"llama": make_llama(root), "big": make_big(root), "s3": make_s3(root)}
     took = time.monotonic() - t0
     if took > 1:
         print(f"bench data generated in {took:.0f} s under {root}", flush=True)

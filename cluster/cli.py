@@ -119,7 +119,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             from .driver import RayOptions, run_ray  # Ray is imported only when used
 
-            opts = RayOptions(address=args.address, workers=args.workers,
+            opts = RayOptions(address=args.address, workers=args.workers, shards_per_worker=args.shards_per_worker,
                               cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
             result = run_ray(job, opts, on_progress=update, log=_log, on_shard=on_shard)
     finally:
@@ -257,7 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else start a private local Ray)")
     r.add_argument("--workers", type=int, default=None,
-                   help="shards processed at once (ray: as many as the cluster's CPUs fit; local: 2)")
+                   help="ray: shard actors (default: as many as the cluster's CPUs fit); local: shards "
+                        "processed at once (default 2)")
+    r.add_argument("--shards-per-worker", type=int, default=2,
+                   help="ray: shards each actor runs at once (1..8, default 2)")
     r.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per shard actor")
     r.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="Ray GPUs per shard actor; > 0 runs the arithmetic on CUDA")

@@ -1,8 +1,8 @@
 """The Ray driver: plan on the driver, run one task per output shard on ShardWorker actors, commit.
 
 Order of work (the engine's, see ``graft.engine.job``): prepare the job (headers only) -> open the
-output session -> start actors -> submit shard tasks with at most one in flight per actor -> on a
-worker's death, replace it and run its shard again -> commit on the driver (index, SHA256SUMS,
+output session -> start actors -> submit shard tasks, at most ``shards_per_worker`` in flight per
+actor -> on a worker's death, replace it and run its shards again -> commit on the driver (index, SHA256SUMS,
 manifest last). On any other failure, or Ctrl-C, the actors are killed *before* the output is rolled
 back, so no shard can land after the rollback.
 """
@@ -17,12 +17,12 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 
-from graft.engine.errors import GraftError
+from graft.engine.errors import GraftError, SpecError
 from graft.engine.job import Job, OutputSession
 from graft.engine.local import RunResult
 from graft.engine.planner import ShardTask
 
-from .actors import ShardWorker
+from .actors import MAX_SHARDS, ShardWorker
 
 __all__ = ["RayOptions", "ShardFailedError", "run_ray", "connect"]
 
@@ -45,6 +45,13 @@ class RayOptions:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_attempts: int = 3
+    # Shards each actor runs at once: one shard's reads overlap another's compute, hashing and fsync.
+    shards_per_worker: int = 2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shards_per_worker <= MAX_SHARDS:
+            raise SpecError(f"shards_per_worker (--shards-per-worker) must be 1 to {MAX_SHARDS}, got "
+                            f"{self.shards_per_worker}")
 
 
 def connect(address: str | None) -> bool:
@@ -120,7 +127,9 @@ class _WorkerPool:
         self._ctor = ({role: c.storage.uri for role, c in job.checkpoints.items()},
                       session.storage.uri, job.spec.storage_options, opts.gpus_per_worker > 0)
         self.actors = [self._new_actor() for _ in range(self.size)]
-        self.in_flight: dict[ray.ObjectRef, tuple[int, ShardTask]] = {}
+        # ref -> (slot, the actor it was sent to, task); the actor tells a dead slot's first loss
+        # (replace it) from the losses of its other tasks (already replaced).
+        self.in_flight: dict[ray.ObjectRef, tuple[int, Any, ShardTask]] = {}
         # Replacement actors join the idle pool only once they answer: if the cluster lost the
         # capacity to place one, the surviving workers take all remaining shards instead of shards
         # queueing forever on an actor that never starts.
@@ -135,14 +144,17 @@ class _WorkerPool:
         """Run every pending shard, recording each in ``session`` as it commits."""
         pending: deque[ShardTask] = deque(session.pending)
         attempts = {t.file: 0 for t in pending}
-        idle = list(range(self.size))
+        lanes = self.opts.shards_per_worker
+        # One entry per free lane, interleaved so that the first tasks spread over all actors.
+        idle: deque[int] = deque(slot for _ in range(lanes) for slot in range(self.size))
         finished_bytes = reported = 0
         stalled_since: float | None = None
         while pending or self.in_flight:
             while pending and idle:
-                slot, task = idle.pop(), pending.popleft()
+                slot, task = idle.popleft(), pending.popleft()
                 attempts[task.file] += 1
-                self.in_flight[self.actors[slot].run.remote(task)] = (slot, task)
+                actor = self.actors[slot]
+                self.in_flight[actor.run.remote(task)] = (slot, actor, task)
             if self.in_flight or not self.starting:
                 stalled_since = None
             elif stalled_since is None:
@@ -156,11 +168,11 @@ class _WorkerPool:
                     slot = self.starting.pop(ref)
                     try:
                         ray.get(ref)
-                        idle.append(slot)
+                        idle.extend([slot] * lanes)
                     except (RayActorError, WorkerCrashedError):
                         self._replace(slot)
                     continue
-                slot, task = self.in_flight.pop(ref)
+                slot, actor, task = self.in_flight.pop(ref)
                 try:
                     result = ray.get(ref)
                 except RayTaskError as e:
@@ -177,7 +189,9 @@ class _WorkerPool:
                         ) from None
                     log(f"worker for {task.file} died ({e.__class__.__name__}); running it again")
                     on_shard("retried")
-                    self._replace(slot)
+                    if self.actors[slot] is actor:  # the first of its tasks to report the loss
+                        idle = deque(s for s in idle if s != slot)
+                        self._replace(slot)
                     pending.appendleft(task)
                     continue
                 session.record(result)
@@ -195,15 +209,18 @@ class _WorkerPool:
         self.starting[self.actors[slot].pid.remote()] = slot
 
     def _live_progress(self) -> int:
-        asks = [(self.actors[slot].progress.remote(), task.file) for slot, task in self.in_flight.values()]
+        files: dict[int, tuple[Any, set[str]]] = {}
+        for _, actor, task in self.in_flight.values():
+            files.setdefault(id(actor), (actor, set()))[1].add(task.file)
+        asks = [(actor.progress.remote(), mine) for actor, mine in files.values()]
         total = 0
-        for ref, file in asks:
+        for ref, mine in asks:
             try:
-                running, done = ray.get(ref, timeout=_POLL_SECONDS)
+                running = ray.get(ref, timeout=_POLL_SECONDS)
             except (GetTimeoutError, RayActorError, WorkerCrashedError):
                 continue  # a dying worker's progress no longer counts
-            if running == file:  # not yet started: the count still belongs to its previous shard
-                total += done
+            # Only shards in flight count (a finished one is counted once, in finished_bytes).
+            total += sum(done for file, done in running.items() if file in mine)
         return total
 
     def kill_all(self) -> None:

@@ -19,7 +19,7 @@ __all__ = ["INDEX_NAME", "SINGLE_NAME", "TensorRef", "Checkpoint", "open_checkpo
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_HEADER_READERS = 8
+_HEADER_READERS = 16
 
 
 @dataclass(frozen=True)
@@ -96,14 +96,16 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
     if uri.endswith(".safetensors"):
         parent, _, fname = uri.rstrip("/").rpartition("/")
         storage = Storage(parent or "/", storage_options).pinned()
-        listing = storage.list()
+        known = storage.list_stats()
+        listing = list(known)
         if fname not in listing:
             raise CheckpointError(f"{uri}: no such file")
         shard_names = [fname]
         weight_map = None
     else:
         storage = Storage(uri, storage_options).pinned()
-        listing = storage.list()
+        known = storage.list_stats()
+        listing = list(known)
         if not listing:
             raise CheckpointError(f"{uri}: no such checkpoint directory, or it is empty")
         weight_map = None
@@ -136,14 +138,16 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
                 raise CheckpointError(f"{uri}: no .safetensors weights found (files: "
                                       f"{', '.join(listing[:5])}); point graft at a checkpoint directory")
 
-    stats = [storage.stat(s) for s in shard_names]
+    def stat_and_header(name: str) -> tuple[FileStat, Header]:
+        st = known[name] or storage.stat(name)
+        return st, read_header(storage, name, st.size, st.version)
 
-    def header_of(st: FileStat) -> Header:
-        return read_header(storage, st.name, st.size)
-
-    # Headers are independent small reads: overlap them (it matters on object stores).
-    with ThreadPoolExecutor(max_workers=min(_HEADER_READERS, len(stats))) as pool:
-        headers = dict(zip(shard_names, pool.map(header_of, stats)))
+    # Each shard's stat and header are small reads independent of the others': overlap them (on an
+    # object store each is a round trip).
+    with ThreadPoolExecutor(max_workers=min(_HEADER_READERS, len(shard_names))) as pool:
+        found = list(pool.map(stat_and_header, shard_names))
+    stats = [st for st, _ in found]
+    headers = {st.name: h for st, h in found}
 
     tensors: dict[str, TensorRef] = {}
     for shard in shard_names:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -50,8 +51,16 @@ class Job:
 
 def prepare_job(spec: JobSpec) -> Job:
     """Open the three checkpoints (headers only) and plan the job. Raises ``GraftError`` subclasses."""
-    checkpoints = {role: open_checkpoint(getattr(spec, role), spec.storage_options) for role in ROLES}
-    configs = {role: c.read_json("config.json") for role, c in checkpoints.items()}
+    def open_role(role: str) -> tuple[Checkpoint, Any]:
+        c = open_checkpoint(getattr(spec, role), spec.storage_options)
+        return c, c.read_json("config.json")
+
+    # The three are independent (listings, stats and headers: round trips on an object store), so
+    # they are opened at once; an error is reported for the first role in ROLES order that failed.
+    with ThreadPoolExecutor(max_workers=len(ROLES)) as pool:
+        opened = dict(zip(ROLES, pool.map(open_role, ROLES)))
+    checkpoints = {role: c for role, (c, _) in opened.items()}
+    configs = {role: config for role, (_, config) in opened.items()}
     return Job(spec, checkpoints, make_plan(spec, checkpoints, configs))
 
 

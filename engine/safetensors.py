@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 MAX_HEADER_BYTES = 100_000_000
+# The first read of a header asks for this much: typical headers (a few KB to tens of KB) fit in one
+# round trip; the data after a shorter header is read and dropped (at most 64 KiB per file).
+HEADER_PROBE = 64 * 1024
 
 # Byte-aligned dtypes of the safetensors format, with their sizes in bytes.
 DTYPE_SIZES: dict[str, int] = {
@@ -179,17 +182,24 @@ def parse_header(prefix: bytes, header: bytes, file_size: int, where: str) -> He
     return Header(where, file_size, data_start, tuple(entries), metadata)
 
 
-def read_header(storage: Storage, name: str, file_size: int) -> Header:
-    """Read and validate the header of ``name``: exactly 8 bytes, then exactly the header bytes."""
+def read_header(storage: Storage, name: str, file_size: int, version: str | None = None) -> Header:
+    """Read and validate the header of ``name``: the 8-byte length and the header it announces.
+
+    One read of the first ``HEADER_PROBE`` bytes usually holds both (one round trip on an object
+    store); a longer header costs one more read of exactly the rest. Never reads past the file or
+    more than the header cap. ``version`` pins the reads where the store can (``Storage.read``).
+    """
     where = storage.url(name)
     if file_size < 8:
         raise HeaderError(f"{where}: invalid safetensors header: file is {file_size} bytes, too short "
                           f"for the 8-byte header length; the file is corrupt or not safetensors")
-    prefix = storage.read(name, 0, 8)
-    (n,) = struct.unpack("<Q", prefix)
+    head = storage.read(name, 0, min(file_size, HEADER_PROBE), version=version)
+    (n,) = struct.unpack("<Q", head[:8])
     if n > MAX_HEADER_BYTES or 8 + n > file_size:
-        return parse_header(prefix, b"", file_size, where)  # raises with the precise reason
-    return parse_header(prefix, storage.read(name, 8, 8 + n), file_size, where)
+        return parse_header(head[:8], b"", file_size, where)  # raises with the precise reason
+    if 8 + n > len(head):
+        head += storage.read(name, len(head), 8 + n, version=version)
+    return parse_header(head[:8], head[8:8 + n], file_size, where)
 
 
 def build_header(

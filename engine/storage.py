@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import fsspec
+from fsspec.asyn import sync
 
 from .errors import IntegrityError, StorageError
 
@@ -142,21 +143,28 @@ class Storage:
 
     def list(self) -> list[str]:
         """Names of the files directly inside this directory (sorted; sub-directories left out)."""
+        return sorted(self._entries())
+
+    def list_stats(self) -> dict[str, FileStat | None]:
+        """The files directly inside this directory (sorted), each with its stat where the listing
+        carries the same size and version as ``stat`` would (local disk, S3: saves a request per
+        file on an object store), else ``None``: call ``stat``."""
+        entries = self._entries()
+        known = self.is_local or self.protocol in ("s3", "s3a")
+        return {name: self._stat_of(name, info) if known else None for name, info in sorted(entries.items())}
+
+    def _entries(self) -> dict[str, dict[str, Any]]:
         try:
             # refresh: other processes (shard workers) write here; a cached listing would be stale.
             entries = self.fs.ls(self.root, detail=True, refresh=True)
         except FileNotFoundError:
-            return []
+            return {}
         except NotADirectoryError:
-            return []
+            return {}
         except Exception as e:  # noqa: BLE001
             raise self._fail("", "list the directory", e) from e
-        names = []
-        for entry in entries:
-            if entry.get("type") == "directory":
-                continue
-            names.append(entry["name"].rstrip("/").rsplit("/", 1)[-1])
-        return sorted(names)
+        return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry
+                for entry in entries if entry.get("type") != "directory"}
 
     def stat(self, name: str) -> FileStat:
         try:
@@ -171,25 +179,47 @@ class Storage:
             raise
         except Exception as e:  # noqa: BLE001
             raise self._fail(name, "stat", e) from e
-        version = info.get("VersionId") or info.get("ETag") or info.get("etag") or info.get("generation")
+        return self._stat_of(name, info)
+
+    def _stat_of(self, name: str, info: Mapping[str, Any]) -> FileStat:
+        # The ETag first: a listing carries it too (a VersionId only comes with a HEAD), and any change
+        # of content changes it.
+        version = info.get("ETag") or info.get("etag") or info.get("VersionId") or info.get("generation")
         if version is None and self.is_local and info.get("mtime") is not None:
             # Local files have no ETag; a rewrite changes the modification time.
             version = f"mtime:{info['mtime']!r}"
         return FileStat(name=name, size=int(info["size"]), version=str(version).strip('"') if version else None)
 
-    def read(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
-        """Bytes ``[start, end)`` of ``name`` (the whole file by default), exactly that many."""
+    @property
+    def pins_reads(self) -> bool:
+        """Whether ``read(..., version=...)`` makes the store refuse a read of any other version (S3:
+        each range request carries ``If-Match: <ETag>``)."""
+        return self.protocol in ("s3", "s3a")
+
+    def read(self, name: str, start: int | None = None, end: int | None = None,
+             version: str | None = None) -> bytes:
+        """Bytes ``[start, end)`` of ``name`` (the whole file by default), exactly that many.
+
+        With ``version`` (from ``stat``) on a store that ``pins_reads``, a ranged read of any other
+        version fails with ``IntegrityError`` instead of returning its bytes."""
         if start is not None and end is not None and end <= start:
             return b""  # an empty HTTP range is invalid: S3 would answer with the whole object
         whole = start is None and end is None
         expected = self.stat(name).digest if whole and self.is_hub else None
         try:
-            # The Hub's file objects cache read-ahead blocks by default: ask for exactly the range.
-            extra = {"cache_type": "none"} if self.is_hub else {}
-            data = self.fs.cat_file(self.path(name), start=start, end=end, **extra)
+            if version is not None and self.pins_reads and start is not None and end is not None:
+                data = sync(self.fs.loop, self._s3_get_if_match, name, start, end, version)
+            else:
+                # The Hub's file objects cache read-ahead blocks by default: ask for exactly the range.
+                extra = {"cache_type": "none"} if self.is_hub else {}
+                data = self.fs.cat_file(self.path(name), start=start, end=end, **extra)
         except FileNotFoundError:
             raise StorageError(f"{self.url(name)}: no such file") from None
         except Exception as e:  # noqa: BLE001
+            if _precondition_failed(e):
+                raise IntegrityError(f"{self.url(name)}: changed during the run (its ETag is no longer "
+                                     f"{version}); nothing read from it was committed, run the job again "
+                                     f"to use the new version") from None
             if end is not None and self._ends_before(name, end):
                 raise self._short(name, start, end, None) from None
             raise self._fail(name, f"read bytes {start}..{end}", e) from e
@@ -198,6 +228,15 @@ class Storage:
         if expected is not None:
             check_digest(self.url(name), data, expected)
         return data
+
+    async def _s3_get_if_match(self, name: str, start: int, end: int, etag: str) -> bytes:
+        bucket, key, _ = self.fs.split_path(self.path(name))
+        resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                                      IfMatch=f'"{etag}"')
+        try:
+            return await resp["Body"].read()
+        finally:
+            resp["Body"].close()
 
     def _ends_before(self, name: str, end: int) -> bool:
         # Object stores refuse a range past the end ("not satisfiable") instead of returning less.
@@ -211,15 +250,16 @@ class Storage:
         return IntegrityError(f"{self.url(name)}: asked for bytes {start}..{end} but {what}; the file "
                               f"is shorter than its header says or changed during the run")
 
-    def reader(self, name: str, concurrency: int = 1) -> RangeReader:
+    def reader(self, name: str, concurrency: int = 1, version: str | None = None) -> RangeReader:
         """A reader for byte ranges of ``name``; close it (or use ``with``) when done.
 
         On remote stores a range is split into up to ``concurrency`` parts fetched at once (each
-        an HTTP range request); local files are read with one ``preadv``.
+        an HTTP range request), each pinned to ``version`` where the store ``pins_reads``; local
+        files are read with one ``preadv``.
         """
         if self.is_local:
             return _LocalRangeReader(self, name)
-        return _FsspecRangeReader(self, name, concurrency)
+        return _FsspecRangeReader(self, name, concurrency, version)
 
     def writer(self, name: str) -> AtomicWriter:
         """A writer whose bytes become visible at ``name`` only on ``commit()``."""
@@ -269,6 +309,15 @@ class Storage:
             self.fs.makedirs(self.root, exist_ok=True)
         except Exception as e:  # noqa: BLE001
             raise self._fail("", "create the directory", e) from e
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """An S3 412 (s3fs raises it as an OSError caused by botocore's ClientError)."""
+    for err in (e, e.__cause__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") == "PreconditionFailed":
+            return True
+    return False
 
 
 class RangeReader:
@@ -331,14 +380,15 @@ class _FsspecRangeReader(RangeReader):
     # Parts smaller than this cost more in request overhead than they gain in parallelism.
     MIN_PART = 1 << 20
 
-    def __init__(self, storage: Storage, name: str, concurrency: int = 1):
+    def __init__(self, storage: Storage, name: str, concurrency: int = 1, version: str | None = None):
         super().__init__(storage, name)
         self.concurrency = max(1, concurrency)
+        self.version = version
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def _fetch(self, offset: int, buf: memoryview) -> None:
-        buf[:] = self.storage.read(self.name, offset, offset + len(buf))
+        buf[:] = self.storage.read(self.name, offset, offset + len(buf), version=self.version)
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         n = len(buf)

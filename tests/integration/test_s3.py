@@ -141,3 +141,47 @@ def test_an_s3_input_replaced_during_the_run_is_refused(s3_server, tiny_checkpoi
     with pytest.raises(IntegrityError, match="changed during the run"):
         bg.outcome()
     assert os.listdir(out) == []
+
+
+def test_every_s3_read_is_pinned_to_the_etag_seen_when_planned(s3_server):
+    from graft.engine.errors import IntegrityError
+    from graft.engine.storage import Storage
+
+    bucket = new_bucket(s3_server)
+    fs = fsspec.filesystem("s3", **s3_server["s3"])
+    key = f"{bucket.removeprefix('s3://')}/d/a.bin"
+    fs.pipe_file(key, bytes(range(256)) * 16)
+    storage = Storage(f"{bucket}/d", s3_server)
+    planned = storage.stat("a.bin")
+    assert storage.list_stats() == {"a.bin": planned}  # the listing gives the same version as a HEAD
+    assert storage.read("a.bin", 16, 32, version=planned.version) == bytes(range(16, 32))
+
+    fs.pipe_file(key, bytes(255 - b for b in range(256)) * 16)  # new content under the same key
+    with pytest.raises(IntegrityError, match=r"a\.bin: changed during the run \(its ETag is no longer"):
+        storage.read("a.bin", 16, 32, version=planned.version)
+    buf = bytearray(4 << 20)  # several parts in flight: every one of them is pinned
+    fs.pipe_file(key, bytes(len(buf)))
+    with storage.reader("a.bin", 4, planned.version) as r, pytest.raises(IntegrityError, match="a.bin"):
+        r.read_into(0, memoryview(buf))
+    assert storage.read("a.bin", 16, 32) == bytes(16)  # unpinned reads see the new content
+
+
+def test_an_s3_input_rewritten_after_planning_is_refused_at_its_first_read(s3_server, s3_inputs, tmp_path):
+    from graft.engine.errors import IntegrityError
+
+    fs = fsspec.filesystem("s3", **s3_server["s3"])
+    src = s3_inputs["base"].removeprefix("s3://")
+    bucket = new_bucket(s3_server)
+    for p in fs.ls(src, detail=False):
+        fs.copy(p, f"{bucket.removeprefix('s3://')}/base/{p.rsplit('/', 1)[-1]}")
+    inputs = {**s3_inputs, "base": f"{bucket}/base"}
+    out = str(tmp_path / "out")
+    planned = job(inputs, out, s3_server)
+    shard = planned.plan.shards[0].tensors[0].base.file
+    key = f"{bucket.removeprefix('s3://')}/base/{shard}"
+    data = bytearray(fs.cat_file(key))
+    data[-1] ^= 0xFF
+    fs.pipe_file(key, bytes(data))
+    with pytest.raises(IntegrityError, match=rf"{shard}: changed during the run \(its ETag is no longer"):
+        run_local(planned)
+    assert not os.path.exists(out) or os.listdir(out) == []
