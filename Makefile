@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast fuzz bench clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q tests/unit
+
+# The header and index fuzz tests with many more examples than `make test` runs (minutes, not seconds).
+fuzz: install
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/unit/test_fuzz_headers.py
 
 $(BENCH_STAMP): pyproject.toml
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)

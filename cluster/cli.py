@@ -8,14 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable, Sequence, TextIO
 
 from graft.engine import __version__
 from graft.engine.checkpoint import open_checkpoint
-from graft.engine.errors import GraftError, PlanError
+from graft.engine.errors import GraftError, Interrupted, PlanError, Terminated
 from graft.engine.job import OutputSession, prepare_job
 from graft.engine.local import run_local
 from graft.engine.manifest import verify_output
@@ -23,7 +25,7 @@ from graft.engine.spec import apply_overrides, load_spec
 
 __all__ = ["main", "Progress"]
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 # Shards in flight on the local executor: a second one overlaps the first's fsync and pipeline
 # drain (measured in bench/NOTES.md) for about 90 MB more memory.
 LOCAL_WORKERS = 2
@@ -311,9 +313,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_sigterm_seen = threading.Event()
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # Remembered apart from the exception: code it passes through (Ray's) may re-raise it as a plain
+    # KeyboardInterrupt.
+    _sigterm_seen.set()
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.func
+    # SIGTERM (a scheduler stopping the job, `kill`) stops a run as cleanly as Ctrl-C does.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         return handler(args)
     except GraftError as e:
@@ -321,15 +336,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"graft: error: {e}", file=sys.stderr)
         return EXIT_FAIL
-    except KeyboardInterrupt:
-        print("graft: interrupted; nothing was committed, run the same command again", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        term = _sigterm_seen.is_set() or isinstance(e, Terminated) or getattr(e, "terminated", False)
+        how = "terminated (SIGTERM)" if term else "interrupted"
+        if isinstance(e, Interrupted):
+            print(f"graft: {how}: {e.kept} of {e.total} shard(s) are committed and kept in {e.output}; "
+                  f"run the same command again to resume", file=sys.stderr)
+        else:
+            print(f"graft: {how} before any output was committed; run the same command again",
+                  file=sys.stderr)
+        return EXIT_TERMINATED if term else EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - last resort: still one line, traceback on request
         if args.debug:
             traceback.print_exc()
         print(f"graft: internal error: {e.__class__.__name__}: {e} (rerun with --debug for the "
               f"traceback and report it)", file=sys.stderr)
         return EXIT_FAIL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

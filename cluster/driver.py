@@ -9,6 +9,8 @@ back, so no shard can land after the rollback.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -99,21 +101,32 @@ def run_ray(
     started_here = False
     pool: _WorkerPool | None = None
     try:
+        sigterm = signal.getsignal(signal.SIGTERM) if _in_main_thread() else None
         started_here = connect(opts.address)
+        if callable(sigterm):
+            # ray.init installs its own SIGTERM handler (it exits at once); keep the caller's, e.g.
+            # the CLI's, which stops the run cleanly.
+            signal.signal(signal.SIGTERM, sigterm)
         pool = _WorkerPool(job, session, opts)
         pool.run_all(session, on_progress, log, on_shard or (lambda event: None))
         pool.kill_all()
         manifest = session.commit(executor="ray", workers=pool.size, log=log)
-    except BaseException:
+    except BaseException as e:
         if pool is not None:
-            pool.kill_all()  # before the rollback, so no shard can land after it
-        session.rollback()
-        raise
+            pool.kill_all()  # before the rollback or suspend, so no shard can land after it
+        raised = session.stop(e)  # Ctrl-C / SIGTERM: kept for a resume; otherwise rolled back
+        if raised is e:
+            raise
+        raise raised from None
     finally:
         if started_here:
             ray.shutdown()
     return RunResult(session.storage.uri, tuple(session.results[s.file] for s in job.plan.shards),
                      manifest)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 class _WorkerPool:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import CheckpointError, StorageError
-from .safetensors import Header, TensorEntry, read_header, strict_json_loads
+from .safetensors import MAX_HEADER_BYTES, Header, TensorEntry, read_header, strict_json_loads
 from .storage import FileStat, Storage
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "TensorRef", "Checkpoint", "open_checkpoint", "check_shard_name"]
@@ -20,6 +20,9 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _HEADER_READERS = 16
+# An index is read whole: a file this big is not one (the largest real indexes are a few MB), and
+# reading it would cost that much memory. Same cap as a safetensors header.
+MAX_INDEX_BYTES = MAX_HEADER_BYTES
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,13 @@ class Checkpoint:
         return sum(f.size for f in self.files)
 
     def read_json(self, name: str) -> Any | None:
-        """A side file parsed as JSON, or None if absent or unparsable."""
+        """A side file parsed as JSON, or None if absent or unparsable. A file that is listed but
+        cannot be read (the store failed, after retries) is an error, not a missing config."""
         if name not in self.side_files:
             return None
         try:
             return json.loads(self.storage.read(name))
-        except (ValueError, StorageError):
+        except ValueError:
             return None
 
 
@@ -111,6 +115,10 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
         weight_map = None
         if INDEX_NAME in listing:
             where = storage.url(INDEX_NAME)
+            size = (known[INDEX_NAME] or storage.stat(INDEX_NAME)).size
+            if size > MAX_INDEX_BYTES:
+                raise CheckpointError(f"{where}: {size} bytes, over the {MAX_INDEX_BYTES}-byte limit "
+                                      f"for an index; it is not a safetensors index, re-create it")
             index = _strict_json(storage.read(INDEX_NAME), where)
             wm = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(wm, dict) or not wm:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 __all__ = [
     "GraftError",
+    "Interrupted",
+    "Terminated",
     "SpecError",
     "StorageError",
     "HeaderError",
@@ -55,3 +57,16 @@ class NonFiniteError(GraftError):
 
 class OutputError(GraftError):
     """The output location cannot be used (already committed, or holds foreign files)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the CLI's handler: a run stops as it does on Ctrl-C."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM, its output left ready to resume: ``kept`` of ``total``
+    shards are committed and journaled at ``output``, temporaries removed; the same command resumes."""
+
+    def __init__(self, output: str, kept: int, total: int, terminated: bool):
+        super().__init__(f"{output}: interrupted with {kept} of {total} shard(s) kept")
+        self.output, self.kept, self.total, self.terminated = output, kept, total, terminated

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from .errors import GraftError, IntegrityError, OutputError
+from .errors import GraftError, IntegrityError, Interrupted, OutputError, Terminated
 from .execute import ShardResult
 from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, SUMS_NAME, OutputFile, format_sums, hash_file
 from .planner import ROLES, Plan, ShardTask, make_plan
@@ -223,6 +223,34 @@ class OutputSession:
     def _put(self, name: str, data: bytes) -> OutputFile:
         self.storage.write_bytes(name, data)
         return OutputFile(name, len(data), hashlib.sha256(data).hexdigest())
+
+    def stop(self, error: BaseException) -> BaseException:
+        """The run ended early with ``error``; returns what to raise. Ctrl-C or SIGTERM keeps what is
+        committed for a resume (``suspend``) and becomes ``Interrupted``; anything else rolls back."""
+        if isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted):
+            kept = self.suspend()
+            return Interrupted(self.storage.uri, kept, len(self.job.plan.shards), isinstance(error, Terminated))
+        self.rollback()
+        return error
+
+    def suspend(self) -> int:
+        """Keep the committed shards and their journal so the same command resumes; remove the
+        temporaries and whatever the commit step had begun to write. Returns the shards kept."""
+        if self.mark.lost:
+            self.mark.release(remove=False)
+            return 0  # the output belongs to the run that took it over
+        # Kept: the shards in the journal (the mark's own record of it, which is updated before the
+        # file is rewritten: the signal may land in the middle of that). A shard committed in the
+        # instant before the signal but not journaled goes, so what is left is what the next run keeps.
+        journaled = set(self.mark.shards)
+        for name in self.storage.list():
+            if TEMP_MARK in name or (name in self._planned_names(self.job) and name not in journaled):
+                try:
+                    self.storage.remove(name)
+                except Exception:  # noqa: BLE001 - best effort: the next run removes them too
+                    pass
+        self.mark.suspend()
+        return len(journaled)
 
     def rollback(self) -> list[str]:
         """Remove every file this run may have made visible, temporaries and the mark; best effort."""

@@ -76,7 +76,9 @@ def run_local(
                     f.cancel()
                 raise
         manifest = session.commit(executor="local", workers=workers, log=log)
-    except BaseException:
-        session.rollback()
-        raise
+    except BaseException as e:
+        raised = session.stop(e)  # Ctrl-C / SIGTERM: kept for a resume; otherwise rolled back
+        if raised is e:
+            raise
+        raise raised from None
     return RunResult(session.storage.uri, tuple(session.results[s.file] for s in job.plan.shards), manifest)

@@ -60,6 +60,8 @@ def _pid_alive(pid: int) -> bool:
 
 def is_stale(mark: dict[str, Any], now: float | None = None) -> bool:
     """True if the run that wrote ``mark`` is gone."""
+    if mark.get("interrupted") is True:
+        return True  # stopped by Ctrl-C / SIGTERM: its shards wait for the next run
     now = time.time() if now is None else now
     heartbeat = mark.get("heartbeat")
     if not isinstance(heartbeat, (int, float)) or now - heartbeat > STALE_AFTER_SECONDS:
@@ -87,7 +89,7 @@ class RunMark:
         self._thread: threading.Thread | None = None
         self.started = time.time()
 
-    def _content(self) -> bytes:
+    def _content(self, interrupted: bool = False) -> bytes:
         mark = {
             "graft_version": __version__,
             "token": self.token,
@@ -97,6 +99,7 @@ class RunMark:
             "heartbeat": time.time(),
             "fingerprint": self.fingerprint,
             "shards": self.shards,
+            **({"interrupted": True} if interrupted else {}),
         }
         return json.dumps(mark, indent=1).encode()
 
@@ -154,6 +157,16 @@ class RunMark:
                                   f"(this run's heartbeat was considered dead); stop one of them")
             self.shards[file] = {"size": size, "sha256": sha256}
             self._write()
+
+    def suspend(self) -> None:
+        """Stop the heartbeat and leave the journal for the next run, marked as interrupted (so that
+        run takes over at once instead of waiting for the heartbeat to go stale)."""
+        self._stop.set()
+        with self._lock:
+            if not self.lost and self._still_ours():
+                self.storage.write_bytes(RUN_MARK, self._content(interrupted=True))
+        if self._thread is not None:
+            self._thread.join(timeout=HEARTBEAT_SECONDS)
 
     def release(self, remove: bool = True) -> None:
         """Stop the heartbeat; remove the mark if it is still ours."""

@@ -6,8 +6,9 @@ optional ``"__metadata__"`` string map. Because every offset is in the header, a
 the layout can emit the header first and then stream the data: that is what ``ShardWriter`` does.
 
 The reader is at least as strict as the reference implementation: header length capped and inside
-the file, UTF-8 JSON object with no duplicate keys, known dtypes, ``shape x itemsize == end - begin``,
-data offsets contiguous from 0 with no gap or overlap, and data ending exactly at the end of the file.
+the file, UTF-8 JSON object with no duplicate keys, names and metadata that are valid Unicode, known
+dtypes, dimensions below 2**64, ``shape x itemsize == end - begin``, data offsets contiguous from 0 with
+no gap or overlap, and data ending exactly at the end of the file.
 """
 from __future__ import annotations
 
@@ -104,6 +105,34 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# The largest dimension the reference reader accepts (a Rust usize).
+_MAX_DIM = 2**64 - 1
+
+
+def _is_unicode(s: str) -> bool:
+    """False for a string holding a lone surrogate: JSON allows the escape ``\\ud800``, but such a name
+    cannot be written back as UTF-8, so the job would fail only when it writes its output."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _nbytes(shape: list[int], itemsize: int) -> int | None:
+    """``prod(shape) * itemsize``, or None once it is past ``_MAX_DIM`` (no file is that big): a
+    hostile shape of many huge dimensions would otherwise build an integer that takes minutes to
+    compute and has too many digits to print."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for d in shape:
+        n *= d
+        if n > _MAX_DIM:
+            return None
+    return n
+
+
 def parse_header(prefix: bytes, header: bytes, file_size: int, where: str) -> Header:
     """Validate the 8-byte length ``prefix`` and the JSON ``header`` of a file of ``file_size`` bytes.
 
@@ -143,18 +172,22 @@ def parse_header(prefix: bytes, header: bytes, file_size: int, where: str) -> He
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
             raise fail("__metadata__ must map strings to strings")
+        if not all(_is_unicode(k) and _is_unicode(v) for k, v in metadata.items()):
+            raise fail("__metadata__ holds a lone surrogate escape (\\ud800-\\udfff), which is not Unicode")
 
     data_start = 8 + n
     data_len = file_size - data_start
     entries: list[TensorEntry] = []
     for name, info in obj.items():
+        if not _is_unicode(name):
+            raise fail(f"tensor name {name!r} holds a lone surrogate escape, which is not Unicode")
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise fail(f"tensor {name!r} must have exactly the keys dtype, shape, data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise fail(f"tensor {name!r} has unknown dtype {dtype!r} "
                        f"(supported: {', '.join(DTYPE_SIZES)})")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= _MAX_DIM for d in shape):
             raise fail(f"tensor {name!r} has invalid shape {shape!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
@@ -163,9 +196,10 @@ def parse_header(prefix: bytes, header: bytes, file_size: int, where: str) -> He
         if end > data_len:
             raise fail(f"tensor {name!r} ends at data byte {end}, past the end of the file "
                        f"({data_len} data bytes)")
-        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        expected = _nbytes(shape, DTYPE_SIZES[dtype])
         if expected != end - begin:
-            raise fail(f"tensor {name!r}: shape {shape} x {dtype} is {expected} bytes but "
+            size = f"{expected} bytes" if expected is not None else f"more than {_MAX_DIM} bytes"
+            raise fail(f"tensor {name!r}: shape {shape} x {dtype} is {size} but "
                        f"data_offsets span {end - begin}")
         entries.append(TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end))
 
@@ -191,8 +225,7 @@ def read_header(storage: Storage, name: str, file_size: int, version: str | None
     """
     where = storage.url(name)
     if file_size < 8:
-        raise HeaderError(f"{where}: invalid safetensors header: file is {file_size} bytes, too short "
-                          f"for the 8-byte header length; the file is corrupt or not safetensors")
+        return parse_header(b"", b"", file_size, where)  # raises, as for any other short file
     head = storage.read(name, 0, min(file_size, HEADER_PROBE), version=version)
     (n,) = struct.unpack("<Q", head[:8])
     if n > MAX_HEADER_BYTES or 8 + n > file_size:

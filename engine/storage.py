@@ -8,29 +8,39 @@ A ``Storage`` is a directory (or key prefix) on one filesystem. Order of use:
 4. ``writer(name)``: an ``AtomicWriter``; nothing is visible at ``name`` until ``commit()``, and
    ``discard()`` (or an exception inside ``with``) leaves nothing behind.
 
+On remote stores, reads, stats, listings and removals that fail transiently (a dropped connection,
+a timeout, throttling, a short read; ``is_transient``) are retried with exponential backoff and
+jitter; writes are never retried (a failed write fails the file, which is discarded).
+
 Local paths take the same ``Storage`` class as remote URIs; only the innermost primitives (pread,
 fsync + rename) differ, so the tested code path is the one users run.
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import hashlib
 import os
+import random
 import re
 import sys
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import fsspec
 from fsspec.asyn import sync
 
-from .errors import IntegrityError, StorageError
+from .errors import GraftError, IntegrityError, StorageError
 
-__all__ = ["FileStat", "Storage", "RangeReader", "AtomicWriter", "TEMP_MARK", "check_digest"]
+__all__ = ["FileStat", "Storage", "RangeReader", "AtomicWriter", "TEMP_MARK", "check_digest",
+           "RETRY_ATTEMPTS", "RETRY_BASE_SECONDS", "RETRY_MAX_SECONDS", "is_transient"]
+
+_T = TypeVar("_T")
 
 # Temporary files carry this in their name so a later run can recognise and remove its leftovers.
 TEMP_MARK = ".graft-tmp-"
@@ -39,6 +49,13 @@ TEMP_MARK = ".graft-tmp-"
 # commit() (e.g. S3 completes the multipart upload) and discard() aborts it.
 _DEFERRED_COMMIT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
+
+# Remote stores drop connections, time out and throttle now and then. A read, stat or listing that
+# failed that way is tried again, up to RETRY_ATTEMPTS times in all, after a pause that doubles from
+# RETRY_BASE_SECONDS up to RETRY_MAX_SECONDS. Module-level so tests can make the pauses short.
+RETRY_ATTEMPTS = 5
+RETRY_BASE_SECONDS = 0.25
+RETRY_MAX_SECONDS = 8.0
 
 # S3 range reads in flight share one connection pool per filesystem (aiobotocore's default is 10);
 # graft sizes it to cover every part in flight (3 inputs x read_concurrency x shards per process).
@@ -87,6 +104,105 @@ def check_digest(where: str, data: bytes, expected: str) -> None:
                              f"read {got[:12]}...); the download was corrupted or the store serves "
                              f"other bytes than it lists, run again")
 
+# errno values of a dropped or stalled connection; retrying can help.
+_TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+                               errno.EAGAIN})
+# errno values of a full disk, bucket or quota; retrying cannot help.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# HTTP statuses of an overloaded or briefly failing server.
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# S3-style error codes of throttling and server-side failures (s3fs raises them as an OSError caused
+# by botocore's ClientError).
+_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                              "TooManyRequestsException", "ServiceUnavailable", "InternalError",
+                              "RequestTimeout", "500", "503"})
+# Connection and timeout errors of client libraries graft does not import, matched by module and by
+# the name of a class in the error's MRO (so a subclass matches too).
+_TRANSIENT_CLASSES = {
+    "aiohttp": {"ClientConnectionError", "ClientPayloadError"},
+    "botocore": {"HTTPClientError", "ConnectionError", "ReadTimeoutError", "ConnectTimeoutError",
+                 "ResponseStreamingError", "IncompleteReadError"},
+    "urllib3": {"ProtocolError", "TimeoutError", "NewConnectionError"},
+    "requests": {"ConnectionError", "Timeout", "ChunkedEncodingError"},
+    "httpx": {"TimeoutException", "NetworkError", "RemoteProtocolError"},
+    "http": {"IncompleteRead"},
+}
+# A failed TLS handshake or certificate check is a configuration problem, not a flaky network.
+_NEVER_TRANSIENT = re.compile(r"SSL|Certificate|Fingerprint")
+
+
+class _ShortRead(Exception):
+    """A remote store returned fewer bytes than asked although the file is long enough."""
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """``e`` and what caused it (libraries wrap the network error they hit)."""
+    seen: list[BaseException] = []
+    err: BaseException | None = e
+    while err is not None and len(seen) < 4 and not any(err is s for s in seen):
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
+
+
+def _http_status(err: BaseException) -> int | None:
+    for attr in ("status", "status_code", "code"):
+        value = getattr(err, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+            return value
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):  # botocore's ClientError
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    else:  # requests / httpx responses
+        status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _marked_transient(err: BaseException) -> bool:
+    if isinstance(err, (_ShortRead, ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+        return True
+    response = getattr(err, "response", None)
+    if isinstance(response, dict) and response.get("Error", {}).get("Code") in _TRANSIENT_CODES:
+        return True
+    if _http_status(err) in _TRANSIENT_STATUS:
+        return True
+    names = _TRANSIENT_CLASSES.get(type(err).__module__.split(".", 1)[0])
+    return bool(names) and any(c.__name__ in names for c in type(err).__mro__)
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether trying the same storage call again may succeed: a dropped connection, a timeout, a
+    throttled or failing server (HTTP 5xx, S3 SlowDown), a short read. A missing file, a refused
+    permission, a full disk or bucket, graft's own errors and anything unknown are permanent."""
+    if isinstance(e, (GraftError, FileNotFoundError, PermissionError, IsADirectoryError,
+                      NotADirectoryError)):
+        return False
+    chain = _chain(e)
+    if any((isinstance(err, OSError) and err.errno in _FULL_ERRNOS)
+           or _NEVER_TRANSIENT.search(type(err).__name__) for err in chain):
+        return False
+    return any(_marked_transient(err) for err in chain)
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (1-based): doubling from the base, capped,
+    times a random factor in [0.5, 1] so parallel readers that failed together do not retry in step."""
+    return min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, _ShortRead):
+        return f"short read ({e})"
+    text = _first_line(e)
+    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+
 
 class Storage:
     """A directory on an fsspec filesystem, addressed by plain file names inside it."""
@@ -133,13 +249,43 @@ class Storage:
         return f"{self.uri}/{name}"
 
     def _fail(self, name: str, action: str, e: BaseException) -> StorageError:
-        return StorageError(f"{self.url(name)}: cannot {action}: {e.__class__.__name__}: {e}")
+        return StorageError(f"{self.url(name)}: cannot {action}: {_describe(e)}")
+
+    def _write_failed(self, name: str, action: str, e: BaseException) -> StorageError:
+        """A write-side failure; a full disk or bucket says so instead of only quoting errno."""
+        err = self._fail(name, action, e)
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            where = "disk" if self.is_local else "disk or bucket"
+            return StorageError(f"{err}; the {where} is full (or over its quota): free some space "
+                                f"and run again")
+        return err
+
+    def _retry(self, name: str, action: str, op: Callable[[], _T]) -> _T:
+        """``op()``; on a remote store tried again after a growing pause while it fails with a
+        transient error (``is_transient``). Raises ``StorageError`` naming the file, or the
+        ``GraftError`` that ``op`` raised; local files get one attempt (the OS retries for them)."""
+        attempts = 1 if self.is_local else max(1, RETRY_ATTEMPTS)
+        attempt = 1
+        while True:
+            try:
+                return op()
+            except GraftError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every backend raises its own types
+                if not is_transient(e):
+                    raise self._fail(name, action, e) from e
+                if attempt >= attempts:
+                    if attempts == 1:
+                        raise self._fail(name, action, e) from e
+                    raise StorageError(f"{self.url(name)}: cannot {action}: failed after {attempts} "
+                                       f"attempts: {_describe(e)}; check the network or the store and "
+                                       f"run the same command again") from e
+            time.sleep(_backoff(attempt))
+            attempt += 1
 
     def exists(self, name: str = "") -> bool:
-        try:
-            return bool(self.fs.exists(self.path(name) if name else self.root))
-        except Exception as e:  # noqa: BLE001 - every backend raises its own types
-            raise self._fail(name, "check existence", e) from e
+        return self._retry(name, "check existence",
+                           lambda: bool(self.fs.exists(self.path(name) if name else self.root)))
 
     def list(self) -> list[str]:
         """Names of the files directly inside this directory (sorted; sub-directories left out)."""
@@ -154,32 +300,30 @@ class Storage:
         return {name: self._stat_of(name, info) if known else None for name, info in sorted(entries.items())}
 
     def _entries(self) -> dict[str, dict[str, Any]]:
-        try:
-            # refresh: other processes (shard workers) write here; a cached listing would be stale.
-            entries = self.fs.ls(self.root, detail=True, refresh=True)
-        except FileNotFoundError:
-            return {}
-        except NotADirectoryError:
-            return {}
-        except Exception as e:  # noqa: BLE001
-            raise self._fail("", "list the directory", e) from e
+        def ls() -> list[dict[str, Any]]:
+            try:
+                # refresh: other processes (shard workers) write here; a cached listing would be stale.
+                return self.fs.ls(self.root, detail=True, refresh=True)
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+
+        entries = self._retry("", "list the directory", ls)
         return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry
                 for entry in entries if entry.get("type") != "directory"}
 
     def stat(self, name: str) -> FileStat:
-        try:
-            if self.is_hub:
-                from .hub import stat_hub_file
+        def once() -> FileStat:
+            try:
+                if self.is_hub:
+                    from .hub import stat_hub_file
 
-                return stat_hub_file(self, name)
-            info = self.fs.info(self.path(name), refresh=True)
-        except FileNotFoundError:
-            raise StorageError(f"{self.url(name)}: no such file") from None
-        except StorageError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise self._fail(name, "stat", e) from e
-        return self._stat_of(name, info)
+                    return stat_hub_file(self, name)
+                info = self.fs.info(self.path(name), refresh=True)
+            except FileNotFoundError:
+                raise StorageError(f"{self.url(name)}: no such file") from None
+            return self._stat_of(name, info)
+
+        return self._retry(name, "stat", once)
 
     def _stat_of(self, name: str, info: Mapping[str, Any]) -> FileStat:
         # The ETag first: a listing carries it too (a VersionId only comes with a HEAD), and any change
@@ -201,11 +345,21 @@ class Storage:
         """Bytes ``[start, end)`` of ``name`` (the whole file by default), exactly that many.
 
         With ``version`` (from ``stat``) on a store that ``pins_reads``, a ranged read of any other
-        version fails with ``IntegrityError`` instead of returning its bytes."""
+        version fails with ``IntegrityError`` instead of returning its bytes. On a remote store a
+        dropped connection, a timeout, throttling or a short read is retried (``RETRY_ATTEMPTS``)."""
         if start is not None and end is not None and end <= start:
             return b""  # an empty HTTP range is invalid: S3 would answer with the whole object
         whole = start is None and end is None
         expected = self.stat(name).digest if whole and self.is_hub else None
+        data = self._retry(name, f"read bytes {start}..{end}",
+                           lambda: self._read_once(name, start, end, version))
+        if expected is not None:
+            check_digest(self.url(name), data, expected)
+        return data
+
+    def _read_once(self, name: str, start: int | None, end: int | None, version: str | None) -> bytes:
+        """One attempt of ``read``: raises a ``GraftError`` for what no retry can fix, the store's
+        own error for a failed request, ``_ShortRead`` for a short answer from a long enough file."""
         try:
             if version is not None and self.pins_reads and start is not None and end is not None:
                 data = sync(self.fs.loop, self._s3_get_if_match, name, start, end, version)
@@ -220,13 +374,15 @@ class Storage:
                 raise IntegrityError(f"{self.url(name)}: changed during the run (its ETag is no longer "
                                      f"{version}); nothing read from it was committed, run the job again "
                                      f"to use the new version") from None
-            if end is not None and self._ends_before(name, end):
+            if not is_transient(e) and end is not None and self._ends_before(name, end):
                 raise self._short(name, start, end, None) from None
-            raise self._fail(name, f"read bytes {start}..{end}", e) from e
+            raise
         if start is not None and end is not None and len(data) != end - start:
+            # A remote answer can end early (a connection closed mid-body); only a file that really
+            # is shorter is an integrity problem.
+            if not self.is_local and len(data) < end - start and not self._ends_before(name, end):
+                raise _ShortRead(f"got {len(data)} of {end - start} bytes")
             raise self._short(name, start, end, len(data))
-        if expected is not None:
-            check_digest(self.url(name), data, expected)
         return data
 
     async def _s3_get_if_match(self, name: str, start: int, end: int, etag: str) -> bytes:
@@ -295,20 +451,18 @@ class Storage:
             w.write(data)
 
     def remove(self, name: str) -> None:
-        """Remove ``name`` if it exists."""
-        try:
-            self.fs.rm_file(self.path(name))
-        except FileNotFoundError:
-            pass
-        except Exception as e:  # noqa: BLE001
-            raise self._fail(name, "remove", e) from e
+        """Remove ``name`` if it exists (a transient failure is retried: removing twice is harmless)."""
+        def rm() -> None:
+            try:
+                self.fs.rm_file(self.path(name))
+            except FileNotFoundError:
+                pass
+
+        self._retry(name, "remove", rm)
 
     def makedirs(self) -> None:
         """Create this directory if the filesystem has directories (object stores do not)."""
-        try:
-            self.fs.makedirs(self.root, exist_ok=True)
-        except Exception as e:  # noqa: BLE001
-            raise self._fail("", "create the directory", e) from e
+        self._retry("", "create the directory", lambda: self.fs.makedirs(self.root, exist_ok=True))
 
 
 def _precondition_failed(e: BaseException) -> bool:
@@ -505,10 +659,7 @@ class _LocalAtomicWriter(AtomicWriter):
             try:
                 n = os.write(self._fd, view)
             except OSError as e:
-                err = self.storage._fail(self.name, "write", e)
-                if e.errno == errno.ENOSPC:
-                    err = StorageError(f"{err}; free some disk space and run again")
-                raise err from e
+                raise self.storage._write_failed(self.name, "write", e) from e
             view = view[n:]
             self.bytes_written += n
         self._push_to_disk()
@@ -523,7 +674,7 @@ class _LocalAtomicWriter(AtomicWriter):
             # Also on KeyboardInterrupt: a temporary file must never outlive a failed commit.
             self.discard()
             if isinstance(e, OSError):
-                raise self.storage._fail(self.name, "commit", e) from e
+                raise self.storage._write_failed(self.name, "commit", e) from e
             raise
         self._done = True
         # The rename is durable only once the directory entry is on disk.
@@ -554,13 +705,15 @@ class _FsspecWriterBase(AtomicWriter):
         try:
             return self.storage.fs.open(path, "wb", **kwargs)
         except Exception as e:  # noqa: BLE001
-            raise self.storage._fail(self.name, "open for writing", e) from e
+            raise self.storage._write_failed(self.name, "open for writing", e) from e
 
     def write(self, data: bytes | memoryview) -> None:
+        # Not retried: after a failed write the store may hold part of the data, and only the
+        # writer's owner can start the file over; the shard fails and is discarded.
         try:
             self._f.write(data)
         except Exception as e:  # noqa: BLE001
-            raise self.storage._fail(self.name, "write", e) from e
+            raise self.storage._write_failed(self.name, "write", e) from e
         self.bytes_written += len(memoryview(data).cast("B"))
 
     def _publish(self) -> None:
@@ -574,7 +727,7 @@ class _FsspecWriterBase(AtomicWriter):
         except BaseException as e:
             self.discard()
             if isinstance(e, Exception):
-                raise self.storage._fail(self.name, "commit", e) from e
+                raise self.storage._write_failed(self.name, "commit", e) from e
             raise
         self._done = True
 

@@ -12,11 +12,21 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# Property-based tests (tests/unit/test_fuzz_headers.py): "ci" is what `make test` runs (6 properties x
+# 1000 examples, about 35 s here), "long" what `make fuzz` runs (20 times as many). No example
+# database: nothing is written into the checkout, and a failure prints the example and a
+# @reproduce_failure blob instead.
+settings.register_profile("ci", max_examples=1000, deadline=None, database=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("long", parent=settings.get_profile("ci"), max_examples=20000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def load_all(directory: str) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from conftest import shard_bytes
 from graft.cluster.cli import Progress
 
 GRAFT = [sys.executable, "-m", "graft.cluster.cli"]
@@ -171,29 +172,57 @@ def test_engine_never_imports_ray():
             assert "import ray" not in src and "from ray" not in src, name
 
 
-@pytest.mark.parametrize("executor", ["local", "ray"])
-def test_ctrl_c_exits_130_and_leaves_no_partial_output(tiny_checkpoints, tmp_path, executor):
-    # Two elements per chunk makes this tiny job take many seconds; interrupt once a shard is being
-    # written (its temporary file exists).
+@pytest.mark.parametrize("executor, sig, code", [("local", signal.SIGINT, 130), ("local", signal.SIGTERM, 143),
+                                                 ("ray", signal.SIGINT, 130), ("ray", signal.SIGTERM, 143)])
+def test_an_interrupted_run_keeps_its_shards_and_the_same_command_resumes_bit_identically(
+        tiny_checkpoints, tmp_path, executor, sig, code):
+    ref = tmp_path / "ref"
+    assert graft("run", _config_to(tmp_path, tiny_checkpoints, ref), "-q", "--executor", "local").returncode == 0
+    # Two elements per chunk makes this tiny job take many seconds; signal once a shard is committed
+    # (journaled in the run mark) and another is being written (its temporary file exists).
     cfg = write_config(tmp_path, tiny_checkpoints, chunk_size=8)
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("RAY_ADDRESS", None)
+    shards = [n for n in os.listdir(ref) if n.endswith(".safetensors")]
     # A shell's background job inherits SIGINT ignored; give graft the terminal default back.
     proc = subprocess.Popen([*GRAFT, "run", cfg, "-q", "--executor", executor], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.monotonic() + 120
-        while not (out.exists() and any(n.startswith(".model") and ".graft-tmp-" in n
-                                        for n in os.listdir(out))):
+        deadline = time.monotonic() + 180
+        while not (out.exists() and any(".graft-tmp-" in n for n in os.listdir(out))
+                   and _journaled(out)):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "run the same command again" in err
-    assert os.listdir(out) == []
+    assert proc.returncode == code, err
+    kept = sorted(n for n in os.listdir(out) if n in shards)
+    assert f"{len(kept)} of {len(shards)} shard(s) are committed and kept" in err, (err[-400:], os.listdir(out))
+    assert "run the same command again to resume" in err
+    assert ("SIGTERM" in err) == (sig == signal.SIGTERM)
+    assert kept and sorted(os.listdir(out)) == sorted([*kept, ".graft-run.json"])  # no temporaries
+    # The same command (faster chunks do not change the job) resumes at once and keeps those shards.
+    again = graft("run", cfg, "--set", "chunk_size=1MiB", "-q", "-v", "--executor", "local")
+    assert again.returncode == 0, again.stderr
+    assert f"resuming: keeping {len(kept)} shard(s)" in again.stderr
+    assert shard_bytes(str(out)) == shard_bytes(str(ref))
+    assert graft("verify", str(out)).returncode == 0
+
+
+def _journaled(out) -> list[str]:  # noqa: ANN001
+    """Shards the run mark lists as committed (empty while there is none or it is being rewritten)."""
+    try:
+        return list(json.loads((out / ".graft-run.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _config_to(tmp_path, ckpts: dict[str, str], out) -> str:  # noqa: ANN001
+    path = tmp_path / "ref.yaml"
+    path.write_text(yaml.safe_dump({**ckpts, "output": str(out)}))
+    return str(path)
