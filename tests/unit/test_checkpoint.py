@@ -242,6 +242,30 @@ def test_index_without_a_weight_map_is_refused(tmp_path):
         open_checkpoint(str(tmp_path))
 
 
+def test_index_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    # The index used to be read whole whatever its size: a multi-GB file named like an index cost that
+    # much memory (test_fuzz_headers checks every read against the cap). A valid index padded with
+    # spaces past a lowered cap shows that the size is checked before anything is read.
+    from graft.engine import checkpoint
+    from graft.engine.storage import Storage
+
+    _sharded(tmp_path)
+    index = (tmp_path / INDEX_NAME).read_bytes()
+    monkeypatch.setattr(checkpoint, "MAX_INDEX_BYTES", len(index) + 10)
+    (tmp_path / INDEX_NAME).write_bytes(index + b" " * 10)
+    assert open_checkpoint(str(tmp_path)).sharded  # exactly at the cap: read
+    (tmp_path / INDEX_NAME).write_bytes(index + b" " * 11)
+    reads = []
+    monkeypatch.setattr(Storage, "read", lambda self, name, *a, **k: reads.append(name))
+    with pytest.raises(CheckpointError) as caught:
+        open_checkpoint(str(tmp_path))
+    msg = str(caught.value)
+    size, cap = len(index) + 11, len(index) + 10
+    assert msg.startswith(f"{tmp_path}/{INDEX_NAME}: {size} bytes, over the {cap}-byte limit"), msg
+    assert "re-create it" in msg
+    assert reads == []
+
+
 def test_tensor_stored_in_two_shards_is_refused(tmp_path):
     save_file({"a": torch.zeros(2), "dup": torch.ones(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
     save_file({"b": torch.zeros(2), "dup": torch.ones(2)}, str(tmp_path / "model-00002-of-00002.safetensors"))

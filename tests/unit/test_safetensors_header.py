@@ -10,6 +10,7 @@ import struct
 
 import fsspec
 import pytest
+import safetensors
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
 from safetensors.torch import load, save, save_file
@@ -301,6 +302,55 @@ def test_missing_key_in_a_tensor_entry_is_refused(tmp_path):
 
 def test_tensor_entry_that_is_not_an_object_is_refused(tmp_path):
     _refused(tmp_path, _file(json.dumps({"a": [0, 4]}), b"\0" * 4), "must have exactly the keys")
+
+
+def test_shape_whose_size_has_too_many_digits_to_print_is_a_header_error_not_a_value_error(tmp_path):
+    # Found by test_fuzz_headers: 300 dimensions of 2**64 - 1 multiply out to a 5780-digit byte count,
+    # which the message could not print (int max str digits); multiplying further was also slow.
+    header = {"a": {"dtype": "F32", "shape": [2**64 - 1] * 300, "data_offsets": [0, 4]}}
+    _refused(tmp_path, _file(json.dumps(header), b"\0" * 4),
+             f"is more than {2**64 - 1} bytes but data_offsets span 4")
+
+
+def test_dimension_of_2_64_or_more_is_refused_as_the_reference_refuses_it(tmp_path):
+    # Found by test_fuzz_headers: a zero-size tensor could carry any dimension, even one thousands of
+    # digits long; the reference reader (a Rust usize) refuses one past 2**64 - 1.
+    raw = _file(json.dumps({"a": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}))
+    with pytest.raises(safetensors.SafetensorError, match="usize"):
+        safetensors.deserialize(raw)
+    _refused(tmp_path, raw, "invalid shape [0, 18446744073709551616]")
+
+    largest = _file(json.dumps({"a": {"dtype": "F32", "shape": [0, 2**64 - 1], "data_offsets": [0, 0]}}))
+    (tmp_path / "largest.safetensors").write_bytes(largest)
+    header = read_header(Storage(str(tmp_path)), "largest.safetensors", len(largest))
+    assert header.tensors[0].shape == (0, 2**64 - 1)
+
+
+@pytest.mark.parametrize("header", [
+    '{"a\\ud800":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
+    '{"__metadata__":{"format":"\\udc00"},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
+    '{"__metadata__":{"\\ud83d":"pt"},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
+], ids=["tensor-name", "metadata-value", "metadata-key"])
+def test_lone_surrogate_escape_is_refused_because_it_cannot_be_written_back(tmp_path, header):
+    # Found by test_fuzz_headers: json.loads turns "\ud800" into a str that UTF-8 cannot encode, so the
+    # job failed only when build_header wrote the output. The reference reader refuses it too.
+    raw = _file(header, b"\0")
+    with pytest.raises(safetensors.SafetensorError):
+        safetensors.deserialize(raw)
+    _refused(tmp_path, raw, "lone surrogate")
+
+
+def test_a_surrogate_pair_escape_is_one_valid_character(tmp_path):
+    raw = _file('{"\\ud83d\\ude00":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"\0")
+    (tmp_path / "pair.safetensors").write_bytes(raw)
+    header = read_header(Storage(str(tmp_path)), "pair.safetensors", len(raw))
+    assert [e.name for e in header.tensors] == ["\U0001f600"]
+
+
+def test_read_header_of_a_file_shorter_than_8_bytes_says_what_parse_header_says(tmp_path):
+    with pytest.raises(HeaderError) as direct:
+        parse_header(b"abc", b"", 3, Storage(str(tmp_path)).url("s.safetensors"))
+    assert str(direct.value) == _refused(tmp_path, b"abc", "too short", name="s.safetensors")
 
 
 def test_deeply_nested_json_is_a_header_error_not_a_recursion_error(tmp_path):
