@@ -66,8 +66,8 @@ def _save(sd: dict[str, torch.Tensor], path: str, shard: str) -> None:
 
 
 def make_llama(root: str, seed: int = 0) -> dict[str, str]:
-    paths = {role: os.path.join(root, "llama", role) for role in SHARDS}
-    if all(os.path.exists(os.path.join(p, _DONE)) for p in paths.values()):
+    paths, done = _roles(root, "llama")
+    if done:
         return paths
     gen = torch.Generator().manual_seed(seed)
     shapes = _shapes()
@@ -88,11 +88,17 @@ def make_llama(root: str, seed: int = 0) -> dict[str, str]:
     return paths
 
 
+def _roles(root: str, kind: str) -> tuple[dict[str, str], bool]:
+    """The three checkpoint directories of data set ``kind``, and whether all are already complete."""
+    paths = {role: os.path.join(root, kind, role) for role in SHARDS}
+    return paths, all(os.path.exists(os.path.join(p, _DONE)) for p in paths.values())
+
+
 def make_big(root: str, seed: int = 1) -> dict[str, str]:
     from safetensors.torch import save_file
 
-    paths = {role: os.path.join(root, "big", role) for role in SHARDS}
-    if all(os.path.exists(os.path.join(p, _DONE)) for p in paths.values()):
+    paths, done = _roles(root, "big")
+    if done:
         return paths
     gen = torch.Generator().manual_seed(seed)
     for role, path in paths.items():
@@ -107,8 +113,8 @@ def make_big(root: str, seed: int = 1) -> dict[str, str]:
 def make_s3(root: str, seed: int = 2) -> dict[str, str]:
     from safetensors.torch import save_file
 
-    paths = {role: os.path.join(root, "s3", role) for role in SHARDS}
-    if all(os.path.exists(os.path.join(p, _DONE)) for p in paths.values()):
+    paths, done = _roles(root, "s3")
+    if done:
         return paths
     gen = torch.Generator().manual_seed(seed)
     for role, path in paths.items():

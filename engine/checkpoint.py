@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import CheckpointError, StorageError
+from .errors import CheckpointError
 from .safetensors import MAX_HEADER_BYTES, Header, TensorEntry, read_header, strict_json_loads
 from .storage import FileStat, Storage
 
