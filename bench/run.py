@@ -4,7 +4,7 @@ Every contender runs in a fresh process, several times after a warm-up read of i
 table reports medians. Ratios are against numbers measured in this same run (machines are noisy).
 Writes bench/results.md, bench/results.json and bench/results.png.
 
-    python -m bench.run [--runs 3] [--quick]   # --quick: one run each, no mergekit / naive / S3
+    python -m bench.run [--runs 5] [--quick]   # --quick: one run each, no mergekit / naive / S3
     python -m bench.run --s3-only              # just the S3 rows, printed
 """
 from __future__ import annotations
@@ -81,13 +81,15 @@ def tree_peak(proc: subprocess.Popen, pick: Callable[[psutil.Process], bool]) ->
     return lambda: (t.join(), peak[0])[1]
 
 
-def floor(paths: dict[str, str], out_bytes: int, scratch: str) -> float:
-    """Read every input byte once (cat > /dev/null), then write the output's size once with a sync."""
+def floor(paths: dict[str, str], out_bytes: int, scratch: str, direct: bool = False) -> float:
+    """Read every input byte once (cat > /dev/null), then write the output's size once with a sync
+    (``direct``: in 8 MiB ``O_DIRECT`` writes, past the page cache, as graft's local writer does)."""
     target = os.path.join(scratch, "floor.bin")
     t0 = time.perf_counter()
     subprocess.run(["cat", *input_files(paths)], stdout=subprocess.DEVNULL, check=True)
     mib = -(-out_bytes // 2**20)
-    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={mib}", "conv=fsync"],
+    how = ["bs=8M", f"count={-(-mib // 8)}", "oflag=direct"] if direct else ["bs=1M", f"count={mib}"]
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", *how, "conv=fsync"],
                    stderr=subprocess.DEVNULL, check=True)
     seconds = time.perf_counter() - t0
     os.remove(target)
@@ -242,7 +244,7 @@ def s3_rows(paths: dict[str, str], scratch: str, runs: int) -> tuple[Row, Row]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="one run each; no mergekit, naive or S3")
     ap.add_argument("--s3-only", action="store_true", help="only the S3 rows; printed, results not written")
     args = ap.parse_args()
@@ -260,6 +262,7 @@ def main() -> None:
     out_llama = sum(os.path.getsize(f) for f in input_files({"t": llama["target"]}))
     rows: list[Row] = []
     floor_row = Row("I/O floor: cat inputs, write + sync output", "1.1B")
+    direct_floor = Row("I/O floor with O_DIRECT writes (dd oflag=direct, 8 MiB)", "1.1B")
     local = Row("graft --executor local (2 shards at once, the default)", "1.1B")
     rays = {w: Row(f"graft --executor ray --workers {w}", "1.1B") for w in (1, 2)}
     startup = {w: Row(f"Ray start-up: init, {w} actor(s) ready, shutdown", "1.1B") for w in (1, 2)}
@@ -267,9 +270,14 @@ def main() -> None:
     big_local = Row("graft --executor local, one 768 MiB tensor", "768MiB")
     print(f"inputs {in_llama / 1e9:.2f} GB, output {out_llama / 1e9:.2f} GB; {runs} run(s) each", flush=True)
     warm(llama)
+    # One unmeasured round first: on a VM whose host takes back idle memory, the first pass over
+    # memory not touched for a while pays for it, whichever contender happens to run first.
+    floor(llama, out_llama, scratch)
+    graft_local(Row("warm-up", "1.1B"), llama, out, scratch)
     for i in range(runs):
         floor_row.seconds.append(floor(llama, out_llama, scratch))
         graft_local(local, llama, out, scratch)
+        direct_floor.seconds.append(floor(llama, out_llama, scratch, direct=True))
         for w, row in rays.items():
             graft_ray(row, llama, out, scratch, w)
         for w, row in startup.items():
@@ -286,7 +294,7 @@ def main() -> None:
     in_big = sum(os.path.getsize(f) for f in input_files(big))
     for _ in range(runs):
         graft_local(big_local, big, out, scratch)
-    rows = [floor_row, local, rays[1], rays[2], startup[1], startup[2]] + ([] if args.quick else [merge, naive]) + [big_local]
+    rows = [floor_row, direct_floor, local, rays[1], rays[2], startup[1], startup[2]] + ([] if args.quick else [merge, naive]) + [big_local]
     results = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "runs": runs,
                "input_bytes": {"1.1B": in_llama, "768MiB": in_big}, "output_bytes": out_llama,
                "rows": [r.__dict__ for r in rows]}
@@ -308,9 +316,16 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def paired(num: list[float], den: list[float]) -> float:
+    """The median of per-run ratios: run i of one row against run i of another, measured moments
+    apart, so that drift of the machine between runs cancels out."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
 def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int) -> None:
     by = {r.name: r for r in rows}
-    floor_s = by["I/O floor: cat inputs, write + sync output"].median
+    floor_row = by["I/O floor: cat inputs, write + sync output"]
+    floor_s = floor_row.median
 
     merge = by.get("mergekit 0.1.5 linear")
     lines = [
@@ -329,13 +344,13 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int) ->
             continue
         if "--workers" in r.name:
             w = r.name.rsplit(" ", 1)[1]
-            up = by[f"Ray start-up: init, {w} actor(s) ready, shutdown"].median
-            ratio = f"{r.median / (floor_s + up):.2f} of floor + start-up"
+            up = by[f"Ray start-up: init, {w} actor(s) ready, shutdown"].seconds
+            ratio = f"{paired(r.seconds, [f + u for f, u in zip(floor_row.seconds, up)]):.2f} of floor + start-up"
         elif r.job == "1.1B" and "start-up" not in r.name:
-            ratio = f"{r.median / floor_s:.2f}"
+            ratio = f"{paired(r.seconds, floor_row.seconds):.2f}"
         else:
             ratio = ""
-        speed = (f"{merge.median / r.median:.1f}×" if merge and r.job == "1.1B" and "floor" not in r.name
+        speed = (f"{paired(merge.seconds, r.seconds):.1f}×" if merge and r.job == "1.1B" and "floor" not in r.name
                  and "start-up" not in r.name else "")
         rss = f"{statistics.median(r.peak_rss) / 1e6:.0f}" if r.peak_rss else ""
         inb = in_llama if r.job == "1.1B" else in_big
@@ -347,18 +362,21 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int) ->
         raw, job = s3
         total = raw.bytes_read[0]
         raw_tp, job_tp = total / raw.median, total / job.median
+        vs_raw = paired(raw.seconds, job.seconds)  # throughput ratio, run by run
         lines += ["", f"S3: moto's server in its own process on 127.0.0.1; three checkpoints of 16 tensors "
                   f"of 8 MiB, one per object ({total / 1e6:.0f} MB in all). Read throughput = those bytes "
                   "÷ wall time; graft's time is the whole job (read, compute, write, hash).",
                   "", "| reader | wall (s) | MB/s | vs raw |", "|---|---:|---:|---:|",
                   f"| {raw.name} | {raw.median:.2f} | {raw_tp / 1e6:.0f} | 1.00 |",
                   f"| {job.name} | {job.median:.2f} | {job_tp / 1e6:.0f} "
-                  f"| {job_tp / raw_tp:.2f} |"]
+                  f"| {vs_raw:.2f} |"]
     lines += ["", "Peak RSS: the largest single process (for Ray, the largest shard worker). Bytes read: "
               "`rchar` of the process (every system-call read, headers and configs included) for graft "
               "local; graft's own count for Ray; not measurable for mergekit and naive, which read "
               "through mmap. Ray rows are compared with the floor plus Ray's own start-up for the same "
-              "number of actors (the start-up rows).", ""]
+              "number of actors (the start-up rows). Wall times are medians; every ratio is the median "
+              "of per-run ratios (run i of a row against run i of the floor, of mergekit or of raw s3fs, "
+              "from the same round), so that drift of the machine between rounds cancels out.", ""]
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(HERE, "results.json"), "w") as f:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import fsspec
 from fsspec.asyn import sync
 
+from .directio import DirectAppender
 from .errors import GraftError, IntegrityError, StorageError
 
 __all__ = ["FileStat", "Storage", "RangeReader", "AtomicWriter", "TEMP_MARK", "check_digest",
@@ -632,6 +633,10 @@ def _writeback_starter() -> Callable[[int, int, int], None] | None:
 _start_writeback = _writeback_starter() if sys.platform.startswith("linux") else None
 
 
+# GRAFT_DIRECT_WRITES=0 turns direct writes off (every local write then goes through the page cache).
+_DIRECT_WRITES = os.environ.get("GRAFT_DIRECT_WRITES", "1") != "0"
+
+
 def _temp_name(name: str) -> str:
     return f".{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
 
@@ -645,27 +650,35 @@ class _LocalAtomicWriter(AtomicWriter):
         except OSError as e:
             raise storage._fail(name, "create a temporary file", e) from e
         self._queued = 0  # bytes already handed to the kernel's writeback
+        # Whole blocks go to the device past the page cache; buffered where O_DIRECT is refused.
+        self._out = DirectAppender(self._fd) if _DIRECT_WRITES else None
 
     def _push_to_disk(self) -> None:
-        # Start writing what has piled up now, so the disk works while the shard is computed and
-        # the fsync at commit finds little left (otherwise the page cache holds it all until then).
+        # Buffered writes: start writing what has piled up now, so the disk works while the shard is
+        # computed and the fsync at commit finds little left (else the page cache holds it until then).
         if _start_writeback is not None and self.bytes_written - self._queued >= _WRITEBACK_EVERY:
             _start_writeback(self._fd, self._queued, self.bytes_written - self._queued)
             self._queued = self.bytes_written
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
-        while view:
-            try:
-                n = os.write(self._fd, view)
-            except OSError as e:
-                raise self.storage._write_failed(self.name, "write", e) from e
-            view = view[n:]
-            self.bytes_written += n
-        self._push_to_disk()
+        n = len(view)
+        try:
+            if self._out is not None:
+                self._out.write(view)
+            else:
+                while view:
+                    view = view[os.write(self._fd, view):]
+        except OSError as e:
+            raise self.storage._write_failed(self.name, "write", e) from e
+        self.bytes_written += n
+        if self._out is None or not self._out.direct:
+            self._push_to_disk()
 
     def commit(self) -> None:
         try:
+            if self._out is not None:
+                self._out.finish()
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
@@ -689,6 +702,8 @@ class _LocalAtomicWriter(AtomicWriter):
 
     def discard(self) -> None:
         self._done = True
+        if self._out is not None:
+            self._out.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
