@@ -96,7 +96,15 @@ def _pickle_refusal(uri: str, pickles: list[str]) -> CheckpointError:
 
 
 def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None) -> Checkpoint:
-    """Discover and validate the checkpoint at ``uri`` (a directory, or one ``.safetensors`` file)."""
+    """Discover and validate the checkpoint at ``uri`` (a directory, its index, or one
+    ``.safetensors`` file)."""
+    parent, _, fname = uri.rstrip("/").rpartition("/")
+    if fname == INDEX_NAME:
+        uri = parent or "/"  # the index names the shards beside it: the checkpoint is that directory
+    elif fname.endswith(".json"):
+        raise CheckpointError(f"{uri}: a JSON file, not a checkpoint; point graft at the checkpoint's "
+                              f"directory (the one holding {INDEX_NAME} or {SINGLE_NAME}) or at one "
+                              f".safetensors file")
     if uri.endswith(".safetensors"):
         parent, _, fname = uri.rstrip("/").rpartition("/")
         storage = Storage(parent or "/", storage_options).pinned()

@@ -147,7 +147,9 @@ class OutputSession:
                 log(f"resuming: keeping {len(kept)} shard(s) already committed and verified")
         mark = RunMark(storage, fp, {n: {"size": r.size, "sha256": r.sha256} for n, r in kept.items()})
         mark.acquire(replacing=previous is not None)
-        return cls(job, storage, mark, kept, tuple(sorted(kept)))
+        session = cls(job, storage, mark, kept, tuple(sorted(kept)))
+        session.abort_uploads(log)  # of a crashed run's killed writers
+        return session
 
     @property
     def pending(self) -> list[ShardTask]:
@@ -185,10 +187,12 @@ class OutputSession:
                                         "size": copied.size, "sha256": copied.sha256})
         if plan.write_index:
             outputs.append(self._put(INDEX_NAME, json.dumps(plan.index_json(), indent=2).encode() + b"\n"))
-        # A worker killed mid-shard leaves its temporary behind; none may outlive the commit.
+        # A worker killed mid-shard leaves its temporary (or on S3 its upload) behind; none may
+        # outlive the commit.
         for name in self.storage.list():
             if TEMP_MARK in name:
                 self.storage.remove(name)
+        self.abort_uploads(log)
         sums = self._put(SUMS_NAME, format_sums(outputs))
         finished = time.time()
         read = sum(r.bytes_read for r in results)
@@ -224,6 +228,18 @@ class OutputSession:
         self.storage.write_bytes(name, data)
         return OutputFile(name, len(data), hashlib.sha256(data).hexdigest())
 
+    def abort_uploads(self, log: Callable[[str], None] = lambda s: None) -> int:
+        """Abort unfinished multipart uploads of this job's files (S3: what writers killed mid-file
+        left). Call only when no writer of this run is working. Best effort: a store that refuses
+        (e.g. no permission to list uploads) costs a log line, not the run."""
+        ours = self._planned_names(self.job)
+        try:
+            return len(self.storage.abort_uploads(lambda n: n in ours or TEMP_MARK in n))
+        except Exception as e:  # noqa: BLE001
+            log(f"warning: could not abort unfinished uploads in {self.storage.uri} ({e}); "
+                f"abort them with your store's tools or a lifecycle rule")
+            return 0
+
     def stop(self, error: BaseException) -> BaseException:
         """The run ended early with ``error``; returns what to raise. Ctrl-C or SIGTERM keeps what is
         committed for a resume (``suspend``) and becomes ``Interrupted``; anything else rolls back."""
@@ -249,6 +265,7 @@ class OutputSession:
                     self.storage.remove(name)
                 except Exception:  # noqa: BLE001 - best effort: the next run removes them too
                     pass
+        self.abort_uploads()
         self.mark.suspend()
         return len(journaled)
 
@@ -266,4 +283,5 @@ class OutputSession:
                     removed.append(name)
                 except Exception:  # noqa: BLE001 - rollback must try every file
                     pass
+        self.abort_uploads()
         return removed

@@ -30,10 +30,16 @@ __all__ = [
 
 ROLES = ("target", "finetuned", "base")
 RESERVED_OUTPUT_NAMES = frozenset({MANIFEST_NAME, SUMS_NAME, INDEX_NAME})
-# config.json fields whose disagreement between target and finetuned usually means the transfer
-# is not what the user wants (another tokenizer, another context length, another architecture).
-_CONFIG_FIELDS = ("architectures", "vocab_size", "max_position_embeddings", "rope_scaling",
-                  "rope_parameters", "tie_word_embeddings")
+# config.json fields that name the model family: the three checkpoints must agree on them (a
+# difference vector taken in one family means nothing in another) unless allow_family_mismatch.
+_FAMILY_FIELDS = ("model_type", "architectures")
+# Fields whose disagreement between target and finetuned is worth a warning: new base versions
+# legitimately change them (Llama 3.1 changed rope_scaling and the context length of 3.0).
+_CONFIG_FIELDS = ("vocab_size", "max_position_embeddings", "rope_scaling", "rope_parameters",
+                  "tie_word_embeddings")
+# Below this share of the target's tensors to combine found in finetuned or base, the checkpoints
+# are not the same architecture, whatever on_missing says (it is for a few odd tensors).
+_MIN_OVERLAP = 0.5
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,12 @@ def make_plan(
     carried_missing: list[str] = []
     combined = copied = 0
 
+    family = _family_problems(configs or {}, {r: checkpoints[r].uri for r in ROLES})
+    if spec.allow_family_mismatch:
+        warnings.extend(family)
+    else:
+        problems.extend(f"{p}; set allow_family_mismatch: true if this is really intended" for p in family)
+    problems.extend(_overlap_problems(spec, checkpoints))
     missing = {role: [n for n in tgt.tensors if n not in checkpoints[role].tensors]
                for role in ("finetuned", "base")}
     extra = sorted({n for role in ("finetuned", "base") for n in checkpoints[role].tensors
@@ -300,6 +312,39 @@ def _side_files(spec: JobSpec, checkpoints: Mapping[str, Checkpoint]) -> tuple[t
         if (pattern, donor) not in DEFAULT_FILES or pattern == "config.json":
             warnings.append(f"{pattern} is donated by {donor} but no checkpoint has it")
     return tuple(out), warnings
+
+
+def _family_problems(configs: Mapping[str, Mapping[str, Any] | None], uris: Mapping[str, str]) -> list[str]:
+    """One line per config.json family field on which the checkpoints that have one disagree."""
+    have = {r: c for r in ROLES if isinstance(c := configs.get(r), Mapping)}
+    out = []
+    for key in _FAMILY_FIELDS:
+        values = {r: c[key] for r, c in have.items() if c.get(key) is not None}  # absent: unknown
+        if len({repr(v) for v in values.values()}) > 1:
+            shown = ", ".join(f"{r} {v!r}" for r, v in values.items())
+            out.append(f"the checkpoints are different model families: config.json {key} is {shown} "
+                       f"({', '.join(f'{r}: {uris[r]}' for r in values)}); a fine-tuning difference "
+                       f"only transfers within one family")
+            break  # architectures follow model_type: one line says it
+    return out
+
+
+def _overlap_problems(spec: JobSpec, checkpoints: Mapping[str, Checkpoint]) -> list[str]:
+    """A finetuned or base that holds few of the target's tensors is another architecture: say so
+    plainly instead of listing hundreds of missing tensors (or carrying them all)."""
+    tgt = checkpoints["target"]
+    wanted = [n for n, t in tgt.tensors.items() if t.dtype in FLOATING_DTYPES and spec.alpha_for(n) != 0.0]
+    out = []
+    for role in ("finetuned", "base"):
+        have = checkpoints[role].tensors
+        found = sum(n in have for n in wanted)
+        if wanted and found < _MIN_OVERLAP * len(wanted):
+            lacking = _examples([n for n in wanted if n not in have], 2)
+            out.append(f"{role} ({checkpoints[role].uri}) holds only {found} of the {len(wanted)} tensors "
+                       f"of the target ({tgt.uri}) to combine, e.g. not {lacking}; it is not the "
+                       f"target's architecture: check the path (a rule with alpha: 0 carries the "
+                       f"tensors it lacks, if that is really intended)")
+    return out
 
 
 def _config_warnings(configs: Mapping[str, Mapping[str, Any] | None]) -> list[str]:

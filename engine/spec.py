@@ -99,6 +99,7 @@ class JobSpec:
     rules: tuple[Rule, ...] = ()
     on_missing: str = "error"
     allow_nonfinite: bool = False
+    allow_family_mismatch: bool = False
     files: tuple[tuple[str, str], ...] = DEFAULT_FILES
     max_shard_size: int | None = None
     chunk_size: int = 16 * 2**20
@@ -141,10 +142,19 @@ def redact(options: Any) -> Any:
     return options
 
 
+def _no_bool(v: Any) -> Any:
+    # YAML reads yes/no/true/false as booleans, which pydantic would take as 1.0 and 0.0.
+    if isinstance(v, bool):
+        raise ValueError("expected a number like 1.0 or 0.5, not a boolean")
+    return v
+
+
 class _RuleModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     match: str
     alpha: float
+
+    _alpha_not_bool = field_validator("alpha", mode="before")(_no_bool)
 
     @field_validator("match")
     @classmethod
@@ -167,12 +177,15 @@ class _SpecModel(BaseModel):
     rules: list[_RuleModel] = []
     on_missing: Literal["error", "carry_target"] = "error"
     allow_nonfinite: bool = False
+    allow_family_mismatch: bool = False
     files: dict[str, Literal["target", "finetuned", "base", "none"]] = {}
     # Validated by parse_size: pydantic's int|str would turn YAML `true` into 1 first.
     max_shard_size: Any = None
     chunk_size: Any = "16MiB"
     read_concurrency: int = Field(default=4, ge=1, le=64, strict=True)
     storage_options: dict[str, dict[str, Any]] = {}
+
+    _alpha_not_bool = field_validator("alpha", mode="before")(_no_bool)
 
 
 _KEYS = tuple(_SpecModel.model_fields)
@@ -208,7 +221,9 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "spec"
         given = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-        raise SpecError(f"{source}: key '{loc}': {err['msg']}{given}") from None
+        msg = err["msg"].removeprefix("Value error, ").replace(" or instance of _RuleModel",
+                                                                " with keys match and alpha")
+        raise SpecError(f"{source}: key '{loc}': {msg}{given}") from None
     if not math.isfinite(m.alpha):
         raise SpecError(f"{source}: key 'alpha' must be finite, got {m.alpha}")
     for i, r in enumerate(m.rules):
@@ -229,6 +244,7 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
         rules=tuple(Rule(r.match, float(r.alpha)) for r in m.rules),
         on_missing=m.on_missing,
         allow_nonfinite=m.allow_nonfinite,
+        allow_family_mismatch=m.allow_family_mismatch,
         # User entries come first, so they win over the defaults for the same file.
         files=user_files + tuple(d for d in DEFAULT_FILES if d[0] not in m.files),
         max_shard_size=(

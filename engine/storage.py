@@ -465,6 +465,32 @@ class Storage:
         """Create this directory if the filesystem has directories (object stores do not)."""
         self._retry("", "create the directory", lambda: self.fs.makedirs(self.root, exist_ok=True))
 
+    def abort_uploads(self, names: Callable[[str], bool]) -> list[str]:
+        """Abort the unfinished multipart uploads of files directly in this directory whose name
+        ``names`` accepts; returns those names. A writer killed between its first part and its
+        commit (a SIGKILLed Ray worker) leaves one behind: invisible in listings, but stored and
+        billed until aborted. Only S3 has them; elsewhere nothing to do."""
+        if self.protocol not in ("s3", "s3a"):
+            return []
+        bucket, _, key = self.root.partition("/")
+        prefix = f"{key}/" if key else ""
+        aborted: list[str] = []
+        page_args: dict[str, str] = {"Bucket": bucket, "Prefix": prefix}
+        while True:
+            page = self._retry("", "list unfinished uploads",
+                               lambda: self.fs.call_s3("list_multipart_uploads", **page_args))
+            for upload in page.get("Uploads", []):
+                name = upload["Key"][len(prefix):]
+                if not upload["Key"].startswith(prefix) or "/" in name or not names(name):
+                    continue
+                self._retry(name, "abort an unfinished upload", lambda u=upload: self.fs.call_s3(
+                    "abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"]))
+                aborted.append(name)
+            if not page.get("IsTruncated"):
+                return aborted
+            page_args.update(KeyMarker=page.get("NextKeyMarker", ""),
+                             UploadIdMarker=page.get("NextUploadIdMarker", ""))
+
 
 def _precondition_failed(e: BaseException) -> bool:
     """An S3 412 (s3fs raises it as an OSError caused by botocore's ClientError)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import fsspec
 import pytest
@@ -185,3 +186,94 @@ def test_an_s3_input_rewritten_after_planning_is_refused_at_its_first_read(s3_se
     with pytest.raises(IntegrityError, match=rf"{shard}: changed during the run \(its ETag is no longer"):
         run_local(planned)
     assert not os.path.exists(out) or os.listdir(out) == []
+
+
+def _start_upload(options: dict, key: str) -> str:
+    """Begin a multipart upload and send one part, as a writer killed before its commit leaves it."""
+    fs = fsspec.filesystem("s3", **options["s3"])
+    bucket, _, name = key.partition("/")
+    upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=name)["UploadId"]
+    fs.call_s3("upload_part", Bucket=bucket, Key=name, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+    return upload
+
+
+@pytest.mark.parametrize("ending", ["commit", "rollback", "interrupt"])
+def test_uploads_left_by_killed_writers_are_aborted_and_no_others(s3_server, s3_inputs, tiny_checkpoints,
+                                                                    tmp_path, ending):
+    from conftest import poison
+
+    inputs = dict(s3_inputs)
+    if ending == "rollback":
+        inputs["finetuned"] = str(tmp_path / "ft")
+        shutil.copytree(tiny_checkpoints["finetuned"], inputs["finetuned"])
+        poison(inputs["finetuned"], float("nan"))
+    bucket = new_bucket(s3_server).removeprefix("s3://")
+    planned = job(inputs, f"s3://{bucket}/out", s3_server)
+    shard = planned.plan.shards[0].file
+    _start_upload(s3_server, f"{bucket}/out/{shard}")  # ours: a killed worker's
+    _start_upload(s3_server, f"{bucket}/out/{shard}")  # and a second attempt's
+    foreign = {f"{bucket}/elsewhere/{shard}", f"{bucket}/out/sub/{shard}", f"{bucket}/out/notes.txt"}
+    for key in foreign:
+        _start_upload(s3_server, key)
+    if ending == "commit":
+        run_local(planned)
+    elif ending == "rollback":
+        with pytest.raises(NonFiniteError):
+            run_local(planned)
+    else:
+        from graft.engine.errors import Interrupted
+
+        def ctrl_c(event: str) -> None:  # lands on the main thread, as SIGINT's KeyboardInterrupt does
+            raise KeyboardInterrupt
+
+        with pytest.raises(Interrupted):
+            run_local(planned, on_shard=ctrl_c)
+    left = {f"{bucket}/{u['Key']}" for u in unfinished_uploads(s3_server, f"s3://{bucket}")}
+    assert left == foreign  # only other people's uploads remain
+
+
+def test_a_ray_worker_killed_mid_upload_leaves_no_unfinished_upload(s3_server, tmp_path):
+    import faulty_fs
+    import torch
+    from faulty_fs import faulty_options, faulty_uri, rule
+    from live_runs import Background, kill_one_worker, wait_for
+    from safetensors.torch import save_file
+
+    # One 16 MiB tensor per checkpoint and 5 MiB upload parts: the output's multipart upload begins a
+    # third of the way through the shard. Reads of the base past 8 MiB are slowed down (faulty://),
+    # so the worker can be killed while its upload is begun and not completed.
+    ckpts = {}
+    for i, role in enumerate(ROLES):
+        ckpts[role] = str(tmp_path / role)
+        os.makedirs(ckpts[role])
+        g = torch.Generator().manual_seed(i)
+        save_file({"w": torch.randn(4 * 2**20, generator=g)}, os.path.join(ckpts[role], "model.safetensors"))
+    ref = str(tmp_path / "ref")
+    run_local(spec_from_mapping({**ckpts, "output": ref}))
+    slow = rule("slow", match="model.safetensors", after=8 * 2**20, times=None, seconds=0.02)
+    options = {"s3": {**s3_server["s3"], "default_block_size": 5 * 2**20},
+               **faulty_options(str(tmp_path / "journal"), slow)}
+    bucket = new_bucket(s3_server)
+    out = f"{bucket}/out"
+    planned = job(dict(ckpts, base=faulty_uri(ckpts["base"])), out, options, chunk_size="256KiB")
+    tests_dir = os.path.dirname(os.path.abspath(faulty_fs.__file__))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20,
+             log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": tests_dir}, "worker_process_setup_hook": "faulty_fs.register"})
+    try:
+        events: list[str] = []
+        bg = Background(lambda: run_ray(planned, RayOptions(workers=1), on_shard=events.append))
+        def shard_upload() -> list[str]:  # (the run mark is rewritten through short uploads too)
+            return [u["UploadId"] for u in unfinished_uploads(s3_server, bucket) if u["Key"] == "out/model.safetensors"]
+
+        wait_for(lambda: bool(shard_upload()), "the shard's upload in progress")
+        begun = shard_upload()[0]
+        kill_one_worker()
+        # The kill landed mid-upload: the killed worker's upload is left behind, unfinished.
+        assert begun in shard_upload()
+        bg.outcome()
+    finally:
+        ray.shutdown()
+    assert events == ["retried", "done"]
+    assert s3_bytes(s3_server, out) == shard_bytes(ref)
+    assert unfinished_uploads(s3_server, bucket) == []

@@ -94,6 +94,24 @@ def test_sharded_checkpoint_follows_the_index_to_every_shard(tmp_path):
     assert ckpt.side_files == ("config.json", "tokenizer.json")  # neither the index nor a shard
 
 
+def test_naming_the_index_itself_opens_its_directory(tmp_path):
+    sd = _sharded(tmp_path)
+    ckpt = open_checkpoint(str(tmp_path / INDEX_NAME))
+    assert ckpt.uri == str(tmp_path) and ckpt.sharded
+    _assert_finds_every_tensor(ckpt, sd, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["config.json", "other.safetensors.index.json"])
+def test_naming_another_json_file_says_to_name_the_directory(tmp_path, name):
+    _sharded(tmp_path)
+    (tmp_path / name).write_text("{}")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(str(tmp_path / name))
+    assert str(e.value) == (f"{tmp_path / name}: a JSON file, not a checkpoint; point graft at the "
+                            f"checkpoint's directory (the one holding {INDEX_NAME} or model.safetensors) "
+                            f"or at one .safetensors file")
+
+
 def test_sharded_tensors_are_ordered_shard_by_shard_then_by_offset(tmp_path):
     _sharded(tmp_path)
     ckpt = open_checkpoint(str(tmp_path))

@@ -349,3 +349,57 @@ def test_read_concurrency_must_be_a_small_positive_integer(value):
 def test_the_hub_is_refused_as_an_output_with_the_push_command_to_use():
     with pytest.raises(SpecError, match=r"graft push OUTPUT hf://org/name"):
         spec_from_mapping({"target": "t", "finetuned": "f", "base": "b", "output": "hf://org/name"})
+
+
+# --- every key, every way to get it wrong ---------------------------------------------------------
+
+# For each top-level key: invalid values, each with what the one-line error must say is allowed.
+INVALID = {
+    "target": [(5, "valid string"), ("", "at least 1 character"), (None, "valid string")],
+    "finetuned": [(["a"], "valid string"), ("", "at least 1 character")],
+    "base": [({"a": 1}, "valid string"), ("", "at least 1 character")],
+    "output": [(3.5, "valid string"), ("", "at least 1 character"), ("hf://org/repo", "graft push")],
+    "alpha": [("lots", "valid number"), (None, "valid number"), (float("inf"), "finite"), ([1], "valid number"),
+              (True, "not a boolean")],
+    "compute_dtype": [("bfloat16", "'float32' or 'float64'"), (32, "'float32' or 'float64'")],
+    "rules": [("x", "valid list"), ([5], "valid dictionary with keys match and alpha"),
+              ([{"alpha": 0}], "Field required"), ([{"match": "x", "alpha": False}], "not a boolean"),
+              ([{"match": "(", "alpha": 0}], "invalid regular expression"),
+              ([{"match": "x", "alpha": "y"}], "valid number"),
+              ([{"match": "x", "alhpa": 0}], "did you mean 'alpha'?"),
+              ([{"match": "x", "alpha": 0, "beta": 1}], "valid keys: match, alpha")],
+    "on_missing": [("skip", "'error' or 'carry_target'"), (True, "'error' or 'carry_target'")],
+    "allow_nonfinite": [("maybe", "valid boolean"), ([], "valid boolean")],
+    "allow_family_mismatch": [("perhaps", "valid boolean"), ({}, "valid boolean")],
+    "files": [(["config.json"], "valid dictionary"),
+              ({"config.json": "output"}, "'target', 'finetuned', 'base' or 'none'")],
+    "max_shard_size": [("big", "a size like 5GB or 512MiB"), (0, "must be positive"), (True, "a size like")],
+    "chunk_size": [("-1MiB", "a size like"), (0, "must be positive"), ([1], "a size like")],
+    "read_concurrency": [(0, "greater than or equal to 1"), (65, "less than or equal to 64"),
+                         ("4", "valid integer"), (2.5, "valid integer")],
+    "storage_options": [(5, "valid dictionary"), ({"s3": "anon"}, "valid dictionary")],
+}
+
+
+def test_the_sweep_covers_every_key_of_the_spec():
+    from graft.engine.spec import _KEYS
+
+    assert sorted(INVALID) == sorted(_KEYS)
+
+
+@pytest.mark.parametrize("key,value,allowed", [(k, v, a) for k, cases in INVALID.items() for v, a in cases],
+                         ids=lambda x: repr(x)[:24])
+def test_every_invalid_value_of_every_key_is_one_line_naming_the_key_and_what_is_allowed(key, value, allowed):
+    msg = _error({**MINIMAL, key: value})
+    assert msg.startswith("job.yaml: ")
+    assert f"'{key}" in msg or f"{key}[" in msg, msg  # 'key', 'key.0.match' or rules[0]
+    assert allowed in msg, msg
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("alpha", "lots", "valid number"), ("read_concurrency", "0", "greater than or equal to 1"),
+    ("compute_dtype", "half", "'float32' or 'float64'"), ("allow_family_mismatch", "perhaps", "valid boolean"),
+])
+def test_invalid_set_overrides_are_one_line_naming_the_key(tmp_path, key, value, allowed):
+    msg = _error(MINIMAL, overrides=[f"{key}={value}"], tmp_path=tmp_path)
+    assert f"'{key}'" in msg and allowed in msg
