@@ -105,6 +105,7 @@ class DirectAppender:
             self._write_all(buf[:aligned])
             self._fall_back()
             self._write_all(buf[aligned:self._fill])
+            buf.release()  # before close(): a live view would keep the block mapped
             self._fill = 0
         self.close()
 
