@@ -240,8 +240,8 @@ def test_a_ray_worker_killed_mid_upload_leaves_no_unfinished_upload(s3_server, t
     from safetensors.torch import save_file
 
     # One 16 MiB tensor per checkpoint and 5 MiB upload parts: the output's multipart upload begins a
-    # third of the way through the shard. Reads of the base past 8 MiB are slowed down (faulty://),
-    # so the worker can be killed while its upload is begun and not completed.
+    # third of the way through the shard. Reads of the base past 8 MiB are slowed down (faulty://,
+    # 32 reads of 50 ms), so the worker can be killed while its upload is begun and not completed.
     ckpts = {}
     for i, role in enumerate(ROLES):
         ckpts[role] = str(tmp_path / role)
@@ -250,7 +250,7 @@ def test_a_ray_worker_killed_mid_upload_leaves_no_unfinished_upload(s3_server, t
         save_file({"w": torch.randn(4 * 2**20, generator=g)}, os.path.join(ckpts[role], "model.safetensors"))
     ref = str(tmp_path / "ref")
     run_local(spec_from_mapping({**ckpts, "output": ref}))
-    slow = rule("slow", match="model.safetensors", after=8 * 2**20, times=None, seconds=0.02)
+    slow = rule("slow", match="model.safetensors", after=8 * 2**20, times=None, seconds=0.05)
     options = {"s3": {**s3_server["s3"], "default_block_size": 5 * 2**20},
                **faulty_options(str(tmp_path / "journal"), slow)}
     bucket = new_bucket(s3_server)
@@ -260,12 +260,13 @@ def test_a_ray_worker_killed_mid_upload_leaves_no_unfinished_upload(s3_server, t
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20,
              log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": tests_dir}, "worker_process_setup_hook": "faulty_fs.register"})
+
+    def shard_upload() -> list[str]:  # (the run mark is rewritten through short uploads too)
+        return [u["UploadId"] for u in unfinished_uploads(s3_server, bucket) if u["Key"] == "out/model.safetensors"]
+
     try:
         events: list[str] = []
         bg = Background(lambda: run_ray(planned, RayOptions(workers=1), on_shard=events.append))
-        def shard_upload() -> list[str]:  # (the run mark is rewritten through short uploads too)
-            return [u["UploadId"] for u in unfinished_uploads(s3_server, bucket) if u["Key"] == "out/model.safetensors"]
-
         wait_for(lambda: bool(shard_upload()), "the shard's upload in progress")
         begun = shard_upload()[0]
         kill_one_worker()
