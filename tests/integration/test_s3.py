@@ -201,6 +201,7 @@ def _start_upload(options: dict, key: str) -> str:
 def test_uploads_left_by_killed_writers_are_aborted_and_no_others(s3_server, s3_inputs, tiny_checkpoints,
                                                                     tmp_path, ending):
     from conftest import poison
+    from graft.engine.errors import Interrupted
 
     inputs = dict(s3_inputs)
     if ending == "rollback":
@@ -209,25 +210,27 @@ def test_uploads_left_by_killed_writers_are_aborted_and_no_others(s3_server, s3_
         poison(inputs["finetuned"], float("nan"))
     bucket = new_bucket(s3_server).removeprefix("s3://")
     planned = job(inputs, f"s3://{bucket}/out", s3_server)
-    shard = planned.plan.shards[0].file
-    _start_upload(s3_server, f"{bucket}/out/{shard}")  # ours: a killed worker's
-    _start_upload(s3_server, f"{bucket}/out/{shard}")  # and a second attempt's
+    shard = planned.plan.shards[-1].file
     foreign = {f"{bucket}/elsewhere/{shard}", f"{bucket}/out/sub/{shard}", f"{bucket}/out/notes.txt"}
     for key in foreign:
         _start_upload(s3_server, key)
-    if ending == "commit":
-        run_local(planned)
-    elif ending == "rollback":
-        with pytest.raises(NonFiniteError):
-            run_local(planned)
+    _start_upload(s3_server, f"{bucket}/out/{shard}")  # a crashed earlier run's: aborted at the start
+    planted: list[str] = []
+
+    def on_shard(event: str) -> None:
+        # The run's own killed writer, mid-run: after the start, before the run's end.
+        if not planted:
+            planted.append(_start_upload(s3_server, f"{bucket}/out/{shard}"))
+        if ending == "interrupt":
+            raise KeyboardInterrupt  # on the main thread, where SIGINT's KeyboardInterrupt lands
+
+    expected = {"commit": None, "rollback": NonFiniteError, "interrupt": Interrupted}[ending]
+    if expected is None:
+        run_local(planned, on_shard=on_shard)
     else:
-        from graft.engine.errors import Interrupted
-
-        def ctrl_c(event: str) -> None:  # lands on the main thread, as SIGINT's KeyboardInterrupt does
-            raise KeyboardInterrupt
-
-        with pytest.raises(Interrupted):
-            run_local(planned, on_shard=ctrl_c)
+        with pytest.raises(expected):
+            run_local(planned, on_shard=on_shard)
+    assert planted
     left = {f"{bucket}/{u['Key']}" for u in unfinished_uploads(s3_server, f"s3://{bucket}")}
     assert left == foreign  # only other people's uploads remain
 
