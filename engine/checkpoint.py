@@ -105,8 +105,7 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
         raise CheckpointError(f"{uri}: a JSON file, not a checkpoint; point graft at the checkpoint's "
                               f"directory (the one holding {INDEX_NAME} or {SINGLE_NAME}) or at one "
                               f".safetensors file")
-    if uri.endswith(".safetensors"):
-        parent, _, fname = uri.rstrip("/").rpartition("/")
+    if fname.endswith(".safetensors"):
         storage = Storage(parent or "/", storage_options).pinned()
         known = storage.list_stats()
         listing = list(known)

@@ -223,6 +223,7 @@ class Storage:
         self.root = self.root.rstrip("/") or "/"
         self.is_local = self.protocol in ("file", "local")
         self.is_hub = self.protocol == "hf"
+        self.is_s3 = self.protocol in ("s3", "s3a")
         # The immutable revision every read uses (Hub: a commit sha, written or from pinned()).
         self.commit: str | None = None
         if self.is_hub:
@@ -297,7 +298,7 @@ class Storage:
         carries the same size and version as ``stat`` would (local disk, S3: saves a request per
         file on an object store), else ``None``: call ``stat``."""
         entries = self._entries()
-        known = self.is_local or self.protocol in ("s3", "s3a")
+        known = self.is_local or self.is_s3
         return {name: self._stat_of(name, info) if known else None for name, info in sorted(entries.items())}
 
     def _entries(self) -> dict[str, dict[str, Any]]:
@@ -339,7 +340,7 @@ class Storage:
     def pins_reads(self) -> bool:
         """Whether ``read(..., version=...)`` makes the store refuse a read of any other version (S3:
         each range request carries ``If-Match: <ETag>``)."""
-        return self.protocol in ("s3", "s3a")
+        return self.is_s3
 
     def read(self, name: str, start: int | None = None, end: int | None = None,
              version: str | None = None) -> bytes:
@@ -470,7 +471,7 @@ class Storage:
         ``names`` accepts; returns those names. A writer killed between its first part and its
         commit (a SIGKILLed Ray worker) leaves one behind: invisible in listings, but stored and
         billed until aborted. Only S3 has them; elsewhere nothing to do."""
-        if self.protocol not in ("s3", "s3a"):
+        if not self.is_s3:
             return []
         bucket, _, key = self.root.partition("/")
         prefix = f"{key}/" if key else ""

@@ -29,6 +29,20 @@ settings.register_profile("long", parent=settings.get_profile("ci"), max_example
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+class PrivateMemoryFileSystem:
+    """Mixin for an fsspec MemoryFileSystem under a protocol of its own: ``class F(PrivateMemoryFileSystem,
+    MemoryFileSystem)`` with ``protocol``, ``store = {}`` and ``pseudo_dirs = [""]`` of its own, then
+    ``fsspec.register_implementation``. Paths are accepted with or without ``<protocol>://``."""
+
+    root_marker = "/"
+
+    @classmethod
+    def _strip_protocol(cls, path):  # noqa: ANN001, ANN206 - fsspec's signature
+        if isinstance(path, str):
+            path = path.removeprefix(f"{cls.protocol}://")
+        return super()._strip_protocol(path)
+
+
 def load_all(directory: str) -> dict[str, torch.Tensor]:
     """Every tensor of a (possibly sharded) checkpoint directory, read with the reference reader."""
     out: dict[str, torch.Tensor] = {}

@@ -27,6 +27,7 @@ from hypothesis import event, given, note
 from hypothesis import strategies as st
 from safetensors.torch import save
 
+from conftest import PrivateMemoryFileSystem
 from graft.engine import checkpoint as checkpoint_module
 from graft.engine import safetensors as safetensors_module
 from graft.engine.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
@@ -49,7 +50,7 @@ _TORCH_DTYPES = {
 # --- a filesystem that records every read ---------------------------------------------------------
 
 
-class _RecordingFileSystem(MemoryFileSystem):
+class _RecordingFileSystem(PrivateMemoryFileSystem, MemoryFileSystem):
     """An in-memory filesystem of its own (own store) that records every read, and in ``problems``
     every read that breaks a rule: a range outside the file, one read of more than the header cap, a
     read of a file outside ``allowed``, a file opened for reading (a read that bypasses the record).
@@ -59,18 +60,11 @@ class _RecordingFileSystem(MemoryFileSystem):
     """
 
     protocol = "graftfuzzmem"
-    root_marker = "/"
     store: dict = {}
     pseudo_dirs = [""]
     reads: list[tuple[str, int, int]] = []
     problems: list[str] = []
     allowed = "/"
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        if isinstance(path, str):
-            path = path.removeprefix(f"{cls.protocol}://")
-        return super()._strip_protocol(path)
 
     def cat_file(self, path, start=None, end=None, **kwargs):
         p = self._strip_protocol(path)

@@ -17,6 +17,7 @@ from safetensors.torch import load, save, save_file
 
 import hashlib
 
+from conftest import PrivateMemoryFileSystem
 from graft.engine.errors import HeaderError, IntegrityError
 from graft.engine.safetensors import (
     HEADER_PROBE,
@@ -368,21 +369,14 @@ def test_deeply_nested_metadata_objects_are_a_header_error(tmp_path):
 # --- read_header: one round trip for the header, bounded reads ------------------------------------
 
 
-class _CountingMemoryFileSystem(MemoryFileSystem):
+class _CountingMemoryFileSystem(PrivateMemoryFileSystem, MemoryFileSystem):
     """An in-memory filesystem of its own (own store) that counts the bytes each file serves."""
 
     protocol = "graftcountingmem"
-    root_marker = "/"
     store: dict = {}
     pseudo_dirs = [""]
     served: collections.Counter = collections.Counter()
     reads: collections.Counter = collections.Counter()
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        if isinstance(path, str):
-            path = path.removeprefix(f"{cls.protocol}://")
-        return super()._strip_protocol(path)
 
     def cat_file(self, path, start=None, end=None, **kwargs):
         data = super().cat_file(path, start=start, end=end, **kwargs)
