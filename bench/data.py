@@ -5,6 +5,9 @@
   sharded safetensors writer with different layouts: base and finetuned in 400 MB shards, target
   in 700 MB shards. finetuned = base + noise, target = base + other noise.
 - ``big``: three checkpoints holding one 768 MiB bf16 tensor each (memory must not grow with it).
+- ``fp8``: three DeepSeek-V3-style block-FP8 checkpoints of MoE expert shapes (8 experts x gate /
+  up / down, 2048 x 7168 F8_E4M3 codes with F32 128x128 ``weight_scale_inv``; 352 MB each): the FP8
+  path's cost against the same floor.
 - ``s3``: three small checkpoints (16 tensors of 8 MiB each, one per shard file) for the S3 row.
   moto answers every range request by reading the whole object, so its cost per request grows with
   the object's size; small objects keep the server from dominating what is compared.
@@ -20,13 +23,14 @@ import time
 
 import torch
 
-__all__ = ["LLAMA", "make_llama", "make_big", "make_s3", "ensure"]
+__all__ = ["LLAMA", "make_llama", "make_big", "make_fp8", "make_s3", "ensure"]
 
 LLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
              num_attention_heads=32, num_key_value_heads=4)
 SHARDS = {"base": "400MB", "finetuned": "400MB", "target": "700MB"}
 BIG_SHAPE = (49152, 8192)  # 768 MiB of bf16
 S3_TENSORS, S3_SHAPE = 16, (2048, 2048)  # 8 MiB of bf16 each
+FP8_EXPERTS, FP8_HIDDEN, FP8_FFN = 8, 7168, 2048
 _DONE = ".complete"
 
 
@@ -110,6 +114,40 @@ def make_big(root: str, seed: int = 1) -> dict[str, str]:
     return paths
 
 
+def make_fp8(root: str, seed: int = 3) -> dict[str, str]:
+    """Codes are drawn over every finite E4M3 value and scales around 1e-4: the arithmetic is what
+    is measured, so the values need only be finite and of realistic spread."""
+    from safetensors.torch import save_file
+
+    paths, done = _roles(root, "fp8")
+    if done:
+        return paths
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {}
+    for e in range(FP8_EXPERTS):
+        p = f"model.layers.3.mlp.experts.{e}."
+        shapes.update({p + "gate_proj.weight": (FP8_FFN, FP8_HIDDEN), p + "up_proj.weight": (FP8_FFN, FP8_HIDDEN),
+                       p + "down_proj.weight": (FP8_HIDDEN, FP8_FFN)})
+    for role, path in paths.items():
+        os.makedirs(path, exist_ok=True)
+        shards: list[dict[str, torch.Tensor]] = [{}, {}]
+        for i, (name, (rows, cols)) in enumerate(shapes.items()):
+            codes = torch.randn(rows, cols, generator=gen).mul_(100).clamp_(-448, 448).to(torch.float8_e4m3fn)
+            scales = torch.rand(-(-rows // 128), -(-cols // 128), generator=gen).mul_(2e-4)
+            shards[i * 2 // len(shapes)].update({name: codes, name + "_scale_inv": scales})
+        names = [f"model-0000{i + 1}-of-00002.safetensors" for i in range(2)]
+        for name, sd in zip(names, shards):
+            save_file(sd, os.path.join(path, name), metadata={"format": "pt"})
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": {t: n for n, sd in zip(names, shards) for t in sd}}, f)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({"model_type": "deepseek_v3", "quantization_config": {
+                "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                "weight_block_size": [128, 128]}}, f)
+        open(os.path.join(path, _DONE), "w").close()
+    return paths
+
+
 def make_s3(root: str, seed: int = 2) -> dict[str, str]:
     from safetensors.torch import save_file
 
@@ -133,7 +171,7 @@ def make_s3(root: str, seed: int = 2) -> dict[str, str]:
 def ensure(root: str) -> dict[str, dict[str, str]]:
     """The data sets under ``root``, generating what is missing."""
     t0 = time.monotonic()
-    out = {"llama": make_llama(root), "big": make_big(root), "s3": make_s3(root)}
+    out = {"llama": make_llama(root), "big": make_big(root), "fp8": make_fp8(root), "s3": make_s3(root)}
     took = time.monotonic() - t0
     if took > 1:
         print(f"bench data generated in {took:.0f} s under {root}", flush=True)

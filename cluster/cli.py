@@ -19,7 +19,6 @@ from graft.engine import __version__
 from graft.engine.checkpoint import open_checkpoint
 from graft.engine.errors import GraftError, Interrupted, PlanError, Terminated
 from graft.engine.job import OutputSession, prepare_job
-from graft.engine.local import run_local
 from graft.engine.manifest import verify_output
 from graft.engine.spec import apply_overrides, load_spec
 
@@ -106,6 +105,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = job.plan
     for w in plan.warnings:
         _log(f"warning: {w}")
+    formats = dict(plan.formats)
+    if any(not v.startswith("plain") for v in formats.values()):
+        _log("formats: " + "; ".join(f"{role} {v}" for role, v in formats.items()))
     _log(f"{plan.tensor_count} tensors ({plan.combined} combined, {plan.copied} copied) into "
          f"{len(plan.shards)} shard(s); reading {human_bytes(plan.read_bytes)}, writing "
          f"{human_bytes(plan.write_bytes)} to {spec.output}")
@@ -116,6 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     on_shard = progress.shard if progress else None
     try:
         if args.executor == "local":
+            from graft.engine.local import run_local  # torch loads only for a run
+
             result = run_local(job, workers=args.workers or LOCAL_WORKERS, on_progress=update, log=log,
                                device=args.device, on_shard=on_shard)
         else:
@@ -146,6 +150,9 @@ def _plan_summary(job: Any) -> dict[str, Any]:
         "left_out": list(plan.left_out),
         "shards": [{"file": s.file, "tensors": len(s.tensors), "bytes": s.size} for s in plan.shards],
         "side_files": {s.name: s.donor for s in plan.side_files},
+        "formats": dict(plan.formats),
+        "config_changes": {s.name: {k: (None if v is None else json.loads(v)) for k, v in s.patch}
+                           for s in plan.side_files if s.patch},
         "read_bytes": plan.read_bytes,
         "write_bytes": plan.write_bytes,
         "warnings": list(plan.warnings),
@@ -170,11 +177,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+        formats = summary["formats"]
         for role, i in summary["inputs"].items():
             print(f"{role:9s} {i['uri']}: {i['files']} file(s), {i['tensors']} tensors, "
                   f"{human_bytes(i['bytes'])}")
+            if role in formats:
+                print(f"          stored as {formats[role]}")
         print(f"output    {summary['output']}: {len(summary['shards'])} shard(s), "
               f"{summary['tensors']} tensors ({summary['combined']} combined, {summary['copied']} copied)")
+        if "output" in formats:
+            print(f"          stored as {formats['output']}")
+        for name, change in summary["config_changes"].items():
+            for key, value in change.items():
+                print(f"  {name}: {key} " + ("removed" if value is None else "set to the target's"))
         for s in summary["shards"]:
             print(f"  {s['file']}: {s['tensors']} tensors, {human_bytes(s['bytes'])}")
         for name, donor in summary["side_files"].items():
@@ -204,12 +219,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_FAIL
 
 
+def _stored_as(ckpt: Any) -> str:
+    """How a checkpoint stores its weights, or why graft would refuse it (inspect never fails on it)."""
+    from graft.engine.errors import QuantizationError
+    from graft.engine.quant import layout_of, read_scheme
+
+    try:
+        return layout_of(ckpt, read_scheme(ckpt.read_json("config.json"), ckpt.uri, ckpt.tensors), "checkpoint").describe()
+    except QuantizationError as e:
+        return f"not transferable by graft: {e}"
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     ckpt = open_checkpoint(_location(args.path), _storage_options(args.storage_option))
+    stored_as = _stored_as(ckpt)
     if args.json:
         print(json.dumps({
             "uri": ckpt.uri,
             "files": [{"name": f.name, "size": f.size} for f in ckpt.files],
+            "stored_as": stored_as,
             "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "file": t.file}
                         for n, t in ckpt.tensors.items()},
             "side_files": list(ckpt.side_files),
@@ -221,6 +249,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{ckpt.uri}: {len(ckpt.files)} file(s), {len(ckpt.tensors)} tensors, "
           f"{human_bytes(ckpt.total_bytes)}; dtypes: "
           + ", ".join(f"{d} x{n}" for d, n in sorted(dtypes.items())))
+    print(f"stored as {stored_as}")
     width = max((len(n) for n in ckpt.tensors), default=4)
     for name, t in ckpt.tensors.items():
         print(f"  {name:{width}s}  {t.dtype:8s} {str(list(t.shape)):20s} {t.file}")

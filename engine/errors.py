@@ -10,6 +10,7 @@ __all__ = [
     "HeaderError",
     "CheckpointError",
     "PlanError",
+    "QuantizationError",
     "IntegrityError",
     "NonFiniteError",
     "OutputError",
@@ -45,6 +46,11 @@ class PlanError(GraftError):
     def __init__(self, message: str, problems: list[str] | None = None):
         super().__init__(message)
         self.problems = list(problems or [message])
+
+
+class QuantizationError(PlanError):
+    """A checkpoint is quantized in a way graft cannot decode honestly (GPTQ, AWQ, NVFP4, ...), or
+    its FP8 tensors and config.json disagree."""
 
 
 class IntegrityError(GraftError):

@@ -1,36 +1,41 @@
-"""Run one shard task: stream input ranges in chunks -> kernel -> write + sha256 -> commit.
+"""Run one shard task: stream input ranges in chunks -> compute -> write + sha256 -> commit.
 
 ``execute_shard(task, inputs, output)`` is what every executor (threads, Ray actors) calls. The
-chunks of a shard flow through a three-stage pipeline:
+chunks of a shard (``tasks.iter_chunks``) flow through a three-stage pipeline:
 
     read chunk i+1 (reader threads) | compute chunk i (CPU, or queued on a GPU) | write + hash
     chunks i-1, i-2 (the write thread)
 
+A chunk is computed by one of two paths: plain tensors by ``ChunkKernel`` (element ranges), and
+tensors with FP8 inputs or output by ``codec.Transcoder`` (whole rows: decode each input, combine,
+encode with fresh block scales). A quantized output tensor's scale tensor is gathered while its
+chunks go by and written right after its codes.
+
 Memory is bounded by the chunk size whatever the tensor, shard or model size: three slots of input
-buffers (being read, being computed, held until its output is written), two output buffers, and
-the kernel's cache-sized compute blocks (plus, on a GPU, device copies of those). Each input byte is read exactly once. The
-shard becomes visible only when every byte is written and accounted for; on any error it is
-discarded.
+buffers (being read, being computed, held until its output is written), two output buffers, the
+compute buffers, and one scale tensor per quantized tensor in flight (1/16384 of its codes for
+128x128 blocks) (plus, on a GPU, device copies of those). Each input byte is read exactly once
+(but for tensors written with one per-tensor scale, whose inputs are read twice). The shard
+becomes visible only when every byte is written and accounted for; on any error it is discarded.
 """
 from __future__ import annotations
 
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import torch
 
+from .codec import Transcoder
 from .errors import GraftError, IntegrityError
 from .kernel import TORCH_DTYPES, ChunkKernel, check_finite
-from .planner import ShardTask, Source, TensorTask
-from .safetensors import DTYPE_SIZES, FLOATING_DTYPES, ShardWriter
+from .safetensors import FLOATING_DTYPES, ShardWriter
 from .storage import RangeReader, Storage
+from .tasks import Chunk, Read, ShardResult, ShardTask, Source, iter_chunks
 
 __all__ = ["ShardResult", "Chunk", "Cancelled", "iter_chunks", "execute_shard"]
 
-_ROLES = ("target", "finetuned", "base")
 _SLOTS = 3
 
 
@@ -38,58 +43,33 @@ class Cancelled(GraftError):
     """The shard was stopped because the run is being abandoned (another shard failed, Ctrl-C)."""
 
 
-@dataclass(frozen=True)
-class ShardResult:
-    """What a finished shard reports back: small plain values only."""
-
-    file: str
-    size: int
-    sha256: str
-    bytes_read: int
-    seconds: float
+def _dtype_of(chunk: Chunk, read: Read) -> torch.dtype:
+    src = _source(chunk, read.role)
+    if read.kind == "scales":
+        assert src.scales is not None
+        return TORCH_DTYPES[src.scales.dtype]
+    return TORCH_DTYPES[src.dtype]
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """Elements ``[start, start + count)`` of one output tensor."""
-
-    tensor: TensorTask
-    start: int
-    count: int
-
-    def sources(self) -> list[Source]:
-        t = self.tensor
-        return [s for s in (t.target, t.finetuned, t.base) if s is not None]
-
-    @property
-    def out_bytes(self) -> int:
-        return self.count * DTYPE_SIZES[self.tensor.dtype]
-
-
-def iter_chunks(task: ShardTask) -> Iterator[Chunk]:
-    """The chunks of a shard in write order; a tensor larger than a chunk is split."""
-    compute_size = 8 if task.settings.compute_dtype == "float64" else 4
-    for t in task.tensors:
-        per_elem = compute_size if t.combine else DTYPE_SIZES[t.dtype]
-        step = max(1, task.settings.chunk_size // per_elem)
-        for start in range(0, t.numel, step):
-            yield Chunk(t, start, min(step, t.numel - start))
+def _source(chunk: Chunk, role: str) -> Source:
+    src = {"target": chunk.tensor.target, "finetuned": chunk.tensor.finetuned, "base": chunk.tensor.base}[role]
+    assert src is not None
+    return src
 
 
 class _Slot:
-    """Input buffers for one chunk in flight (one per role), sized for the largest chunk."""
+    """Input buffers for one chunk in flight, one per (role, codes | scales), sized for the largest."""
 
-    def __init__(self, capacity: dict[str, int], pinned: bool):
-        self.bufs = {role: torch.empty(n, dtype=torch.uint8, pin_memory=pinned)
-                     for role, n in capacity.items()}
+    def __init__(self, capacity: dict[tuple[str, str], int], pinned: bool):
+        self.bufs = {key: torch.empty(n, dtype=torch.uint8, pin_memory=pinned) for key, n in capacity.items()}
         self.pending: list[Future[None]] = []
 
-    def view(self, src: Source, count: int) -> torch.Tensor:
-        """The bytes of ``count`` elements of ``src`` (uint8)."""
-        return self.bufs[src.role][:count * DTYPE_SIZES[src.dtype]]
+    def view(self, read: Read) -> torch.Tensor:
+        """The buffer ``read`` lands in (uint8, exactly its size)."""
+        return self.bufs[(read.role, read.kind)][:read.size]
 
-    def typed(self, src: Source, count: int) -> torch.Tensor:
-        return self.view(src, count).view(TORCH_DTYPES[src.dtype])
+    def typed(self, chunk: Chunk, reads: list[Read]) -> dict[tuple[str, str], torch.Tensor]:
+        return {(r.role, r.kind): self.view(r).view(_dtype_of(chunk, r)) for r in reads}
 
     def wait(self) -> None:
         for fut in self.pending:
@@ -97,74 +77,95 @@ class _Slot:
         self.pending.clear()
 
 
+def _compute(kernel: ChunkKernel | None, codec: Transcoder | None, chunk: Chunk,
+             inputs: dict[tuple[str, str], torch.Tensor], out: torch.Tensor, scales: torch.Tensor | None,
+             where: str, non_blocking: bool = False) -> None:
+    """One chunk into ``out`` (its output bytes) on the inputs' device: the plain kernel, or the
+    codec, whose output scale rows land in ``scales`` (the tensor's whole scale tensor, on the host)."""
+    t = chunk.tensor
+    typed = out.view(TORCH_DTYPES[t.dtype])
+    if t.transcodes:
+        assert codec is not None
+        rows = codec.run(chunk, inputs, None if chunk.measure else typed, where)
+        if rows is not None and scales is not None and t.scales is not None:
+            lo, hi = chunk.scale_rows(t.scales)
+            scales[lo:hi].copy_(rows, non_blocking=non_blocking)
+    else:
+        assert kernel is not None
+        kernel.combine(inputs[("target", "codes")], inputs[("finetuned", "codes")], inputs[("base", "codes")],
+                       t.alpha, typed)
+
+
 class _CpuCompute:
     """Computes a chunk on the calling thread; ``finish`` has nothing left to wait for."""
 
-    def __init__(self, compute_dtype: str, max_elems: int, out_cap: int):
-        self.kernel = ChunkKernel(compute_dtype, max_elems) if max_elems else None
+    def __init__(self, compute_dtype: str, plain_elems: int, codec_elems: int, out_cap: int):
+        self.kernel = ChunkKernel(compute_dtype, plain_elems) if plain_elems else None
+        self.codec = Transcoder(compute_dtype, codec_elems) if codec_elems else None
         self.out = [torch.empty(out_cap, dtype=torch.uint8) for _ in range(2)]
 
-    def submit(self, i: int, chunk: Chunk, slot: _Slot) -> torch.Tensor:
-        t = chunk.tensor
-        assert self.kernel is not None and t.finetuned is not None and t.base is not None
+    def submit(self, i: int, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
+               scales: torch.Tensor | None, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.out[i % 2][:chunk.out_bytes]
-        self.kernel.combine(slot.typed(t.target, chunk.count), slot.typed(t.finetuned, chunk.count),
-                            slot.typed(t.base, chunk.count), t.alpha, out.view(TORCH_DTYPES[t.dtype]))
-        return out
+        _compute(self.kernel, self.codec, chunk, inputs, out, scales, where)
+        return out, scales if chunk.last else None
 
-    def finish(self, handle: torch.Tensor) -> torch.Tensor:
+    def finish(self, handle: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return handle
 
 
 class _CudaCompute:
-    """Queues each chunk on a GPU: upload (copy stream) -> kernel -> download (compute stream).
+    """Queues each chunk on a GPU: upload (copy stream) -> compute -> download (compute stream).
 
-    The upload of chunk i+1 overlaps the kernel of chunk i, and both overlap the host writing and
-    hashing chunk i-1. Host input buffers are pinned so the copies are truly asynchronous.
+    The upload of chunk i+1 overlaps the compute of chunk i, and both overlap the host writing and
+    hashing chunk i-1. Host input buffers are pinned so the copies are truly asynchronous; a
+    quantized tensor's scale rows come back into its pinned host scale buffer.
     """
 
-    def __init__(self, device: str, compute_dtype: str, max_elems: int, out_cap: int,
-                 capacity: dict[str, int]):
+    def __init__(self, device: str, compute_dtype: str, plain_elems: int, codec_elems: int,
+                 out_cap: int, capacity: dict[tuple[str, str], int]):
         self.device = torch.device(device)
-        self.kernel = ChunkKernel(compute_dtype, max_elems, self.device) if max_elems else None
+        self.kernel = ChunkKernel(compute_dtype, plain_elems, self.device) if plain_elems else None
+        self.codec = Transcoder(compute_dtype, codec_elems, self.device) if codec_elems else None
         self.copy_stream = torch.cuda.Stream(self.device)
         self.compute_stream = torch.cuda.Stream(self.device)
-        self.staging = [{r: torch.empty(n, dtype=torch.uint8, device=self.device) for r, n in capacity.items()}
+        self.staging = [{k: torch.empty(n, dtype=torch.uint8, device=self.device) for k, n in capacity.items()}
                         for _ in range(2)]
         self.out_dev = [torch.empty(out_cap, dtype=torch.uint8, device=self.device) for _ in range(2)]
         self.out_host = [torch.empty(out_cap, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         self.released: list[torch.cuda.Event | None] = [None, None]
 
-    def submit(self, i: int, chunk: Chunk, slot: _Slot) -> tuple[torch.cuda.Event, torch.Tensor]:
-        t = chunk.tensor
-        assert self.kernel is not None and t.finetuned is not None and t.base is not None
+    def submit(self, i: int, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
+               scales: torch.Tensor | None, where: str) -> tuple[torch.cuda.Event, torch.Tensor, torch.Tensor | None]:
         k = i % 2
         staged = {}
         with torch.cuda.stream(self.copy_stream):
-            if self.released[k] is not None:  # chunk i-2's kernel must be done with staging[k]
+            if self.released[k] is not None:  # chunk i-2's compute must be done with staging[k]
                 self.copy_stream.wait_event(self.released[k])
-            for src in chunk.sources():
-                dev = self.staging[k][src.role][:chunk.count * DTYPE_SIZES[src.dtype]]
-                dev.copy_(slot.view(src, chunk.count), non_blocking=True)
-                staged[src.role] = dev.view(TORCH_DTYPES[src.dtype])
+            for key, host in inputs.items():
+                raw = host.view(torch.uint8)
+                dev = self.staging[k][key][:raw.numel()]
+                dev.copy_(raw, non_blocking=True)
+                staged[key] = dev.view(host.dtype)
             uploaded = torch.cuda.Event()
             uploaded.record(self.copy_stream)
         with torch.cuda.stream(self.compute_stream):
             self.compute_stream.wait_event(uploaded)
             out_dev = self.out_dev[k][:chunk.out_bytes]
-            self.kernel.combine(staged["target"], staged["finetuned"], staged["base"], t.alpha,
-                                out_dev.view(TORCH_DTYPES[t.dtype]))
+            # The scale rows go straight to the pinned host buffer, after the compute on this stream.
+            _compute(self.kernel, self.codec, chunk, staged, out_dev, scales, where, non_blocking=True)
             out_host = self.out_host[k][:chunk.out_bytes]
             out_host.copy_(out_dev, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.compute_stream)
         self.released[k] = done
-        return done, out_host
+        return done, out_host, scales if chunk.last else None
 
-    def finish(self, handle: tuple[torch.cuda.Event, torch.Tensor]) -> torch.Tensor:
-        done, out_host = handle
+    def finish(self, handle: tuple[torch.cuda.Event, torch.Tensor, torch.Tensor | None]
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        done, out_host, scales = handle
         done.synchronize()
-        return out_host
+        return out_host, scales
 
 
 def _check_inputs_unchanged(task: ShardTask, inputs: Mapping[str, Storage]) -> None:
@@ -174,8 +175,12 @@ def _check_inputs_unchanged(task: ShardTask, inputs: Mapping[str, Storage]) -> N
     bytes of two versions are never committed together. Files on a store that ``pins_reads`` need
     no check: each of their reads was refused unless it was of the planned version.
     """
-    planned = {(s.role, s.file): s.version for t in task.tensors for s in (t.target, t.finetuned, t.base)
-               if s is not None and s.version is not None and not inputs[s.role].pins_reads}
+    planned: dict[tuple[str, str], str] = {}
+    for t in task.tensors:
+        for s in t.sources:
+            for file, version in ((s.file, s.version), *(((s.scales.file, s.scales.version),) if s.scales else ())):
+                if version is not None and not inputs[s.role].pins_reads:
+                    planned[(s.role, file)] = version
     keys = sorted(planned)
     if len(keys) > 1:  # one round trip each on an object store: overlap them
         with ThreadPoolExecutor(max_workers=min(len(keys), 8), thread_name_prefix="graft-stat") as pool:
@@ -190,11 +195,11 @@ def _check_inputs_unchanged(task: ShardTask, inputs: Mapping[str, Storage]) -> N
                                  f"the job again to use the new version")
 
 
-def _capacity(chunks: list[Chunk]) -> dict[str, int]:
-    cap = dict.fromkeys(_ROLES, 0)
-    for c in chunks:
-        for s in c.sources():
-            cap[s.role] = max(cap[s.role], c.count * DTYPE_SIZES[s.dtype])
+def _capacity(reads: list[list[Read]]) -> dict[tuple[str, str], int]:
+    cap: dict[tuple[str, str], int] = {}
+    for chunk_reads in reads:
+        for r in chunk_reads:
+            cap[(r.role, r.kind)] = max(cap.get((r.role, r.kind), 0), r.size)
     return cap
 
 
@@ -216,32 +221,33 @@ def execute_shard(
     t0 = time.monotonic()
     settings = task.settings
     chunks = list(iter_chunks(task))
-    capacity = _capacity(chunks)
+    reads = [c.reads() for c in chunks]
+    capacity = _capacity(reads)
     on_gpu = device != "cpu"
     slots = [_Slot(capacity, pinned=on_gpu) for _ in range(_SLOTS)]
-    combined = [c for c in chunks if c.tensor.combine]
-    max_elems = max((c.count for c in combined), default=0)
-    out_cap = max((c.out_bytes for c in combined), default=0)
+    computed = [c for c in chunks if c.tensor.combine or c.tensor.transcodes]
+    plain_elems = max((c.count for c in computed if not c.tensor.transcodes), default=0)
+    codec_elems = max((c.count for c in computed if c.tensor.transcodes), default=0)
+    out_cap = max((c.out_bytes for c in computed), default=0)
     compute: _CpuCompute | _CudaCompute = (
-        _CudaCompute(device, settings.compute_dtype, max_elems, out_cap, capacity) if on_gpu
-        else _CpuCompute(settings.compute_dtype, max_elems, out_cap))
+        _CudaCompute(device, settings.compute_dtype, plain_elems, codec_elems, out_cap, capacity) if on_gpu
+        else _CpuCompute(settings.compute_dtype, plain_elems, codec_elems, out_cap))
     readers: dict[tuple[str, str], RangeReader] = {}
     # One thread per role keeps the three input streams moving while this thread computes/writes.
     pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix=f"graft-read-{task.index}")
 
-    def reader(src: Source) -> RangeReader:
-        key = (src.role, src.file)
+    def reader(role: str, file: str, version: str | None) -> RangeReader:
+        key = (role, file)
         if key not in readers:
-            readers[key] = inputs[src.role].reader(src.file, task.settings.read_concurrency, src.version)
+            readers[key] = inputs[role].reader(file, task.settings.read_concurrency, version)
         return readers[key]
 
     def read_ahead(i: int) -> None:
         if i < len(chunks):
-            chunk, slot = chunks[i], slots[i % _SLOTS]
-            for src in chunk.sources():
-                dest = memoryview(slot.view(src, chunk.count).numpy())
-                slot.pending.append(pool.submit(reader(src).read_into,
-                                                src.begin + chunk.start * DTYPE_SIZES[src.dtype], dest))
+            slot = slots[i % _SLOTS]
+            for r in reads[i]:
+                dest = memoryview(slot.view(r).numpy())
+                slot.pending.append(pool.submit(reader(r.role, r.file, r.version).read_into, r.begin, dest))
 
     # One thread writes and hashes while this one computes: sha256 and the page-cache copy cost
     # as much CPU as the arithmetic, and writes can block on the disk.
@@ -251,16 +257,23 @@ def execute_shard(
     try:
         shard = ShardWriter(writer, task.header_tensors(), dict(task.metadata))
 
-        def write_chunk(chunk: Chunk, handle: object) -> None:  # on the write thread, in order
+        def write_chunk(i: int, handle: object) -> None:  # on the write thread, in order
+            chunk = chunks[i]
             t = chunk.tensor
-            # A copied tensor's bytes go out straight from the input slot.
-            data = compute.finish(handle) if t.combine else handle
-            if not settings.allow_nonfinite and t.dtype in FLOATING_DTYPES:
-                check_finite(data.view(TORCH_DTYPES[t.dtype]), t.name, task.file, chunk.start)
-            shard.write(memoryview(data.numpy()))
+            if not chunk.measure:
+                if t.copies_raw:  # the target's bytes go out straight from the input slot
+                    data, scales = handle  # type: ignore[misc]
+                else:
+                    data, scales = compute.finish(handle)  # type: ignore[arg-type]
+                if not settings.allow_nonfinite and t.dtype in FLOATING_DTYPES and t.scales is None:
+                    check_finite(data.view(TORCH_DTYPES[t.dtype]), t.name, task.file, chunk.start)
+                shard.write(memoryview(data.numpy()))
+                if scales is not None:
+                    shard.write(memoryview(scales.view(torch.uint8).reshape(-1).numpy()))
             if on_progress is not None:
-                on_progress(sum(DTYPE_SIZES[s.dtype] * chunk.count for s in chunk.sources()))
+                on_progress(sum(r.size for r in reads[i]))
 
+        scales: torch.Tensor | None = None  # the output scale tensor of the tensor being written
         read_ahead(0)
         for i, chunk in enumerate(chunks):
             if cancel is not None and cancel.is_set():
@@ -272,9 +285,20 @@ def execute_shard(
             read_ahead(i + 1)
             slot = slots[i % _SLOTS]
             slot.wait()
-            handle = compute.submit(i, chunk, slot) if chunk.tensor.combine else slot.view(
-                chunk.tensor.target, chunk.count)
-            written.append(write_pool.submit(write_chunk, chunk, handle))
+            t = chunk.tensor
+            if t.copies_raw:
+                raw = {(r.role, r.kind): slot.view(r) for r in reads[i]}
+                handle: object = (raw[("target", "codes")], raw.get(("target", "scales")) if chunk.last else None)
+            else:
+                if t.scales is not None and not chunk.measure and scales is None:
+                    # Filled row by row as the chunks go by; written after the tensor's last chunk.
+                    grid = t.scales.grid(*t.shape)
+                    scales = torch.empty(grid, dtype=TORCH_DTYPES[t.scales.dtype], pin_memory=on_gpu)
+                handle = compute.submit(i, chunk, slot.typed(chunk, reads[i]),
+                                        None if chunk.measure else scales, task.file)
+                if chunk.last:
+                    scales = None
+            written.append(write_pool.submit(write_chunk, i, handle))
         for fut in written:
             fut.result()
         size, digest = shard.finish()

@@ -96,6 +96,7 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         sources[role] = {"location": entry["uri"], **({"commit": entry["commit"]} if "commit" in entry else {})}
     hub_models = [r for r in (repo_id_of(inputs[role]["uri"]) for role in ("target", "finetuned", "base")) if r]
     files = {o["name"] for o in manifest["outputs"]}
+    formats = manifest.get("plan", {}).get("formats") or {}
     data = ModelCardData(
         base_model=list(dict.fromkeys(hub_models)) or None,
         base_model_relation="merge" if hub_models else None,
@@ -106,6 +107,8 @@ def model_card(manifest: Mapping[str, Any]) -> str:
             "alpha": spec["alpha"],
             "rules": [{"match": r["match"], "alpha": r["alpha"]} for r in spec.get("rules", [])],
             "compute_dtype": spec["compute_dtype"],
+            **({"output_format": spec["output_format"]} if "output_format" in spec else {}),
+            **({"formats": formats} if formats else {}),
             **sources,
         },
     )
@@ -113,6 +116,8 @@ def model_card(manifest: Mapping[str, Any]) -> str:
     rule_table = f"\n\nPer-tensor alpha (first match wins):\n\n| tensor pattern | alpha |\n|---|---|{rules}" if rules else ""
     lines = "\n".join(f"- **{role}**: `{s['location']}`" + (f" (commit `{s['commit']}`)" if "commit" in s else "")
                       for role, s in sources.items())
+    stored = ("How each stores its weights:\n\n" + "".join(f"- **{k}**: {v}\n" for k, v in formats.items())
+              + "\n") if formats else ""
     return (
         f"---\n{data.to_yaml()}\n---\n\n"
         f"# Fine-tuning transfer\n\n"
@@ -120,7 +125,7 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         f"alpha = {spec['alpha']} ({spec['compute_dtype']} arithmetic, rounded once to the target's "
         f"dtype), following Lin et al. (2025), *Efficient Model Development through Fine-tuning "
         f"Transfer*.{rule_table}\n\n"
-        f"Sources:\n\n{lines}\n\n"
+        f"Sources:\n\n{lines}\n\n{stored}"
         f"`{MANIFEST_NAME}` records the run (every input file's version, every output file's "
         f"sha256); `SHA256SUMS` checks the weights with `sha256sum -c SHA256SUMS`.\n"
     )

@@ -26,12 +26,12 @@ from typing import Any, Callable
 from . import __version__
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from .errors import GraftError, IntegrityError, Interrupted, OutputError, Terminated
-from .execute import ShardResult
 from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, SUMS_NAME, OutputFile, format_sums, hash_file
 from .planner import ROLES, Plan, ShardTask, make_plan
 from .runmark import RUN_MARK, STALE_AFTER_SECONDS, RunMark, describe, is_stale, read_mark
 from .spec import JobSpec
 from .storage import TEMP_MARK, Storage
+from .tasks import ShardResult
 
 __all__ = ["RUN_MARK", "Job", "prepare_job", "OutputSession"]
 
@@ -71,6 +71,24 @@ def _still_intact(storage: Storage, name: str, info: Any) -> bool:
         return size == int(info["size"]) and hash_file(storage, name, size) == info["sha256"]
     except (GraftError, KeyError, TypeError, ValueError):
         return False
+
+
+def _patched(data: bytes, patch: tuple[tuple[str, str | None], ...], where: str) -> bytes:
+    """A JSON object file with top-level keys set (or removed, for None) as the plan says."""
+    try:
+        obj = json.loads(data)
+    except ValueError as e:
+        raise IntegrityError(f"{where}: not valid JSON ({e}); graft must change it to match the "
+                             f"output's weights, fix the file") from None
+    if not isinstance(obj, dict):
+        raise IntegrityError(f"{where}: not a JSON object; graft must change it to match the output's "
+                             f"weights, fix the file")
+    for key, value in patch:
+        if value is None:
+            obj.pop(key, None)
+        else:
+            obj[key] = json.loads(value)
+    return json.dumps(obj, indent=2).encode() + b"\n"
 
 
 def _utc(ts: float) -> str:
@@ -181,10 +199,15 @@ class OutputSession:
         donated: dict[str, list[dict[str, Any]]] = {role: [] for role in self.job.checkpoints}
         for side in plan.side_files:
             donor = self.job.checkpoints[side.donor].storage
-            copied = self._put(side.name, donor.read(side.name))
+            data = donor.read(side.name)
+            entry: dict[str, Any] = {"name": side.name, "uri": donor.url(side.name)}
+            if side.patch:
+                entry["sha256_donated"] = hashlib.sha256(data).hexdigest()
+                entry["patched"] = {k: None if v is None else json.loads(v) for k, v in side.patch}
+                data = _patched(data, side.patch, donor.url(side.name))
+            copied = self._put(side.name, data)
             outputs.append(copied)
-            donated[side.donor].append({"name": side.name, "uri": donor.url(side.name),
-                                        "size": copied.size, "sha256": copied.sha256})
+            donated[side.donor].append({**entry, "size": copied.size, "sha256": copied.sha256})
         if plan.write_index:
             outputs.append(self._put(INDEX_NAME, json.dumps(plan.index_json(), indent=2).encode() + b"\n"))
         # A worker killed mid-shard leaves its temporary (or on S3 its upload) behind; none may
@@ -213,6 +236,7 @@ class OutputSession:
             "plan": {"tensors": plan.tensor_count, "combined": plan.combined, "copied": plan.copied,
                      "left_out": list(plan.left_out), "shards": len(plan.shards),
                      "side_files": {s.name: s.donor for s in plan.side_files},
+                     "formats": dict(plan.formats),
                      "warnings": list(plan.warnings)},
             "run": {"executor": executor, "workers": workers, "resumed_shards": list(self.resumed),
                     "started": _utc(self.mark.started),

@@ -12,8 +12,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import torch
-
 from .errors import GraftError, IntegrityError
 from .storage import Storage
 
@@ -66,7 +64,7 @@ def parse_sums(text: bytes, where: str) -> dict[str, str]:
 def hash_file(storage: Storage, name: str, size: int) -> str:
     """sha256 of ``name``, streamed in bounded chunks."""
     h = hashlib.sha256()
-    buf = torch.empty(min(_HASH_CHUNK, max(size, 1)), dtype=torch.uint8).numpy()
+    buf = bytearray(min(_HASH_CHUNK, max(size, 1)))
     with storage.reader(name) as r:
         pos = 0
         while pos < size:

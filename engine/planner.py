@@ -1,20 +1,25 @@
 """Planning: match the three checkpoints, apply the rules, lay out the output shards.
 
 ``make_plan(spec, checkpoints, configs)`` is a pure function of the spec and the headers (plus the
-parsed config.json files, for warnings). It raises ``PlanError`` listing what cannot be combined, and
-returns a ``Plan``: frozen, comparable with ``==``, small enough to ship to a worker per shard.
+parsed config.json files: the model family, warnings, and how each checkpoint stores its weights,
+``quant.py``). It matches *logical* tensors: a plain weight and the FP8 codes + scales of the same
+name are one tensor. It raises ``PlanError`` listing what cannot be combined (``QuantizationError``
+for a quantization graft refuses), and returns a ``Plan``: frozen, comparable with ``==``, small
+enough to ship to a worker per shard.
 """
 from __future__ import annotations
 
-import math
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorRef
-from .errors import PlanError
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from .errors import PlanError, QuantizationError
 from .manifest import MANIFEST_NAME, SUMS_NAME
-from .safetensors import DTYPE_SIZES, FLOATING_DTYPES, build_header
+from .quant import FP8_CODES, Layout, Stored, layout_of, read_scheme
+from .safetensors import FLOATING_DTYPES, build_header
 from .spec import DEFAULT_FILES, JobSpec
+from .tasks import ROLES, ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask
 
 __all__ = [
     "ROLES",
@@ -28,7 +33,6 @@ __all__ = [
     "make_plan",
 ]
 
-ROLES = ("target", "finetuned", "base")
 RESERVED_OUTPUT_NAMES = frozenset({MANIFEST_NAME, SUMS_NAME, INDEX_NAME})
 # config.json fields that name the model family: the three checkpoints must agree on them (a
 # difference vector taken in one family means nothing in another) unless allow_family_mismatch.
@@ -40,86 +44,19 @@ _CONFIG_FIELDS = ("vocab_size", "max_position_embeddings", "rope_scaling", "rope
 # Below this share of the target's tensors to combine found in finetuned or base, the checkpoints
 # are not the same architecture, whatever on_missing says (it is for a few odd tensors).
 _MIN_OVERLAP = 0.5
-
-
-@dataclass(frozen=True)
-class Source:
-    """Bytes ``[begin, end)`` of ``file`` in the checkpoint playing ``role``, holding ``dtype``."""
-
-    role: str
-    file: str
-    dtype: str
-    begin: int
-    end: int
-    version: str | None = None  # the file's ETag / version / mtime when it was planned
-
-
-@dataclass(frozen=True)
-class TensorTask:
-    """One output tensor. With ``finetuned``/``base`` set it is combined, else the target is copied."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    alpha: float
-    target: Source
-    finetuned: Source | None = None
-    base: Source | None = None
-
-    @property
-    def combine(self) -> bool:
-        return self.finetuned is not None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES[self.dtype]
-
-
-@dataclass(frozen=True)
-class ExecSettings:
-    """Job-wide execution settings every shard task needs."""
-
-    compute_dtype: str
-    chunk_size: int
-    allow_nonfinite: bool
-    read_concurrency: int = 1
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """One output file: its tensors in write order, its header metadata, its exact byte size."""
-
-    index: int
-    file: str
-    tensors: tuple[TensorTask, ...]
-    metadata: tuple[tuple[str, str], ...]
-    size: int
-    settings: ExecSettings
-
-    @property
-    def read_bytes(self) -> int:
-        """Input bytes this shard reads (each input byte once)."""
-        n = 0
-        for t in self.tensors:
-            for s in (t.target, t.finetuned, t.base):
-                if s is not None:
-                    n += s.end - s.begin
-        return n
-
-    def header_tensors(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        return [(t.name, t.dtype, t.shape) for t in self.tensors]
+# The key of config.json that says how the weights are stored; the output's must match its weights.
+QUANT_KEY = "quantization_config"
 
 
 @dataclass(frozen=True)
 class SideFile:
-    """A non-weight file copied verbatim from the ``donor`` checkpoint."""
+    """A non-weight file copied from the ``donor`` checkpoint: verbatim, unless ``patch`` sets
+    top-level JSON keys (``(key, JSON text)``; None removes the key), e.g. config.json's
+    ``quantization_config`` so that it describes the output's weights."""
 
     name: str
     donor: str
+    patch: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,6 +70,7 @@ class Plan:
     combined: int
     copied: int
     left_out: tuple[str, ...]
+    formats: tuple[tuple[str, str], ...] = ()  # (role or "output", how it stores its weights)
 
     @property
     def tensor_count(self) -> int:
@@ -147,7 +85,7 @@ class Plan:
         return sum(s.size for s in self.shards)
 
     def weight_map(self) -> dict[str, str]:
-        return {t.name: s.file for s in self.shards for t in s.tensors}
+        return {name: s.file for s in self.shards for t in s.tensors for name, _, _ in t.stored()}
 
     def index_json(self) -> dict[str, Any]:
         """The ``model.safetensors.index.json`` content (``total_size``: tensor bytes, HF's convention)."""
@@ -155,8 +93,39 @@ class Plan:
         return {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map().items()))}
 
 
-def _source(ckpt: Checkpoint, role: str, ref: TensorRef) -> Source:
-    return Source(role, ref.file, ref.dtype, ref.begin, ref.end, ckpt.version_of(ref.file))
+def _source(ckpt: Checkpoint, role: str, stored: Stored, pow2: bool = False) -> Source:
+    ref, sc = stored.codes, stored.scales
+    scales = None
+    if sc is not None and stored.block is not None:
+        scales = Scales(sc.name, sc.dtype, sc.shape, stored.block, pow2, sc.file, sc.begin, sc.end,
+                        ckpt.version_of(sc.file))
+    return Source(role, ref.file, ref.dtype, ref.begin, ref.end, ckpt.version_of(ref.file), scales)
+
+
+def _output_encoding(spec: JobSpec, t: Stored, pow2: bool) -> tuple[str, OutScales | None]:
+    """The output's dtype and scales for a target tensor: the target's format, or BF16."""
+    if spec.output_format == "bf16" and t.codes.dtype in FP8_CODES:
+        return "BF16", None
+    if t.scales is not None and t.block is not None:
+        return t.codes.dtype, OutScales(t.scales.name, t.scales.dtype, t.scales.shape, t.block, pow2)
+    return t.codes.dtype, None
+
+
+def _layouts(checkpoints: Mapping[str, Checkpoint],
+             configs: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Layout]:
+    """Each checkpoint's logical tensors; every refused quantization is listed at once."""
+    layouts: dict[str, Layout] = {}
+    problems: list[str] = []
+    for role in ROLES:
+        c = checkpoints[role]
+        try:
+            layouts[role] = layout_of(c, read_scheme(configs.get(role), f"{role} ({c.uri})", c.tensors), role)
+        except QuantizationError as e:
+            problems.append(str(e))
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s); run graft plan to list them)" if len(problems) > 1 else ""
+        raise QuantizationError(problems[0] + more, problems)
+    return layouts
 
 
 def _examples(names: list[str], n: int = 3) -> str:
@@ -169,7 +138,9 @@ def make_plan(
     checkpoints: Mapping[str, Checkpoint],
     configs: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> Plan:
-    """Plan the job. ``checkpoints`` maps each role of ``ROLES`` to its opened checkpoint."""
+    """Plan the job. ``checkpoints`` maps each role of ``ROLES`` to its opened checkpoint; ``configs``
+    their parsed config.json (None where absent), which also declare how each stores its weights."""
+    configs = configs or {}
     tgt, ft, bs = (checkpoints[r] for r in ROLES)
     problems: list[str] = []
     warnings: list[str] = []
@@ -177,44 +148,61 @@ def make_plan(
     carried_missing: list[str] = []
     combined = copied = 0
 
-    family = _family_problems(configs or {}, {r: checkpoints[r].uri for r in ROLES})
+    family = _family_problems(configs, {r: checkpoints[r].uri for r in ROLES})
     if spec.allow_family_mismatch:
         warnings.extend(family)
     else:
         problems.extend(f"{p}; set allow_family_mismatch: true if this is really intended" for p in family)
-    problems.extend(_overlap_problems(spec, checkpoints))
-    missing = {role: [n for n in tgt.tensors if n not in checkpoints[role].tensors]
-               for role in ("finetuned", "base")}
-    extra = sorted({n for role in ("finetuned", "base") for n in checkpoints[role].tensors
-                    if n not in tgt.tensors})
+    if problems:  # another family: its quantization or tensor names would only add noise
+        raise PlanError(problems[0], problems)
+    layouts = _layouts(checkpoints, configs)
+    logical = {role: layouts[role].tensors for role in ROLES}
+    problems.extend(_overlap_problems(spec, checkpoints, logical))
+    missing = {role: [n for n in logical["target"] if n not in logical[role]] for role in ("finetuned", "base")}
+    extra = sorted({n for role in ("finetuned", "base") for n in logical[role] if n not in logical["target"]})
 
-    for name, t in tgt.tensors.items():
+    scheme = layouts["target"].scheme
+    pow2 = scheme is not None and scheme.pow2
+    for name, t in logical["target"].items():
         alpha = spec.alpha_for(name)
-        f, b = ft.tensors.get(name), bs.tensors.get(name)
-        if t.dtype not in FLOATING_DTYPES or alpha == 0.0:
-            tasks[name] = TensorTask(name, t.dtype, t.shape, 0.0, _source(tgt, "target", t))
+        f, b = logical["finetuned"].get(name), logical["base"].get(name)
+        dtype, scales = _output_encoding(spec, t, pow2)
+        shape = t.codes.shape
+        target_source = _source(tgt, "target", t, pow2)
+        if t.codes.dtype not in FLOATING_DTYPES or alpha == 0.0:
+            tasks[name] = TensorTask(name, dtype, shape, 0.0, target_source, scales=scales)
             copied += 1
             continue
         if f is None or b is None:
             if spec.on_missing == "carry_target":
-                tasks[name] = TensorTask(name, t.dtype, t.shape, 0.0, _source(tgt, "target", t))
+                tasks[name] = TensorTask(name, dtype, shape, 0.0, target_source, scales=scales)
                 carried_missing.append(name)
                 copied += 1
             continue  # reported below, once for all tensors
-        if not (t.shape == f.shape == b.shape):
+        if not (shape == f.codes.shape == b.codes.shape):
             problems.append(
-                f"tensor {name!r} has shape {list(t.shape)} in target ({tgt.uri}), {list(f.shape)} in "
-                f"finetuned ({ft.uri}), {list(b.shape)} in base ({bs.uri}); the checkpoints are not "
+                f"tensor {name!r} has shape {list(shape)} in target ({tgt.uri}), {list(f.codes.shape)} in "
+                f"finetuned ({ft.uri}), {list(b.codes.shape)} in base ({bs.uri}); the checkpoints are not "
                 f"the same architecture (exclude it with a rule alpha: 0 to carry the target's)"
             )
             continue
-        for role, ref in (("finetuned", f), ("base", b)):
+        for role, ref in (("finetuned", f.codes), ("base", b.codes)):
             if ref.dtype not in FLOATING_DTYPES:
                 problems.append(f"tensor {name!r} is {ref.dtype} in {role} ({checkpoints[role].uri}) "
-                                f"but {t.dtype} in target; cannot compute a float difference from it")
-        tasks[name] = TensorTask(name, t.dtype, t.shape, alpha, _source(tgt, "target", t),
-                                 _source(ft, "finetuned", f), _source(bs, "base", b))
+                                f"but {t.codes.dtype} in target; cannot compute a float difference from it")
+        tasks[name] = TensorTask(name, dtype, shape, alpha, target_source,
+                                 _source(ft, "finetuned", f), _source(bs, "base", b), scales)
         combined += 1
+
+    activations = layouts["target"].activation_scales
+    if activations and spec.output_format == "target":
+        for name, ref in activations.items():
+            tasks[name] = TensorTask(name, ref.dtype, ref.shape, 0.0, _source(tgt, "target", Stored(ref)))
+            copied += 1
+        warnings.append(f"{len(activations)} calibrated activation scale(s) of the target are carried "
+                        f"unchanged ({_examples(list(activations), 2)}): they were calibrated on the "
+                        f"target, not on the output; recalibrate them if that matters, or write "
+                        f"output_format: bf16")
 
     if spec.on_missing == "error":
         for role, names in missing.items():
@@ -241,23 +229,43 @@ def make_plan(
         more = f" (and {len(problems) - 1} more problem(s); run graft plan to list them)" if len(problems) > 1 else ""
         raise PlanError(problems[0] + more, problems)
 
-    fp8 = [n for n, t in tasks.items() if t.combine and t.dtype.startswith("F8")]
-    if fp8:
-        warnings.append(f"{len(fp8)} FP8 tensor(s) are combined element-wise without block scales: "
-                        f"{_examples(fp8)}")
     stored = {role: sorted({getattr(t, role).dtype for t in tasks.values() if t.combine})
               for role in ROLES}
     if len({tuple(d) for d in stored.values()}) > 1:
         warnings.append("input dtypes differ (" + ", ".join(f"{r} {'/'.join(d)}" for r, d in stored.items())
                         + f"): computed in {spec.compute_dtype}, written in the target's dtypes")
-    warnings.extend(_config_warnings(configs or {}))
+    warnings.extend(_config_warnings(configs))
 
     settings = ExecSettings(spec.compute_dtype, spec.chunk_size, spec.allow_nonfinite, spec.read_concurrency)
     shards = _layout(spec, tgt, tasks, settings)
-    side_files, side_warnings = _side_files(spec, checkpoints)
+    side_files, side_warnings = _side_files(spec, checkpoints, _quant_patch(spec, layouts, configs))
     warnings.extend(side_warnings)
     write_index = len(shards) > 1 or shards[0].file != SINGLE_NAME
-    return Plan(shards, side_files, write_index, tuple(warnings), combined, copied, tuple(extra))
+    left_out = tuple(extra) + (tuple(activations) if spec.output_format == "bf16" else ())
+    formats = tuple((role, layouts[role].describe()) for role in ROLES) + (
+        ("output", _describe_output(tasks.values())),)
+    return Plan(shards, side_files, write_index, tuple(warnings), combined, copied, left_out, formats)
+
+
+def _describe_output(tasks: Any) -> str:
+    quantized = [t for t in tasks if t.scales is not None]
+    if not quantized:
+        return f"plain ({', '.join(sorted({t.dtype for t in tasks}))})"
+    kinds = sorted({f"{t.dtype} codes with {t.scales.dtype} scales" for t in quantized})
+    return f"FP8 like the target ({'; '.join(kinds)}): {len(quantized)} quantized tensors"
+
+
+def _quant_patch(spec: JobSpec, layouts: Mapping[str, Layout],
+                 configs: Mapping[str, Mapping[str, Any] | None]) -> tuple[tuple[str, str | None], ...]:
+    """The change config.json needs so its quantization_config describes the output's weights: the
+    target's (output_format target) or none (bf16). Empty when the donated one already does."""
+    scheme = layouts["target"].scheme
+    wanted = scheme.config if scheme is not None and spec.output_format == "target" else None
+    donor = spec.donor_for("config.json")
+    config = configs.get(donor) if donor else None
+    if not isinstance(config, Mapping) or config.get(QUANT_KEY) == wanted:
+        return ()
+    return ((QUANT_KEY, None if wanted is None else json.dumps(wanted, sort_keys=True)),)
 
 
 def _layout(spec: JobSpec, tgt: Checkpoint, tasks: Mapping[str, TensorTask],
@@ -265,8 +273,10 @@ def _layout(spec: JobSpec, tgt: Checkpoint, tasks: Mapping[str, TensorTask],
     groups: list[tuple[str, list[TensorTask], dict[str, str]]] = []
     if spec.max_shard_size is None:
         # Mirror the target: same file names, same tensors in each, same order (a drop-in replacement).
+        # A scale tensor is written right after its codes, in the codes' file (the target may have
+        # put it in another shard): it is computed from the same rows.
         for f in tgt.files:
-            members = [tasks[e.name] for e in tgt.headers[f.name].tensors]
+            members = [tasks[e.name] for e in tgt.headers[f.name].tensors if e.name in tasks]
             meta = dict(tgt.headers[f.name].metadata or {})
             meta.setdefault("format", "pt")
             groups.append((f.name, members, meta))
@@ -285,13 +295,14 @@ def _layout(spec: JobSpec, tgt: Checkpoint, tasks: Mapping[str, TensorTask],
             groups.append((name, members, {"format": "pt"}))
     shards = []
     for i, (name, members, meta) in enumerate(groups):
-        prefix, offsets = build_header([(t.name, t.dtype, t.shape) for t in members], meta)
+        prefix, offsets = build_header([st for t in members for st in t.stored()], meta)
         size = len(prefix) + (offsets[-1][1] if offsets else 0)
         shards.append(ShardTask(i, name, tuple(members), tuple(sorted(meta.items())), size, settings))
     return tuple(shards)
 
 
-def _side_files(spec: JobSpec, checkpoints: Mapping[str, Checkpoint]) -> tuple[tuple[SideFile, ...], list[str]]:
+def _side_files(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
+                config_patch: tuple[tuple[str, str | None], ...] = ()) -> tuple[tuple[SideFile, ...], list[str]]:
     out: list[SideFile] = []
     warnings: list[str] = []
     names = sorted({n for c in checkpoints.values() for n in c.side_files})
@@ -302,7 +313,7 @@ def _side_files(spec: JobSpec, checkpoints: Mapping[str, Checkpoint]) -> tuple[t
         if donor is None:
             continue
         if name in checkpoints[donor].side_files:
-            out.append(SideFile(name, donor))
+            out.append(SideFile(name, donor, config_patch if name == "config.json" else ()))
         else:
             warnings.append(f"{name} is donated by {donor} but {donor} has none; the output has no {name}")
     # A file named explicitly (by the user, or config.json) that no checkpoint has is worth a word.
@@ -329,14 +340,16 @@ def _family_problems(configs: Mapping[str, Mapping[str, Any] | None], uris: Mapp
     return out
 
 
-def _overlap_problems(spec: JobSpec, checkpoints: Mapping[str, Checkpoint]) -> list[str]:
+def _overlap_problems(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
+                      logical: Mapping[str, Mapping[str, Stored]]) -> list[str]:
     """A finetuned or base that holds few of the target's tensors is another architecture: say so
     plainly instead of listing hundreds of missing tensors (or carrying them all)."""
     tgt = checkpoints["target"]
-    wanted = [n for n, t in tgt.tensors.items() if t.dtype in FLOATING_DTYPES and spec.alpha_for(n) != 0.0]
+    wanted = [n for n, t in logical["target"].items()
+              if t.codes.dtype in FLOATING_DTYPES and spec.alpha_for(n) != 0.0]
     out = []
     for role in ("finetuned", "base"):
-        have = checkpoints[role].tensors
+        have = logical[role]
         found = sum(n in have for n in wanted)
         if wanted and found < _MIN_OVERLAP * len(wanted):
             lacking = _examples([n for n in wanted if n not in have], 2)

@@ -101,12 +101,10 @@ def strict_json_loads(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_object_without_duplicates, parse_constant=_reject_constant)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
 
 # The largest dimension the reference reader accepts (a Rust usize).
 _MAX_DIM = 2**64 - 1
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 
 def _is_unicode(s: str) -> bool:
@@ -181,16 +179,17 @@ def parse_header(prefix: bytes, header: bytes, file_size: int, where: str) -> He
     for name, info in obj.items():
         if not _is_unicode(name):
             raise fail(f"tensor name {name!r} holds a lone surrogate escape, which is not Unicode")
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        if type(info) is not dict or info.keys() != _ENTRY_KEYS:
             raise fail(f"tensor {name!r} must have exactly the keys dtype, shape, data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise fail(f"tensor {name!r} has unknown dtype {dtype!r} "
                        f"(supported: {', '.join(DTYPE_SIZES)})")
-        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= _MAX_DIM for d in shape):
+        # type(x) is int: JSON gives exact ints, never bool subclasses here (true is bool).
+        if type(shape) is not list or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape):
             raise fail(f"tensor {name!r} has invalid shape {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
+        if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int
+                or type(offsets[1]) is not int or not 0 <= offsets[0] <= offsets[1]):
             raise fail(f"tensor {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
         if end > data_len:

@@ -96,6 +96,7 @@ class JobSpec:
     output: str
     alpha: float = 1.0
     compute_dtype: str = "float32"
+    output_format: str = "target"
     rules: tuple[Rule, ...] = ()
     on_missing: str = "error"
     allow_nonfinite: bool = False
@@ -174,6 +175,7 @@ class _SpecModel(BaseModel):
     output: str = Field(min_length=1)
     alpha: float = 1.0
     compute_dtype: Literal["float32", "float64"] = "float32"
+    output_format: Literal["target", "bf16"] = "target"
     rules: list[_RuleModel] = []
     on_missing: Literal["error", "carry_target"] = "error"
     allow_nonfinite: bool = False
@@ -241,6 +243,7 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
         output=_normalize_location(m.output),
         alpha=float(m.alpha),
         compute_dtype=m.compute_dtype,
+        output_format=m.output_format,
         rules=tuple(Rule(r.match, float(r.alpha)) for r in m.rules),
         on_missing=m.on_missing,
         allow_nonfinite=m.allow_nonfinite,

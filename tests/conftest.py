@@ -180,3 +180,38 @@ def copy_checkpoints(tiny_checkpoints: dict[str, str], tmp_path):  # noqa: ANN20
         shutil.copytree(path, dest)
         out[role] = str(dest)
     return out
+
+
+@pytest.fixture(scope="session")
+def fp8_trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """DeepSeek-V3-style block FP8 (32x32 blocks, F32 ``weight_scale_inv``) target and base with a
+    bf16 fine-tune, the common case: the lab fine-tuned in bf16 and releases in FP8. The base keeps
+    its scales in a shard of their own; the target is sharded by huggingface_hub. Read-only."""
+    from quantized import llama_weights, save_block_fp8, save_plain
+
+    root = tmp_path_factory.mktemp("fp8")
+    base = llama_weights(0)
+    return {"target": save_block_fp8(llama_weights(2, base), str(root / "target")),
+            "finetuned": save_plain(llama_weights(1, base), str(root / "finetuned")),
+            "base": save_block_fp8(base, str(root / "base"), split_scales=True)}
+
+
+@pytest.fixture(scope="session")
+def ct_trio(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """``ct_trio(preset)``: three compressed-tensors checkpoints written by the compressed_tensors
+    library (``FP8`` per-tensor + static input scales, ``FP8_DYNAMIC`` per-channel, ``FP8_BLOCK``
+    16x32 blocks), built once per preset. Read-only."""
+    from quantized import llama_weights, save_compressed_tensors
+
+    made: dict[str, dict[str, str]] = {}
+    base = llama_weights(0)
+    weights = {"base": base, "finetuned": llama_weights(1, base), "target": llama_weights(2, base)}
+
+    def make(preset: str) -> dict[str, str]:
+        if preset not in made:
+            root = tmp_path_factory.mktemp(preset.lower())
+            block = (16, 32) if preset == "FP8_BLOCK" else None
+            made[preset] = {role: save_compressed_tensors(sd, str(root / role), preset, block)
+                            for role, sd in weights.items()}
+        return made[preset]
+    return make

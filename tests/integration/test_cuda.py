@@ -73,3 +73,19 @@ def test_gpu_run_of_a_tensor_much_larger_than_a_chunk(tmp_path):
     run_local(spec(paths, cpu, compute_dtype="float64", chunk_size="1MiB"))
     run_local(spec(paths, gpu, compute_dtype="float64", chunk_size="1MiB"), device="cuda")
     assert shards(gpu) == shards(cpu)
+
+
+@pytest.mark.parametrize("output_format", ["target", "bf16"])
+def test_fp8_trios_on_the_gpu_are_the_cpus_bytes_in_float64(fp8_trio, ct_trio, tmp_path, output_format):
+    """FP8 decode, combine and re-encode on the GPU give the CPU's codes and scales (the rule's), and
+    a float32 run on the GPU commits a verified output."""
+    from graft.engine.manifest import verify_output
+
+    for name, paths in (("block", fp8_trio), ("per-tensor", ct_trio("FP8")), ("channel", ct_trio("FP8_DYNAMIC"))):
+        cpu, gpu, gpu32 = (str(tmp_path / f"{name}-{kind}") for kind in ("cpu", "gpu", "gpu32"))
+        common = dict(alpha=0.7, chunk_size=96 * 8 * 10, output_format=output_format)
+        run_local(spec(paths, cpu, compute_dtype="float64", **common))
+        run_local(spec(paths, gpu, compute_dtype="float64", **common), device="cuda", workers=2)
+        assert shards(gpu) == shards(cpu), name
+        run_local(spec(paths, gpu32, **common), device="cuda")
+        assert verify_output(gpu32).ok

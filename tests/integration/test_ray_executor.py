@@ -35,6 +35,20 @@ def test_ray_output_is_bit_identical_to_the_local_executor(tiny_checkpoints, tmp
     assert ray.is_initialized()  # a cluster graft did not start is left running
 
 
+@pytest.mark.parametrize("trio", ["fp8_trio", "FP8"])
+def test_ray_transfers_fp8_trios_bit_identically_to_the_local_executor(request, ct_trio, tmp_path, trio):
+    paths = request.getfixturevalue(trio) if trio == "fp8_trio" else ct_trio(trio)
+    local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
+    common = dict(alpha=0.7, chunk_size=96 * 4 * 10)  # several chunks per tensor (and a first pass)
+    run_local(make_spec(paths, local_out, **common))
+    job = prepare_job(make_spec(paths, ray_out, **common))
+    seen: list[int] = []
+    run_ray(job, RayOptions(workers=2), on_progress=seen.append)
+    assert shard_bytes(ray_out) == shard_bytes(local_out)
+    assert sum(seen) == job.plan.read_bytes
+    assert verify_output(ray_out).ok
+
+
 @pytest.mark.parametrize("workers, shards_per_worker", [(2, 1), (1, 3)])
 def test_progress_counts_every_input_byte_once(tiny_checkpoints, tmp_path, workers, shards_per_worker):
     job = prepare_job(make_spec(tiny_checkpoints, str(tmp_path / "out"), chunk_size=2048))

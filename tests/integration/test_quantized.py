@@ -1,0 +1,241 @@
+"""Quantized checkpoints end to end: FP8 trios (block FP8, compressed-tensors per-tensor / per-channel /
+block, mixed with BF16) transfer on real values into the target's format, bit-identical to the
+README's rule in float64; transformers (and compressed-tensors) load the output; every other
+quantization is refused by ``graft plan`` and ``graft run`` before anything is written."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from quantized import (TORCH, block_of, dequantize, llama_weights, quant_config, quantize_blocks, read_tensors,
+                       real_values, save_block_fp8, save_compressed_tensors, save_plain, scale_suffix)
+from graft.engine.errors import QuantizationError
+from graft.engine.job import prepare_job
+from graft.engine.local import run_local
+from graft.engine.manifest import MANIFEST_NAME, verify_output
+from graft.engine.spec import spec_from_mapping
+
+ROLES = ("target", "finetuned", "base")
+
+
+def spec(paths: dict[str, str], out: str, **extra):  # noqa: ANN201
+    return spec_from_mapping({**paths, "output": out, **extra})
+
+
+def expected(paths: dict[str, str], alpha: float) -> dict[str, torch.Tensor]:
+    """W = t + alpha (f - b) per logical tensor, in float64, from each input's real values."""
+    t, f, b = (real_values(paths[r]) for r in ROLES)
+    return {name: tt + alpha * (f[name] - b[name]) for name, tt in t.items()}
+
+
+def assert_follows_the_rule(paths: dict[str, str], out: str, alpha: float) -> int:
+    """float64 contract: FP8 outputs are the reference rule's codes and scales bit for bit, plain
+    outputs the reference cast. Returns how many tensors were FP8."""
+    got = read_tensors(out)
+    qc, suffix = quant_config(out), scale_suffix(out)
+    quantized = 0
+    for name, w in expected(paths, alpha).items():
+        if qc and name + suffix in got:
+            scales = got[name + suffix]
+            codes, want = quantize_blocks(w, block_of(got[name], scales, qc), got[name].dtype, scales.dtype)
+            assert torch.equal(got[name].view(torch.uint8), codes.view(torch.uint8)), name
+            assert torch.equal(scales, want.reshape(scales.shape)), name
+            quantized += 1
+        else:
+            assert torch.equal(got[name], w.to(got[name].dtype)), name
+    return quantized
+
+
+def test_block_fp8_target_and_base_with_a_bf16_finetune_is_bit_identical_to_the_rule(fp8_trio, tmp_path):
+    out = str(tmp_path / "out")
+    job = prepare_job(spec(fp8_trio, out, compute_dtype="float64", alpha=0.7, chunk_size=96 * 8 * 40))
+    result = run_local(job, workers=2)
+    assert assert_follows_the_rule(fp8_trio, out, 0.7) == 14
+    assert verify_output(out).ok
+    # Streaming: the 160-row weights went through in several chunks of whole 32-row block rows, and
+    # every input byte (codes and scales) was read once.
+    inputs = sum(t.nbytes for c in job.checkpoints.values() for t in c.tensors.values())
+    assert sum(r.bytes_read for r in result.results) == job.plan.read_bytes == inputs
+    # The output has the target's format: its config, its scale tensors, each right after its codes.
+    assert quant_config(out) == quant_config(fp8_trio["target"])
+    assert set(read_tensors(out)) == set(read_tensors(fp8_trio["target"]))
+    manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
+    formats = manifest["plan"]["formats"]
+    assert "F8_E4M3 codes, F32 scales 32x32 block" in formats["target"] and formats["finetuned"].startswith("plain")
+
+
+def test_a_ue8m0_target_gets_power_of_two_scales_by_the_rule(fp8_trio, tmp_path):
+    """DeepSeek-V3.1-style targets (scale_fmt ue8m0): power-of-two scales, bit-identical to the rule."""
+    target = save_block_fp8(llama_weights(4, llama_weights(0)), str(tmp_path / "target"), pow2=True)
+    paths = dict(fp8_trio, target=target)
+    out = str(tmp_path / "out")
+    run_local(spec(paths, out, compute_dtype="float64", alpha=0.7, chunk_size=96 * 8 * 40))
+    got, qc = read_tensors(out), quant_config(out)
+    assert qc["scale_fmt"] == "ue8m0"
+    for name, w in expected(paths, 0.7).items():
+        if name + "_scale_inv" in got:
+            codes, scales = quantize_blocks(w, block_of(got[name], got[name + "_scale_inv"], qc), pow2=True)
+            assert torch.equal(got[name].view(torch.uint8), codes.view(torch.uint8)), name
+            assert torch.equal(got[name + "_scale_inv"], scales), name
+            assert bool((torch.frexp(scales)[0] == 0.5).all()), name
+
+
+def test_float32_arithmetic_is_within_one_e4m3_rounding_of_the_float64_result(fp8_trio, tmp_path):
+    out = str(tmp_path / "out")
+    run_local(spec(fp8_trio, out, alpha=0.7, chunk_size=96 * 4 * 40))
+    got, qc = read_tensors(out), quant_config(out)
+    t, f, b = (real_values(fp8_trio[r]) for r in ROLES)
+    for name, w in expected(fp8_trio, 0.7).items():
+        if name + "_scale_inv" not in got:
+            continue
+        scales = got[name + "_scale_inv"]
+        block = block_of(got[name], scales, qc)
+        real = dequantize(got[name], scales, block)
+        s = scales.double().repeat_interleave(block[0], 0)[:w.shape[0]].repeat_interleave(block[1], 1)[:, :w.shape[1]]
+        step = torch.exp2(torch.floor(torch.log2((w.abs() / s).clamp(min=2**-6))) - 3)  # one E4M3 spacing
+        slack = 2.0**-22 * (t[name].abs() + 0.7 * (f[name].abs() + b[name].abs()))  # float32 evaluation
+        assert bool(((real - w).abs() <= step * s + slack).all()), name
+
+
+def test_transformers_loads_the_fp8_output_with_the_weights_graft_wrote(fp8_trio, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "out")
+    run_local(spec(fp8_trio, out))
+    model = AutoModelForCausalLM.from_pretrained(out)  # no GPU: transformers dequantizes to bf16
+    got = read_tensors(out)
+    w = "model.layers.1.mlp.down_proj.weight"
+    real = dequantize(got[w], got[w + "_scale_inv"], (32, 32))
+    assert torch.equal(model.get_parameter(w).detach(), real.to(torch.bfloat16))
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
+
+
+@pytest.mark.parametrize("preset", ["FP8_DYNAMIC", "FP8", "FP8_BLOCK"])
+def test_compressed_tensors_trios_from_the_real_writer_transfer_bit_identically(ct_trio, tmp_path, preset):
+    from transformers import AutoModelForCausalLM
+
+    paths = ct_trio(preset)
+    out = str(tmp_path / "out")
+    # 10 rows a chunk: a per-tensor scale (FP8) needs its first pass over several chunks.
+    job = prepare_job(spec(paths, out, compute_dtype="float64", alpha=0.7, chunk_size=96 * 8 * 10))
+    result = run_local(job)
+    assert assert_follows_the_rule(paths, out, 0.7) == 14
+    assert sum(r.bytes_read for r in result.results) == job.plan.read_bytes
+    target, got = read_tensors(paths["target"]), read_tensors(out)
+    carried = [n for n in got if n.endswith("input_scale")]
+    assert bool(carried) == (preset == "FP8")  # static activation scales: the target's, unchanged
+    assert all(torch.equal(got[n], target[n]) for n in carried)
+    assert any("activation scale" in w for w in job.plan.warnings) == (preset == "FP8")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits.float()).all()
+
+
+def test_output_format_bf16_dequantizes_and_drops_quantization_config(ct_trio, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    paths = ct_trio("FP8")
+    out = str(tmp_path / "out")
+    result = run_local(spec(paths, out, compute_dtype="float64", output_format="bf16"))
+    got = read_tensors(out)
+    assert not [n for n in got if n.endswith(("_scale", "input_scale"))]
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    for name, w in expected(paths, 1.0).items():
+        assert torch.equal(got[name], w.to(torch.bfloat16)), name
+    assert quant_config(out) is None
+    (config,) = [f for f in result.manifest["inputs"]["target"]["files"] if f["name"] == "config.json"]
+    assert config["patched"] == {"quantization_config": None} and config["sha256_donated"] != config["sha256"]
+    assert result.manifest["spec"]["output_format"] == "bf16"
+    assert set(result.manifest["plan"]["left_out"]) >= {n for n in read_tensors(paths["target"]) if n.endswith("input_scale")}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.quantization_config is None if hasattr(model.config, "quantization_config") else True
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits.float()).all()
+
+
+def test_a_bf16_target_with_fp8_inputs_of_other_formats_gets_plain_bf16(tmp_path):
+    base = llama_weights(0)
+    paths = {"target": save_plain(llama_weights(2, base), str(tmp_path / "t")),
+             "finetuned": save_block_fp8(llama_weights(1, base), str(tmp_path / "f"), code=torch.float8_e5m2,
+                                         scale_dtype=torch.bfloat16),
+             "base": save_compressed_tensors(base, str(tmp_path / "b"), "FP8_DYNAMIC")}
+    out = str(tmp_path / "out")
+    run_local(spec(paths, out, compute_dtype="float64", chunk_size=96 * 8 * 7))
+    assert assert_follows_the_rule(paths, out, 1.0) == 0
+    assert quant_config(out) is None and not os.path.exists(os.path.join(out, "recipe.yaml"))
+
+
+def test_an_fp8_target_with_a_config_donated_by_a_bf16_finetune_keeps_its_quantization_config(fp8_trio, tmp_path):
+    out = str(tmp_path / "out")
+    run_local(spec(fp8_trio, out, files={"config.json": "finetuned"}))
+    assert quant_config(out) == quant_config(fp8_trio["target"])
+    assert verify_output(out).ok
+
+
+# --- refused before anything moves ---------------------------------------------------------------
+
+def _cli(*args: str, cwd: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "graft.cluster.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_a_gptq_trio_is_refused_by_plan_and_run_with_one_line_and_nothing_written(tmp_path):
+    from safetensors.torch import save_file
+
+    paths = {}
+    for role in ROLES:
+        d = tmp_path / role
+        d.mkdir()
+        save_file({"model.layers.0.self_attn.q_proj.qweight": torch.zeros(12, 96, dtype=torch.int32),
+                   "model.layers.0.self_attn.q_proj.qzeros": torch.zeros(1, 12, dtype=torch.int32),
+                   "model.layers.0.self_attn.q_proj.scales": torch.ones(1, 96, dtype=torch.float16),
+                   "model.layers.0.self_attn.q_proj.g_idx": torch.zeros(96, dtype=torch.int32),
+                   "model.norm.weight": torch.ones(96, dtype=torch.float16)}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+            "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}}))
+        paths[role] = str(d)
+    out = tmp_path / "out"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({**paths, "output": str(out)}))
+    for command in (["plan", "job.yaml"], ["run", "job.yaml", "--executor", "local"]):
+        proc = _cli(*command, cwd=str(tmp_path))
+        assert proc.returncode == 1, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("graft: error:")]
+        assert lines and "is quantized with GPTQ (quant_method 'gptq'), e.g. tensor" in lines[0]
+        assert "unquantized release" in lines[0]
+        assert not out.exists()
+    inspected = _cli("inspect", paths["base"], cwd=str(tmp_path))
+    assert inspected.returncode == 0 and "stored as not transferable by graft:" in inspected.stdout
+    assert "GPTQ" in inspected.stdout
+
+
+def test_inspect_and_plan_say_how_each_checkpoint_stores_its_weights(fp8_trio, tmp_path):
+    inspected = _cli("inspect", fp8_trio["target"], cwd=str(tmp_path))
+    assert "stored as FP8 (quant_method fp8: F8_E4M3 codes, F32 scales 32x32 block): 14 quantized" in inspected.stdout
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({**fp8_trio, "output": str(tmp_path / "out"),
+                                                       "output_format": "bf16"}))
+    planned = _cli("plan", "job.yaml", "--json", cwd=str(tmp_path))
+    assert planned.returncode == 0, planned.stderr
+    summary = json.loads(planned.stdout)
+    assert summary["formats"]["finetuned"] == "plain (21 tensors)"
+    assert summary["formats"]["output"] == "plain (BF16)"
+    assert summary["config_changes"] == {"config.json": {"quantization_config": None}}
+
+
+@pytest.mark.parametrize("preset,what", [("W8A8", "int8 W8A8"), ("W4A16", "packed integer weights")])
+def test_integer_compressed_tensors_checkpoints_from_the_real_writer_are_refused(tmp_path, preset, what):
+    base = llama_weights(0)
+    paths = {"target": save_plain(llama_weights(2, base), str(tmp_path / "t")),
+             "finetuned": save_plain(llama_weights(1, base), str(tmp_path / "f")),
+             "base": save_compressed_tensors(base, str(tmp_path / "b"), preset)}
+    with pytest.raises(QuantizationError, match=what) as caught:
+        prepare_job(spec(paths, str(tmp_path / "out")))
+    assert str(caught.value).startswith(f"base ({paths['base']}) is quantized with")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_scale_dtypes_the_codec_writes_are_the_ones_torch_knows():
+    assert {TORCH[d] for d in ("F32", "BF16", "F16")} == {torch.float32, torch.bfloat16, torch.float16}
