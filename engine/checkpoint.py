@@ -13,9 +13,10 @@ from typing import Any, Mapping
 
 from .errors import CheckpointError
 from .safetensors import MAX_HEADER_BYTES, Header, TensorEntry, read_header, strict_json_loads
-from .storage import FileStat, Storage
+from .storage import TEMP_MARK, FileStat, Storage
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "TensorRef", "Checkpoint", "open_checkpoint", "check_shard_name"]
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "TensorRef", "Checkpoint", "open_checkpoint", "check_shard_name",
+           "unsafe_name"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -73,12 +74,29 @@ class Checkpoint:
             return None
 
 
+def unsafe_name(name: Any) -> str | None:
+    """Why ``name`` cannot be an output file of graft's (None: it can). Output names come from the
+    inputs (shards mirror the target's, side files are copied): a path escapes the output, a control
+    character (a newline) forges lines of SHA256SUMS, a leading dot or graft's temporary marker makes
+    the commit's sweep of temporaries delete the file."""
+    if not isinstance(name, str) or not name or name in (".", ".."):
+        return "is not a file name"
+    if "/" in name or "\\" in name or ":" in name or name.startswith("~"):
+        return "is not a plain file name inside the checkpoint"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "holds a control character"
+    if name.startswith(".") or TEMP_MARK in name:
+        return f"is hidden or holds graft's temporary marker {TEMP_MARK!r}"
+    return None
+
+
 def check_shard_name(name: Any, where: str) -> str:
-    """A shard name from an index must be a plain ``*.safetensors`` file name inside the checkpoint."""
-    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-            or "\x00" in name or ":" in name or name.startswith("~")):
-        raise CheckpointError(f"{where}: shard name {name!r} is not a plain file name inside the "
-                              f"checkpoint; fix the index so every shard is a file next to it")
+    """A shard name (from an index or a listing) must be a plain, safe ``*.safetensors`` file name
+    inside the checkpoint (``unsafe_name``): the output mirrors the target's shard names."""
+    why = unsafe_name(name)
+    if why is not None:
+        raise CheckpointError(f"{where}: shard name {name!r} {why}; rename the shard and fix the index so "
+                              f"every shard is a plain file next to it")
     if not name.endswith(".safetensors"):
         raise CheckpointError(f"{where}: shard {name!r} is not a .safetensors file; graft reads only "
                               f"safetensors")
@@ -117,7 +135,7 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
         listing = list(known)
         if fname not in listing:
             raise CheckpointError(f"{uri}: no such file")
-        shard_names = [fname]
+        shard_names = [check_shard_name(fname, uri)]
         weight_map = None
     else:
         storage = Storage(uri, storage_options).pinned()
@@ -151,7 +169,7 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
             safetensors = [n for n in listing if n.endswith(".safetensors")]
             pickles = [n for n in listing if n.endswith(_PICKLE_SUFFIXES)]
             if len(safetensors) == 1:
-                shard_names = safetensors
+                shard_names = [check_shard_name(safetensors[0], uri)]
             elif safetensors:
                 raise CheckpointError(f"{uri}: {len(safetensors)} .safetensors files but no "
                                       f"{INDEX_NAME}; add the index that maps tensors to shards")

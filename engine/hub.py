@@ -28,6 +28,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_file_system import HfFileSystemResolvedRepositoryPath
 
+from .checkpoint import unsafe_name
 from .errors import OutputError, StorageError
 from .manifest import MANIFEST_NAME, verify_output
 from .storage import FileStat, Storage
@@ -170,6 +171,11 @@ def push_output(output: str, repo: str, storage_options: Mapping[str, Mapping[st
         raise OutputError(f"{out.url(MANIFEST_NAME)}: missing; {output} is not a finished graft "
                           f"output, run the job to completion first") from None
     names = sorted({o["name"] for o in manifest["outputs"]} | {MANIFEST_NAME})
+    for name in names:  # the manifest is a file in the output: trust its names no more than an index's
+        why = unsafe_name(name)
+        if why is not None:
+            raise OutputError(f"{out.url(MANIFEST_NAME)}: lists an output file {name!r} that {why}; not "
+                              f"pushed: this is not an output graft wrote, check where it came from")
     if "README.md" in names:
         log("the output's README.md is replaced by the generated model card")
     card = model_card(manifest).encode()

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, unsafe_name
 from .errors import PlanError, QuantizationError
 from .manifest import MANIFEST_NAME, SUMS_NAME
 from .quant import FP8_CODES, Layout, Stored, layout_of, read_scheme
@@ -312,6 +312,10 @@ def _side_files(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
         donor = spec.donor_for(name)
         if donor is None:
             continue
+        why = unsafe_name(name)
+        if why is not None:  # a pattern (chat_template.*) can match any name a listing holds
+            raise PlanError(f"{checkpoints[donor].uri}: file name {name!r} {why}; graft will not copy it "
+                            f"into the output: rename it, or set files: {{<its name>: none}}")
         if name in checkpoints[donor].side_files:
             out.append(SideFile(name, donor, config_patch if name == "config.json" else ()))
         else:

@@ -228,6 +228,22 @@ def test_push_refuses_unfinished_or_corrupted_outputs_and_touches_nothing(hub, f
         push_output(finished_output, "hf://just-a-name", hub_options(hub, TOKEN))
 
 
+@pytest.mark.parametrize("bad", ["../outside.txt", "x\ny", ".hidden"], ids=["path", "newline", "hidden"])
+def test_push_refuses_a_manifest_naming_files_graft_never_writes(hub, finished_output, tmp_path, bad):
+    import json
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_output, out)
+    manifest = json.loads((out / "graft.manifest.json").read_text())
+    manifest["outputs"].append({"name": bad, "size": 1, "sha256": "0" * 64})
+    (out / "graft.manifest.json").write_text(json.dumps(manifest))
+    hub.clear_requests()
+    with pytest.raises(OutputError, match="lists an output file .* not pushed"):
+        push_output(str(out), f"hf://org/forged-{uuid.uuid4().hex[:8]}", hub_options(hub, TOKEN), verify=False)
+    assert [r for r in hub.requests if r.method in ("POST", "PUT")] == []
+
+
 def test_push_without_a_token_is_a_one_line_error(hub, finished_output, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/token")

@@ -173,6 +173,33 @@ def test_index_shard_name_that_is_not_a_plain_file_name_is_refused(tmp_path, bad
     assert "fix the index" in msg
 
 
+@pytest.mark.parametrize("bad,why", [
+    ("model-00001\nf00d  SHA256SUMS.safetensors", "holds a control character"),
+    ("model-\x1b[2J.safetensors", "holds a control character"),
+    (".model-00001-of-00003.safetensors", "is hidden"),
+    ("model.graft-tmp-1234.safetensors", "graft's temporary marker"),
+], ids=["newline", "escape", "hidden", "temporary-marker"])
+def test_shard_names_that_would_break_the_output_are_refused(tmp_path, bad, why):
+    """A newline would forge lines of the output's SHA256SUMS; a hidden or temporary-looking name
+    would be swept away by the commit, which then reported success with a shard missing."""
+    ckpt_dir = tmp_path / "ckpt"
+    sd = _sharded(ckpt_dir)
+    index = _index(ckpt_dir)
+    old = index["weight_map"]["lm_head.weight"]
+    os.rename(ckpt_dir / old, ckpt_dir / bad)
+    index["weight_map"] = {k: (bad if v == old else v) for k, v in index["weight_map"].items()}
+    _write_index(ckpt_dir, index)
+    with pytest.raises(CheckpointError, match=why) as caught:
+        open_checkpoint(str(ckpt_dir))
+    assert repr(bad) in str(caught.value) and "rename the shard" in str(caught.value)
+    # The same file as a checkpoint's only shard (found by listing, not through an index).
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    save_file({"x": sd["lm_head.weight"]}, str(alone / bad))
+    with pytest.raises(CheckpointError, match=why):
+        open_checkpoint(str(alone))
+
+
 def test_index_shard_that_is_not_safetensors_is_refused(tmp_path):
     _sharded(tmp_path)
     torch.save({"x": torch.zeros(1)}, str(tmp_path / "pytorch_model-00001-of-00001.bin"))

@@ -364,3 +364,13 @@ def test_a_donor_without_the_file_is_a_warning_not_a_silent_omission(tmp_path):
     assert SideFile("tokenizer.json", "finetuned") not in plan.side_files
     assert any("tokenizer.json is donated by finetuned but finetuned has none" in w for w in plan.warnings)
     assert any("README.md is donated by base but no checkpoint has it" in w for w in plan.warnings)
+
+
+def test_a_donated_file_whose_name_would_break_the_output_is_refused(tmp_path):
+    full = _weights()
+    paths = {"target": _single(tmp_path / "t", full),
+             "finetuned": _single(tmp_path / "f", full, side={"chat_template.\njinja": "x"}),
+             "base": _single(tmp_path / "b", full)}
+    with pytest.raises(PlanError, match=r"file name 'chat_template.\\njinja' holds a control character"):
+        _plan(paths)
+    assert _plan(paths, files={"chat_template.*": "none"}).side_files == ()
