@@ -1,4 +1,4 @@
-"""``graft``: run | plan | verify | inspect | push.
+"""``graft``: run | plan | verify | inspect | push | clean.
 
 Every failure graft anticipates is a ``GraftError``: it is printed as one line on stderr naming the
 file or tensor and what to do, with the traceback only under ``--debug``.
@@ -258,6 +258,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    from graft.engine.job import clean_output
+
+    removed = clean_output(_location(args.output), _storage_options(args.storage_option))
+    print(f"removed {len(removed)} file(s) of an unfinished graft run from {args.output}")
+    return EXIT_OK
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from graft.engine.hub import push_output  # the Hub client loads only when pushing
 
@@ -339,7 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
     storage_option(pu)
     common(pu)
     pu.set_defaults(func=cmd_push)
+
+    c = sub.add_parser("clean", help="remove what an unfinished (failed or interrupted) run left in an "
+                                     "output: its kept shards, temporaries and run mark")
+    c.add_argument("output")
+    storage_option(c)
+    common(c)
+    c.set_defaults(func=cmd_clean)
     return p
+
+
+def _with_notes(e: BaseException) -> str:
+    """The error's message and its notes (e.g. the shards a failed run kept), on one line."""
+    return "; ".join([str(e), *getattr(e, "__notes__", [])])
 
 
 _sigterm_seen = threading.Event()
@@ -363,12 +383,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GraftError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"graft: error: {e}", file=sys.stderr)
+        print(f"graft: error: {_with_notes(e)}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt as e:
         term = _sigterm_seen.is_set() or isinstance(e, Terminated) or getattr(e, "terminated", False)
         how = "terminated (SIGTERM)" if term else "interrupted"
-        if isinstance(e, Interrupted):
+        if isinstance(e, Interrupted) and e.committed:
+            print(f"graft: {how} after {e.output} was committed: the output is complete; check it with: "
+                  f"graft verify {e.output}", file=sys.stderr)
+        elif isinstance(e, Interrupted):
             print(f"graft: {how}: {e.kept} of {e.total} shard(s) are committed and kept in {e.output}; "
                   f"run the same command again to resume", file=sys.stderr)
         else:
@@ -378,8 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - last resort: still one line, traceback on request
         if args.debug:
             traceback.print_exc()
-        print(f"graft: internal error: {e.__class__.__name__}: {e} (rerun with --debug for the "
-              f"traceback and report it)", file=sys.stderr)
+        print(f"graft: internal error: {e.__class__.__name__}: {_with_notes(e)} (rerun with --debug for "
+              f"the traceback and report it)", file=sys.stderr)
         return EXIT_FAIL
     finally:
         if previous is not None:

@@ -3,8 +3,8 @@
 Order of work (the engine's, see ``graft.engine.job``): prepare the job (headers only) -> open the
 output session -> start actors -> submit shard tasks, at most ``shards_per_worker`` in flight per
 actor -> on a worker's death, replace it and run its shards again -> commit on the driver (index, SHA256SUMS,
-manifest last). On any other failure, or Ctrl-C, the actors are killed *before* the output is rolled
-back, so no shard can land after the rollback.
+manifest last). On any other failure, or Ctrl-C, the actors are killed *before* the output is set
+aside for a resume (``OutputSession.stop``), so no shard can land after it.
 """
 from __future__ import annotations
 

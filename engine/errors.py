@@ -71,8 +71,10 @@ class Terminated(KeyboardInterrupt):
 
 class Interrupted(KeyboardInterrupt):
     """A run stopped by Ctrl-C or SIGTERM, its output left ready to resume: ``kept`` of ``total``
-    shards are committed and journaled at ``output``, temporaries removed; the same command resumes."""
+    shards are committed and journaled at ``output``, temporaries removed; the same command resumes.
+    ``committed``: the stop came after the manifest was written; the output is complete."""
 
-    def __init__(self, output: str, kept: int, total: int, terminated: bool):
+    def __init__(self, output: str, kept: int, total: int, terminated: bool, committed: bool = False):
         super().__init__(f"{output}: interrupted with {kept} of {total} shard(s) kept")
         self.output, self.kept, self.total, self.terminated = output, kept, total, terminated
+        self.committed = committed

@@ -10,8 +10,10 @@ Every executor follows the same order (the local one in ``local.py``, the Ray dr
 3. run ``execute_shard`` for every ``session.pending`` task (any order, any process) and
    ``session.record(result)`` each one as it commits.
 4. ``session.commit(...)``: side files, index, SHA256SUMS, then the manifest (the commit marker),
-   then remove the run mark. Or ``session.rollback()`` on failure: no manifest, no file at any final
-   shard name, no temporary file.
+   then remove the run mark. Or ``session.stop(error)`` on failure or Ctrl-C: no manifest, no
+   temporary file, the journaled shards kept for a resume (rolled back only when there are none);
+   after the manifest is written, nothing is removed. ``clean_output`` removes what a stopped run
+   kept.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from .spec import JobSpec
 from .storage import TEMP_MARK, Storage
 from .tasks import ShardResult
 
-__all__ = ["RUN_MARK", "Job", "prepare_job", "OutputSession"]
+__all__ = ["RUN_MARK", "Job", "prepare_job", "OutputSession", "clean_output"]
 
 
 
@@ -119,6 +121,7 @@ class OutputSession:
     mark: RunMark
     results: dict[str, ShardResult]
     resumed: tuple[str, ...]
+    committed: bool = False  # the manifest is written: nothing may be removed any more
 
     @classmethod
     def check(cls, job: Job) -> tuple[Storage, list[str], dict[str, Any] | None]:
@@ -163,7 +166,8 @@ class OutputSession:
                     kept[name] = ShardResult(name, int(info["size"]), str(info["sha256"]), 0, 0.0)
             if kept:
                 log(f"resuming: keeping {len(kept)} shard(s) already committed and verified")
-        mark = RunMark(storage, fp, {n: {"size": r.size, "sha256": r.sha256} for n, r in kept.items()})
+        mark = RunMark(storage, fp, {n: {"size": r.size, "sha256": r.sha256} for n, r in kept.items()},
+                       files=sorted(cls._planned_names(job)))
         mark.acquire(replacing=previous is not None)
         session = cls(job, storage, mark, kept, tuple(sorted(kept)))
         session.abort_uploads(log)  # of a crashed run's killed writers
@@ -244,6 +248,7 @@ class OutputSession:
                     "bytes_read": read, "bytes_written": sum(f.size for f in outputs)},
         }
         out.write_bytes(MANIFEST_NAME, json.dumps(manifest, indent=2).encode() + b"\n")
+        self.committed = True
         self.mark.release()
         log(f"committed {out.uri} ({len(outputs)} files + {SUMS_NAME} + {MANIFEST_NAME})")
         return manifest
@@ -265,11 +270,38 @@ class OutputSession:
             return 0
 
     def stop(self, error: BaseException) -> BaseException:
-        """The run ended early with ``error``; returns what to raise. Ctrl-C or SIGTERM keeps what is
-        committed for a resume (``suspend``) and becomes ``Interrupted``; anything else rolls back."""
+        """The run ended early with ``error``; returns what to raise.
+
+        - After the manifest is written the run is committed: nothing is removed but a mark the stop
+          caught half-released, and Ctrl-C / SIGTERM become an ``Interrupted`` that says so.
+        - Ctrl-C or SIGTERM keeps what is committed for a resume (``suspend``): ``Interrupted``.
+        - Any other failure also keeps the journaled shards (hours of work on a large job), with a
+          note on ``error`` saying how many and how to resume or clean; with none journaled it
+          rolls back, leaving nothing.
+        """
+        total, uri = len(self.job.plan.shards), self.storage.uri
+        terminated = isinstance(error, Terminated)
+        if self.committed:
+            try:
+                self.mark.release()
+            except Exception:  # noqa: BLE001 - verify ignores a left-over mark; the output is complete
+                pass
+            if isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted):
+                return Interrupted(uri, total, total, terminated, committed=True)
+            return error
         if isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted):
-            kept = self.suspend()
-            return Interrupted(self.storage.uri, kept, len(self.job.plan.shards), isinstance(error, Terminated))
+            return Interrupted(uri, self.suspend(), total, terminated)
+        if self.mark.shards and not self.mark.lost:
+            try:
+                kept = self.suspend()
+            except Exception as cleanup:  # noqa: BLE001 - the store failing too: report the first error
+                error.add_note(f"the output {uri} could not be set aside for a resume ({cleanup}); the next "
+                               f"run of the same command checks and keeps what is intact")
+                return error
+            if kept:
+                error.add_note(f"{kept} of {total} shard(s) are committed and kept in {uri}: fix the cause "
+                               f"and run the same command to resume (or remove them: graft clean {uri})")
+                return error
         self.rollback()
         return error
 
@@ -309,3 +341,32 @@ class OutputSession:
                     pass
         self.abort_uploads()
         return removed
+
+
+def clean_output(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Remove what an unfinished run left at ``uri`` (``graft clean``): its kept shards, whatever its
+    commit had begun to write, temporaries, unfinished uploads and, last, the run mark. Returns the
+    names removed. Refuses a committed output (it has a manifest) and a run that is still going.
+    Only names the mark lists as the run's own, or temporaries, are touched: a file someone else put
+    there stays."""
+    storage = Storage(uri, storage_options)
+    listing = storage.list()
+    if MANIFEST_NAME in listing:
+        raise OutputError(f"{storage.uri} holds a committed graft output ({MANIFEST_NAME}); graft clean "
+                          f"removes only unfinished runs: delete it with your store's tools if you mean to")
+    if RUN_MARK not in listing:
+        raise OutputError(f"{storage.uri}: no unfinished graft run here (no {RUN_MARK}); nothing to clean")
+    mark = read_mark(storage) or {}
+    if not is_stale(mark):
+        raise OutputError(f"{storage.uri} is being written by a graft run that is still going "
+                          f"({describe(mark)}); stop it first (Ctrl-C keeps its shards), or wait for it")
+    ours = {n for n in (mark.get("files") or []) if isinstance(n, str)}
+    ours |= {n for n in (mark.get("shards") or {}) if isinstance(n, str)}
+    removed = []
+    for name in listing:  # names from the listing, never from the mark: a mark cannot point elsewhere
+        if name != RUN_MARK and (name in ours or TEMP_MARK in name):
+            storage.remove(name)
+            removed.append(name)
+    storage.abort_uploads(lambda n: n in ours or TEMP_MARK in n)
+    storage.remove(RUN_MARK)
+    return [*removed, RUN_MARK]

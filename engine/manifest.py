@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import GraftError, IntegrityError
+from .runmark import RUN_MARK
 from .storage import Storage
 
 __all__ = [
@@ -117,7 +118,9 @@ def verify_output(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | N
             report.problems.append(str(e))
     for name in sorted(set(sums) - set(entries)):
         report.problems.append(f"{storage.url(name)}: in SHA256SUMS but not in the manifest")
-    for name in sorted(listing - set(entries) - {MANIFEST_NAME}):
+    # A run mark the run could not remove after writing its manifest (killed in that instant) is
+    # graft's own lock file, not output: it is not in SHA256SUMS and not pushed.
+    for name in sorted(listing - set(entries) - {MANIFEST_NAME, RUN_MARK}):
         report.problems.append(f"{storage.url(name)}: not part of the committed output")
     for name, entry in sorted(entries.items()):
         if name not in listing:

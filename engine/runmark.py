@@ -78,10 +78,12 @@ def describe(mark: dict[str, Any]) -> str:
 class RunMark:
     """This run's mark: written on ``acquire``, rewritten on every ``record`` and heartbeat."""
 
-    def __init__(self, storage: Storage, fingerprint: str, shards: dict[str, dict[str, Any]]):
+    def __init__(self, storage: Storage, fingerprint: str, shards: dict[str, dict[str, Any]],
+                 files: list[str] | None = None):
         self.storage = storage
         self.fingerprint = fingerprint
         self.shards = dict(shards)
+        self.files = sorted(files or [])  # every name the run may write: what `graft clean` removes
         self.token = uuid.uuid4().hex
         self.lost = False
         self._lock = threading.Lock()
@@ -98,6 +100,7 @@ class RunMark:
             "started": datetime.fromtimestamp(self.started, timezone.utc).isoformat(timespec="seconds"),
             "heartbeat": time.time(),
             "fingerprint": self.fingerprint,
+            "files": self.files,
             "shards": self.shards,
             **({"interrupted": True} if interrupted else {}),
         }

@@ -226,3 +226,22 @@ def _config_to(tmp_path, ckpts: dict[str, str], out) -> str:  # noqa: ANN001
     path = tmp_path / "ref.yaml"
     path.write_text(yaml.safe_dump({**ckpts, "output": str(out)}))
     return str(path)
+
+
+def test_a_failed_run_says_what_it_kept_on_one_line_and_graft_clean_removes_it(copy_checkpoints, tmp_path):
+    from conftest import poison
+
+    poison(copy_checkpoints["target"], float("nan"))  # the last shard fails; the others commit first
+    config = write_config(tmp_path, copy_checkpoints)
+    out = tmp_path / "out"
+    proc = graft("run", config, "--executor", "local", "--workers", "1", "-q")
+    assert proc.returncode == 1
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("graft: error:")]
+    assert "NaN" in line or "nan" in line
+    assert line.endswith(f"3 of 4 shard(s) are committed and kept in {out}: fix the cause and run the same "
+                         f"command to resume (or remove them: graft clean {out})")
+    cleaned = graft("clean", str(out))
+    assert cleaned.returncode == 0 and "removed 4 file(s) of an unfinished graft run" in cleaned.stdout
+    assert os.listdir(out) == []
+    again = graft("clean", str(out))
+    assert again.returncode == 1 and "nothing to clean" in again.stderr

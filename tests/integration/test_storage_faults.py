@@ -66,6 +66,13 @@ def assert_left_nothing(local_out: str) -> None:
         assert os.listdir(local_out) == []
 
 
+def assert_kept_for_a_resume(local_out: str) -> list[str]:
+    """No manifest, no temporary: only shards committed and journaled before the failure."""
+    from test_transfer_local import assert_not_committed
+
+    return assert_not_committed(local_out)
+
+
 def assert_one_line_naming(err: BaseException, pattern: str) -> None:
     message = str(err)
     assert "\n" not in message
@@ -143,21 +150,29 @@ def test_permanent_read_faults_fail_the_run_cleanly_mid_run(tiny_checkpoints, tm
                                           rf"/(target|finetuned|base)/{SHARD}: cannot read bytes "
                                           rf"\d+\.\.\d+: {says}")
     assert "failed" in events  # it failed in a shard, after the output was opened
-    assert_left_nothing(out)
+    assert_kept_for_a_resume(out)
     if fault["kind"] == "denied":  # not worth a retry: each call failed once
         assert "attempts" not in str(failure.value)
 
 
-def test_committed_shards_are_rolled_back_when_a_later_one_cannot_be_read(tiny_checkpoints, tmp_path):
+def test_shards_committed_before_a_later_one_cannot_be_read_are_kept_and_the_rerun_resumes(
+        tiny_checkpoints, tmp_path, reference_output):
     journal, out = str(tmp_path / "journal"), str(tmp_path / "out")
     # One worker runs the shards in order; only the target's last shard is unreadable.
     fault = rule("reset", match="model-00004-of-00004.safetensors", after=PAST_HEADERS, times=None)
     events: list[str] = []
     with pytest.raises(StorageError, match=r"/target/model-00004-of-00004\.safetensors: .*failed after 5 "
-                                           r"attempts"):
+                                           r"attempts") as failure:
         run_local(faulty_job(tiny_checkpoints, out, journal, fault), workers=1, on_shard=events.append)
     assert events.count("done") >= 1 and events[-1] == "failed"
-    assert_left_nothing(out)
+    kept = assert_kept_for_a_resume(out)
+    assert len(kept) == events.count("done") and "run the same command to resume" in failure.value.__notes__[0]
+    # The store is back: the same job resumes, keeps what was committed and gives the same bytes.
+    logged: list[str] = []
+    result = run_local(faulty_job(tiny_checkpoints, out, journal), workers=1, log=logged.append)
+    assert sorted(result.manifest["run"]["resumed_shards"]) == kept
+    assert any(f"keeping {len(kept)} shard(s)" in line for line in logged)
+    assert shard_bytes(out) == reference_output
 
 
 @pytest.mark.parametrize("fault, says", [
@@ -183,7 +198,8 @@ def test_permanent_faults_while_planning_fail_before_any_output(tiny_checkpoints
     (rule("enospc", match="SHA256SUMS", times=None), "SHA256SUMS"),
     (rule("enospc", match=MANIFEST_NAME, times=None), re.escape(MANIFEST_NAME)),
 ], ids=["every shard, part-way", "the last shard", "the checksums", "the manifest"])
-def test_a_full_disk_while_writing_fails_the_run_and_leaves_nothing(tiny_checkpoints, tmp_path, fault, what):
+def test_a_full_disk_while_writing_fails_the_run_and_keeps_only_whole_shards(tiny_checkpoints, tmp_path, fault,
+                                                                           what, reference_output):
     journal, local_out = str(tmp_path / "journal"), str(tmp_path / "out")
     with pytest.raises(StorageError) as failure:
         run_local(faulty_job(tiny_checkpoints, faulty_uri(local_out), journal, fault), workers=2)
@@ -191,7 +207,12 @@ def test_a_full_disk_while_writing_fails_the_run_and_leaves_nothing(tiny_checkpo
                                           rf"\[Errno {errno.ENOSPC}\] No space left on device.*; the disk or "
                                           rf"bucket is full \(or over its quota\): free some space and run again$")
     assert count(journal)[("enospc", "write")] >= 1
-    assert_left_nothing(local_out)
+    kept = assert_kept_for_a_resume(local_out)
+    if what in ("SHA256SUMS", re.escape(MANIFEST_NAME)):  # every shard was done: the rerun only commits
+        assert len(kept) == 4
+        result = run_local(faulty_job(tiny_checkpoints, faulty_uri(local_out), journal), workers=2)
+        assert len(result.manifest["run"]["resumed_shards"]) == 4
+        assert shard_bytes(local_out) == reference_output
 
 
 def test_a_connection_reset_while_streaming_a_shard_is_not_retried(tiny_checkpoints, tmp_path):

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from conftest import load_all, poison, reference, within_float32_contract
 from graft.engine.errors import NonFiniteError, OutputError, PlanError
 from graft.engine.execute import iter_chunks
-from graft.engine.job import RUN_MARK, prepare_job
+from graft.engine.job import RUN_MARK, clean_output, prepare_job
 from graft.engine.local import run_local
 from graft.engine.manifest import MANIFEST_NAME, verify_output
 from graft.engine.spec import spec_from_mapping
@@ -27,11 +27,21 @@ def make_spec(ckpts: dict[str, str], output: str, **extra):  # noqa: ANN201
                               "base": ckpts["base"], "output": output, **extra})
 
 
-def assert_nothing_committed(output: str) -> None:
+def assert_not_committed(output: str) -> list[str]:
+    """A failed run: no manifest, no temporary, and nothing but the shards it journaled as committed
+    (kept, with its run mark flagged as stopped, for the next run to resume); returns those."""
     names = os.listdir(output) if os.path.isdir(output) else []
     assert MANIFEST_NAME not in names
-    assert not [n for n in names if n.endswith(".safetensors")], names
-    assert not [n for n in names if TEMP_MARK in n or n == RUN_MARK], names
+    assert not [n for n in names if TEMP_MARK in n], names
+    if RUN_MARK not in names:
+        assert names == []
+        return []
+    mark = json.load(open(os.path.join(output, RUN_MARK)))
+    kept = sorted(n for n in names if n != RUN_MARK)
+    assert mark["interrupted"] is True and kept and set(kept) == set(mark["shards"]), (kept, mark["shards"])
+    for name in kept:
+        assert os.path.getsize(os.path.join(output, name)) == mark["shards"][name]["size"]
+    return kept
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.7, -1.3])
@@ -206,18 +216,81 @@ def test_nonfinite_output_fails_naming_the_tensor_and_commits_nothing(copy_check
     out = str(tmp_path / "out")
     with pytest.raises(NonFiniteError, match=victim.replace(".", r"\.")):
         run_local(make_spec(copy_checkpoints, out), workers=2)
-    assert_nothing_committed(out)
+    assert_not_committed(out)
     run_local(make_spec(copy_checkpoints, out, allow_nonfinite=True))
     assert torch.isinf(load_all(out)[victim]).any()
 
 
-def test_failure_in_a_later_shard_removes_shards_already_committed(copy_checkpoints, tmp_path):
+def test_a_failure_keeps_the_shards_already_committed_and_graft_clean_removes_them(copy_checkpoints, tmp_path):
     victim = poison(copy_checkpoints["target"], float("nan"))  # in the target's last shard
     out = str(tmp_path / "out")
-    with pytest.raises(NonFiniteError, match=victim.replace(".", r"\.")):
-        run_local(make_spec(copy_checkpoints, out), workers=1)  # earlier shards commit first
-    assert_nothing_committed(out)
+    job = prepare_job(make_spec(copy_checkpoints, out))
+    with pytest.raises(NonFiniteError, match=victim.replace(".", r"\.")) as failure:
+        run_local(job, workers=1)  # earlier shards commit first
+    kept = assert_not_committed(out)
+    total = len(job.plan.shards)
+    assert kept == sorted(s.file for s in job.plan.shards[:total - 1])  # hours of work on a large job
+    assert failure.value.__notes__ == [f"{total - 1} of {total} shard(s) are committed and kept in {out}: fix "
+                                       f"the cause and run the same command to resume (or remove them: graft "
+                                       f"clean {out})"]
+    assert sorted(clean_output(out)) == sorted([*kept, RUN_MARK])
     assert os.listdir(out) == []
+    with pytest.raises(OutputError, match="no unfinished graft run here"):
+        clean_output(out)
+
+
+def test_an_interrupt_after_the_manifest_is_written_leaves_the_output_complete(tiny_checkpoints, tmp_path,
+                                                                              monkeypatch):
+    """A signal while the committed run removes its mark (a few seconds at most) must not take the
+    output apart: once the manifest is written, nothing is removed."""
+    from graft.engine.errors import Interrupted
+    from graft.engine.runmark import RunMark
+
+    real_release = RunMark.release
+    calls: list[bool] = []
+
+    def interrupted_once(self, remove: bool = True) -> None:  # noqa: ANN001
+        calls.append(remove)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as the CLI's handler raises it in the main thread
+        real_release(self, remove)
+
+    monkeypatch.setattr(RunMark, "release", interrupted_once)
+    out = str(tmp_path / "out")
+    with pytest.raises(Interrupted) as stopped:
+        run_local(make_spec(tiny_checkpoints, out))
+    assert stopped.value.committed and stopped.value.kept == stopped.value.total
+    assert verify_output(out).ok and RUN_MARK not in os.listdir(out)
+    with pytest.raises(OutputError, match="already holds a committed graft output"):
+        run_local(make_spec(tiny_checkpoints, out))
+
+
+def test_a_mark_left_in_a_committed_output_is_not_output_and_graft_clean_refuses_it(tiny_checkpoints, tmp_path):
+    out = str(tmp_path / "out")
+    run_local(make_spec(tiny_checkpoints, out))
+    with open(os.path.join(out, RUN_MARK), "w") as f:  # killed between the manifest and the mark's removal
+        f.write('{"heartbeat": 0}')
+    assert verify_output(out).ok
+    with pytest.raises(OutputError, match="holds a committed graft output"):
+        clean_output(out)
+    assert RUN_MARK in os.listdir(out) and verify_output(out).ok
+
+
+def test_graft_clean_refuses_a_run_that_is_still_going(tiny_checkpoints, tmp_path):
+    from graft.engine.runmark import RunMark
+    from graft.engine.storage import Storage
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model-00001-of-00004.safetensors").write_bytes(b"partial work of a live run")
+    mark = RunMark(Storage(str(out)), "fp", {}, files=["model-00001-of-00004.safetensors"])
+    mark.acquire(replacing=False)
+    try:
+        with pytest.raises(OutputError, match="still going"):
+            clean_output(str(out))
+        assert sorted(os.listdir(out)) == [RUN_MARK, "model-00001-of-00004.safetensors"]
+    finally:
+        mark.release()
 
 
 def test_output_that_is_already_committed_or_foreign_is_refused(tiny_checkpoints, tmp_path):
@@ -306,4 +379,4 @@ def test_an_input_rewritten_during_the_run_is_refused_and_nothing_is_committed(c
     os.replace(victim + ".new", victim)
     with pytest.raises(IntegrityError, match=r"changed during the run.*run the job again"):
         bg.outcome()
-    assert_nothing_committed(out)
+    assert_not_committed(out)
