@@ -7,6 +7,7 @@ __all__ = [
     "Terminated",
     "SpecError",
     "StorageError",
+    "NotFoundError",
     "HeaderError",
     "CheckpointError",
     "PlanError",
@@ -27,6 +28,10 @@ class SpecError(GraftError):
 
 class StorageError(GraftError):
     """A file could not be listed, read or written."""
+
+
+class NotFoundError(StorageError):
+    """The file is not there (as opposed to a store that failed to answer)."""
 
 
 class HeaderError(GraftError):

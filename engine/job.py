@@ -191,6 +191,9 @@ class OutputSession:
     def commit(self, executor: str, workers: int, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
         """Write side files, index, SHA256SUMS and the manifest (last); returns the manifest."""
         plan, out = self.job.plan, self.storage
+        if not self.mark.confirm():
+            raise OutputError(f"{out.uri}: another graft run took over this output (this run's heartbeat "
+                              f"was judged dead); nothing was committed: stop one of the two runs")
         by_file = self.results
         results = list(by_file.values())
         outputs: list[OutputFile] = []
@@ -308,7 +311,7 @@ class OutputSession:
     def suspend(self) -> int:
         """Keep the committed shards and their journal so the same command resumes; remove the
         temporaries and whatever the commit step had begun to write. Returns the shards kept."""
-        if self.mark.lost:
+        if not self._still_ours():
             self.mark.release(remove=False)
             return 0  # the output belongs to the run that took it over
         # Kept: the shards in the journal (the mark's own record of it, which is updated before the
@@ -325,10 +328,19 @@ class OutputSession:
         self.mark.suspend()
         return len(journaled)
 
+    def _still_ours(self) -> bool:
+        """Whether the mark is still this run's, read again now; when that cannot be told (the store
+        does not answer), it is not: a stopping run then leaves the output for the next one."""
+        try:
+            return self.mark.confirm()
+        except Exception:  # noqa: BLE001
+            return False
+
     def rollback(self) -> list[str]:
         """Remove every file this run may have made visible, temporaries and the mark; best effort."""
+        ours = self._still_ours()
         self.mark.release(remove=False)
-        if self.mark.lost:
+        if not ours:
             return []  # the output now belongs to the run that took it over: touch nothing
         removed = []
         names = self._planned_names(self.job)

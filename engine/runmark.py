@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import __version__
-from .errors import OutputError, StorageError
+from .errors import NotFoundError, OutputError, StorageError
 from .storage import Storage
 
 __all__ = ["RUN_MARK", "HEARTBEAT_SECONDS", "STALE_AFTER_SECONDS", "read_mark", "is_stale", "describe",
@@ -38,10 +38,12 @@ _SETTLE_SECONDS = 0.3
 
 
 def read_mark(storage: Storage) -> dict[str, Any] | None:
-    """The mark's content, None if absent; an unreadable mark reads as a stale one."""
+    """The mark's content, None if absent; a mark that is not valid JSON reads as a stale one. A
+    store that fails to answer (after its retries) raises ``StorageError``: a live run's mark must
+    never be taken for a missing one, or a heartbeat for a takeover."""
     try:
         data = json.loads(storage.read(RUN_MARK))
-    except StorageError:
+    except NotFoundError:
         return None
     except ValueError:
         return {"heartbeat": 0.0}
@@ -134,8 +136,20 @@ class RunMark:
         self._thread = threading.Thread(target=self._beat, name="graft-heartbeat", daemon=True)
         self._thread.start()
 
+    def confirm(self) -> bool:
+        """Re-read the mark: True while it is still this run's. Called before anything is committed
+        or removed, so a run that was taken over (its heartbeat judged dead) never deletes or commits
+        into an output that is no longer its own. Once lost, always lost; a failed read raises."""
+        with self._lock:
+            if not self.lost and not self._still_ours():
+                self.lost = True
+            return not self.lost
+
     def _taken(self) -> OutputError:
-        mark = read_mark(self.storage) or {}
+        try:
+            mark = read_mark(self.storage) or {}
+        except StorageError:
+            mark = {}
         return OutputError(f"{self.storage.uri} is being written by another graft run "
                            f"({describe(mark)}); wait for it to finish")
 

@@ -36,7 +36,7 @@ import fsspec
 from fsspec.asyn import sync
 
 from .directio import DirectAppender
-from .errors import GraftError, IntegrityError, StorageError
+from .errors import GraftError, IntegrityError, NotFoundError, StorageError
 
 __all__ = ["FileStat", "Storage", "RangeReader", "AtomicWriter", "TEMP_MARK", "check_digest",
            "RETRY_ATTEMPTS", "RETRY_BASE_SECONDS", "RETRY_MAX_SECONDS", "is_transient"]
@@ -370,7 +370,7 @@ class Storage:
                 extra = {"cache_type": "none"} if self.is_hub else {}
                 data = self.fs.cat_file(self.path(name), start=start, end=end, **extra)
         except FileNotFoundError:
-            raise StorageError(f"{self.url(name)}: no such file") from None
+            raise NotFoundError(f"{self.url(name)}: no such file") from None
         except Exception as e:  # noqa: BLE001
             if _precondition_failed(e):
                 raise IntegrityError(f"{self.url(name)}: changed during the run (its ETag is no longer "

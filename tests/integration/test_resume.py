@@ -147,3 +147,82 @@ def test_a_refused_output_fails_before_ray_starts(tiny_checkpoints, tmp_path):
         run_ray(prepare_job(make_spec(tiny_checkpoints, str(out))), RayOptions())
     assert not ray.is_initialized()
     assert os.listdir(out) == ["notes.txt"]
+
+
+# --- the mark read honestly, ownership checked before anything is committed or removed ------------
+
+def test_a_mark_that_cannot_be_read_is_an_error_never_a_missing_mark(tmp_path):
+    """One failed read of a live run's mark must not make another run overwrite it, nor make the run
+    itself think it was taken over."""
+    from faulty_fs import faulty_options, faulty_uri, rule
+
+    from graft.engine.errors import StorageError
+    from graft.engine.runmark import read_mark
+    from graft.engine.storage import Storage
+
+    out = tmp_path / "out"
+    out.mkdir()
+    options = faulty_options(str(tmp_path / "journal"), rule("denied", match=RUN_MARK, times=None))
+    store = Storage(faulty_uri(str(out)), options)
+    assert read_mark(store) is None  # really absent
+    write_mark(str(out))
+    with pytest.raises(StorageError, match=r"\.graft-run\.json: cannot read"):
+        read_mark(store)
+
+
+def test_a_heartbeat_that_cannot_read_the_mark_does_not_give_the_run_up(tmp_path, monkeypatch):
+    from graft.engine import runmark
+    from graft.engine.errors import StorageError
+    from graft.engine.storage import Storage
+
+    monkeypatch.setattr(runmark, "HEARTBEAT_SECONDS", 0.01)
+    out = tmp_path / "out"
+    out.mkdir()
+    storage = Storage(str(out))
+    mark = runmark.RunMark(storage, "fp", {})
+    mark.acquire(replacing=False)
+    reads = []
+
+    def failing_read(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        reads.append(args)
+        raise StorageError(f"{out}/{RUN_MARK}: cannot read bytes: failed after 5 attempts: timed out")
+
+    monkeypatch.setattr(storage, "read", failing_read)
+    wait_for(lambda: len(reads) >= 3, "three heartbeats")
+    assert not mark.lost
+    mark.release()
+
+
+def _taken_over(out: str) -> None:
+    """Another run replaced this run's mark (it judged this run's heartbeat dead) and committed a
+    shard of its own."""
+    write_mark(out, shards={"model-00001-of-00004.safetensors": {"size": 5, "sha256": "x"}})
+    with open(os.path.join(out, "model-00001-of-00004.safetensors"), "wb") as f:
+        f.write(b"other")
+
+
+@pytest.mark.parametrize("error", ["failure", "interrupt"])
+def test_a_run_that_was_taken_over_removes_nothing_when_it_stops(tiny_checkpoints, tmp_path, error):
+    from graft.engine.errors import NonFiniteError
+    from graft.engine.job import OutputSession
+
+    out = str(tmp_path / "out")
+    session = OutputSession.open(prepare_job(make_spec(tiny_checkpoints, out)))
+    _taken_over(out)
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    session.stop(NonFiniteError("boom") if error == "failure" else KeyboardInterrupt())
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+
+
+def test_a_run_that_was_taken_over_commits_nothing(tiny_checkpoints, tmp_path):
+    from graft.engine.job import OutputSession
+    from graft.engine.manifest import MANIFEST_NAME
+
+    out = str(tmp_path / "out")
+    job = prepare_job(make_spec(tiny_checkpoints, out))
+    session = OutputSession.open(job)
+    _taken_over(out)
+    with pytest.raises(OutputError, match="another graft run took over this output.*nothing was committed"):
+        session.commit(executor="local", workers=1)
+    assert MANIFEST_NAME not in os.listdir(out)
+    session.mark.release(remove=False)
