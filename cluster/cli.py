@@ -222,10 +222,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _stored_as(ckpt: Any) -> str:
     """How a checkpoint stores its weights, or why graft would refuse it (inspect never fails on it)."""
     from graft.engine.errors import QuantizationError
-    from graft.engine.quant import layout_of, read_scheme
+    from graft.engine.quant import layout_for
 
     try:
-        return layout_of(ckpt, read_scheme(ckpt.read_json("config.json"), ckpt.uri, ckpt.tensors), "checkpoint").describe()
+        return layout_for(ckpt, ckpt.read_json("config.json"), "checkpoint").describe()
     except QuantizationError as e:
         return f"not transferable by graft: {e}"
 

@@ -160,8 +160,7 @@ class Transcoder:
     def _decode(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor], role: str,
                 into: torch.Tensor) -> None:
         t = chunk.tensor
-        src = {"target": t.target, "finetuned": t.finetuned, "base": t.base}[role]
-        assert src is not None
+        src = t.source(role)
         rows, cols = chunk.rows[1], t.shape[1]
         codes = inputs[(role, "codes")].view(rows, cols)
         index, table = self._index[:rows * cols], self._tables.get(codes.dtype)

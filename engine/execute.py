@@ -32,7 +32,7 @@ from .errors import GraftError, IntegrityError
 from .kernel import TORCH_DTYPES, ChunkKernel, check_finite
 from .safetensors import FLOATING_DTYPES, ShardWriter
 from .storage import RangeReader, Storage
-from .tasks import Chunk, Read, ShardResult, ShardTask, Source, iter_chunks
+from .tasks import Chunk, Read, ShardResult, ShardTask, iter_chunks
 
 __all__ = ["ShardResult", "Chunk", "Cancelled", "iter_chunks", "execute_shard"]
 
@@ -41,20 +41,6 @@ _SLOTS = 3
 
 class Cancelled(GraftError):
     """The shard was stopped because the run is being abandoned (another shard failed, Ctrl-C)."""
-
-
-def _dtype_of(chunk: Chunk, read: Read) -> torch.dtype:
-    src = _source(chunk, read.role)
-    if read.kind == "scales":
-        assert src.scales is not None
-        return TORCH_DTYPES[src.scales.dtype]
-    return TORCH_DTYPES[src.dtype]
-
-
-def _source(chunk: Chunk, role: str) -> Source:
-    src = {"target": chunk.tensor.target, "finetuned": chunk.tensor.finetuned, "base": chunk.tensor.base}[role]
-    assert src is not None
-    return src
 
 
 class _Slot:
@@ -68,8 +54,8 @@ class _Slot:
         """The buffer ``read`` lands in (uint8, exactly its size)."""
         return self.bufs[(read.role, read.kind)][:read.size]
 
-    def typed(self, chunk: Chunk, reads: list[Read]) -> dict[tuple[str, str], torch.Tensor]:
-        return {(r.role, r.kind): self.view(r).view(_dtype_of(chunk, r)) for r in reads}
+    def typed(self, reads: list[Read]) -> dict[tuple[str, str], torch.Tensor]:
+        return {(r.role, r.kind): self.view(r).view(TORCH_DTYPES[r.dtype]) for r in reads}
 
     def wait(self) -> None:
         for fut in self.pending:
@@ -294,7 +280,7 @@ def execute_shard(
                     # Filled row by row as the chunks go by; written after the tensor's last chunk.
                     grid = t.scales.grid(*t.shape)
                     scales = torch.empty(grid, dtype=TORCH_DTYPES[t.scales.dtype], pin_memory=on_gpu)
-                handle = compute.submit(i, chunk, slot.typed(chunk, reads[i]),
+                handle = compute.submit(i, chunk, slot.typed(reads[i]),
                                         None if chunk.measure else scales, task.file)
                 if chunk.last:
                     scales = None

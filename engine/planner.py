@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, unsafe_name
 from .errors import PlanError, QuantizationError
 from .manifest import MANIFEST_NAME, SUMS_NAME
-from .quant import FP8_CODES, Layout, Stored, layout_of, read_scheme
+from .quant import FP8_CODES, Layout, Stored, layout_for
 from .safetensors import FLOATING_DTYPES, build_header
 from .spec import DEFAULT_FILES, JobSpec
 from .tasks import ROLES, ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask
@@ -119,7 +119,7 @@ def _layouts(checkpoints: Mapping[str, Checkpoint],
     for role in ROLES:
         c = checkpoints[role]
         try:
-            layouts[role] = layout_of(c, read_scheme(configs.get(role), f"{role} ({c.uri})", c.tensors), role)
+            layouts[role] = layout_for(c, configs.get(role), role)
         except QuantizationError as e:
             problems.append(str(e))
     if problems:

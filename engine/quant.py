@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from .checkpoint import Checkpoint, TensorRef
 from .errors import QuantizationError
 
-__all__ = ["FP8_CODES", "SCALE_DTYPES", "Scheme", "Stored", "Layout", "read_scheme", "layout_of"]
+__all__ = ["FP8_CODES", "SCALE_DTYPES", "Scheme", "Stored", "Layout", "read_scheme", "layout_of", "layout_for"]
 
 FP8_CODES = ("F8_E4M3", "F8_E5M2")
 SCALE_DTYPES = ("F32", "BF16", "F16")
@@ -315,3 +315,8 @@ def layout_of(ckpt: Checkpoint, scheme: Scheme | None, role: str) -> Layout:
         raise QuantizationError(f"{where}: config.json declares quant_method {scheme.method} but no tensor "
                                 f"is FP8 with a {scheme.suffix} scale; fix or remove quantization_config")
     return Layout(scheme, stored, activations)
+
+
+def layout_for(ckpt: Checkpoint, config: Mapping[str, Any] | None, role: str) -> Layout:
+    """``layout_of`` under the scheme ``config`` (the checkpoint's parsed config.json) declares."""
+    return layout_of(ckpt, read_scheme(config, f"{role} ({ckpt.uri})", ckpt.tensors), role)

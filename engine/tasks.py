@@ -107,6 +107,11 @@ class TensorTask:
     def sources(self) -> tuple[Source, ...]:
         return tuple(s for s in (self.target, self.finetuned, self.base) if s is not None)
 
+    def source(self, role: str) -> Source:
+        src = {"target": self.target, "finetuned": self.finetuned, "base": self.base}[role]
+        assert src is not None, role
+        return src
+
     @property
     def copies_raw(self) -> bool:
         """The target's stored bytes (codes, then scales) are the output's, unchanged."""
@@ -188,7 +193,7 @@ class ShardResult:
 @dataclass(frozen=True)
 class Read:
     """Bytes ``[begin, end)`` of ``file`` in role ``role``'s checkpoint: ``kind`` "codes" (the
-    values, or FP8 codes) or "scales"."""
+    values, or FP8 codes) or "scales", holding ``dtype``."""
 
     role: str
     kind: str
@@ -196,6 +201,7 @@ class Read:
     begin: int
     end: int
     version: str | None
+    dtype: str
 
     @property
     def size(self) -> int:
@@ -234,22 +240,25 @@ class Chunk:
         for s in (t.sources if t.combine or t.transcodes else (t.target,)):
             size = DTYPE_SIZES[s.dtype]
             out.append(Read(s.role, "codes", s.file, s.begin + self.start * size,
-                            s.begin + (self.start + self.count) * size, s.version))
+                            s.begin + (self.start + self.count) * size, s.version, s.dtype))
             if s.scales is not None and t.transcodes:
                 lo, hi = self.scale_rows(s.scales)
                 row = s.scales.grid(*t.shape)[1] * DTYPE_SIZES[s.scales.dtype]
                 out.append(Read(s.role, "scales", s.scales.file, s.scales.begin + lo * row,
-                                s.scales.begin + hi * row, s.scales.version))
+                                s.scales.begin + hi * row, s.scales.version, s.scales.dtype))
         if self.last and t.copies_raw and t.target.scales is not None:
             sc = t.target.scales
-            out.append(Read("target", "scales", sc.file, sc.begin, sc.end, sc.version))
+            out.append(Read("target", "scales", sc.file, sc.begin, sc.end, sc.version, sc.dtype))
         return out
 
     def scale_rows(self, scales: OutScales) -> tuple[int, int]:
         """The rows of ``scales`` that this chunk's rows fall in."""
-        r0, n = self.rows
-        bo = scales.block[0]
-        return r0 // bo, -(-(r0 + n) // bo)
+        return _scale_rows(*self.rows, scales.block[0])
+
+
+def _scale_rows(first: int, rows: int, bo: int) -> tuple[int, int]:
+    """The scale rows that code rows ``[first, first + rows)`` fall in, for blocks of ``bo`` rows."""
+    return first // bo, -(-(first + rows) // bo)
 
 
 def _per_tensor(scales: OutScales | None, shape: tuple[int, ...]) -> bool:
@@ -296,9 +305,8 @@ def _codec_read_bytes(t: TensorTask, settings: ExecSettings) -> int:
         for s in t.sources:
             n += rows * cols * DTYPE_SIZES[s.dtype]
             if s.scales is not None:
-                bo = s.scales.block[0]
-                row_bytes = s.scales.grid(*t.shape)[1] * DTYPE_SIZES[s.scales.dtype]
-                n += (-(-(r + rows) // bo) - r // bo) * row_bytes
+                lo, hi = _scale_rows(r, rows, s.scales.block[0])
+                n += (hi - lo) * s.scales.grid(*t.shape)[1] * DTYPE_SIZES[s.scales.dtype]
     return n
 
 
