@@ -20,6 +20,8 @@ from graft.engine.checkpoint import open_checkpoint
 from graft.engine.errors import GraftError, Interrupted, PlanError, Terminated
 from graft.engine.job import OutputSession, prepare_job
 from graft.engine.manifest import verify_output
+from graft.engine.redaction import redact_uri
+from graft.engine.runmark import Observed
 from graft.engine.spec import apply_overrides, load_spec
 
 __all__ = ["main", "Progress"]
@@ -110,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _log("formats: " + "; ".join(f"{role} {v}" for role, v in formats.items()))
     _log(f"{plan.tensor_count} tensors ({plan.combined} combined, {plan.copied} copied) into "
          f"{len(plan.shards)} shard(s); reading {human_bytes(plan.read_bytes)}, writing "
-         f"{human_bytes(plan.write_bytes)} to {spec.output}")
+         f"{human_bytes(plan.write_bytes)} to {redact_uri(spec.output)}")
     progress = None if args.quiet else Progress(plan.read_bytes, sys.stderr, shards=len(plan.shards))
     t0 = time.monotonic()
     log = _log if args.verbose else (lambda s: None)
@@ -121,13 +123,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             from graft.engine.local import run_local  # torch loads only for a run
 
             result = run_local(job, workers=args.workers or LOCAL_WORKERS, on_progress=update, log=log,
-                               device=args.device, on_shard=on_shard)
+                               device=args.device, on_shard=on_shard, verify_kept=args.verify_kept)
         else:
             from .driver import RayOptions, run_ray  # Ray is imported only when used
 
             opts = RayOptions(address=args.address, workers=args.workers, shards_per_worker=args.shards_per_worker,
-                              cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
-            result = run_ray(job, opts, on_progress=update, log=_log, on_shard=on_shard)
+                              cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                              start_timeout=args.start_timeout)
+            result = run_ray(job, opts, on_progress=update, log=_log, on_shard=on_shard,
+                             verify_kept=args.verify_kept)
     finally:
         if progress:
             progress.close()
@@ -143,7 +147,7 @@ def _plan_summary(job: Any) -> dict[str, Any]:
     return {
         "inputs": {role: {"uri": c.uri, "files": len(c.files), "tensors": len(c.tensors),
                           "bytes": c.total_bytes} for role, c in job.checkpoints.items()},
-        "output": job.spec.output,
+        "output": redact_uri(job.spec.output),
         "tensors": plan.tensor_count,
         "combined": plan.combined,
         "copied": plan.copied,
@@ -167,13 +171,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for p in e.problems:
             print(f"graft: error: {p}", file=sys.stderr)
         return EXIT_FAIL
-    problems = []
+    problems, notes = [], []
     try:
-        OutputSession.check(job)
+        previous = OutputSession.check(job, watch=False).previous
+        if previous is not None:
+            notes.append(_unfinished_run_note(redact_uri(job.spec.output), previous))
     except GraftError as e:
         problems.append(str(e))
     summary = _plan_summary(job)
     summary["problems"] = problems
+    summary["notes"] = notes
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -197,9 +204,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"reads {human_bytes(summary['read_bytes'])}, writes {human_bytes(summary['write_bytes'])}")
         for w in summary["warnings"]:
             print(f"warning: {w}")
+        for n in notes:
+            print(f"note: {n}")
         for p in problems:
             print(f"graft: error: {p}", file=sys.stderr)
     return EXIT_FAIL if problems else EXIT_OK
+
+
+def _unfinished_run_note(output: str, previous: Observed) -> str:
+    """What ``graft run`` will do with an unfinished run's mark (``graft plan`` does not wait to
+    find out whether that run is alive)."""
+    from graft.engine.runmark import STALE_AFTER_SECONDS, describe, stale_at_once
+
+    if stale_at_once(previous.mark):
+        return f"{output} holds an unfinished graft run that stopped; graft run resumes it"
+    return (f"{output} holds the mark of an unfinished graft run ({describe(previous.mark)}); graft run "
+            f"watches it for up to {STALE_AFTER_SECONDS:.0f}s, then refuses the output if that run is "
+            f"alive, or resumes it")
 
 
 def _storage_options(items: Sequence[str]) -> dict[str, Any]:
@@ -261,8 +282,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     from graft.engine.job import clean_output
 
-    removed = clean_output(_location(args.output), _storage_options(args.storage_option))
-    print(f"removed {len(removed)} file(s) of an unfinished graft run from {args.output}")
+    removed = clean_output(_location(args.output), _storage_options(args.storage_option), log=_log)
+    print(f"removed {len(removed)} file(s) of an unfinished graft run from {redact_uri(args.output)}")
     return EXIT_OK
 
 
@@ -303,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per shard actor")
     r.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="Ray GPUs per shard actor; > 0 runs the arithmetic on CUDA")
+    r.add_argument("--verify-kept", action="store_true",
+                   help="on resume, re-hash the shards kept from the previous run (in parallel on the "
+                        "workers) instead of trusting their journaled size and store version")
+    r.add_argument("--start-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="Ray: fail if no shard actor can be placed for this long (default 600)")
     r.add_argument("--device", default="cpu", help="local executor: cpu or cuda[:N] for the arithmetic")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec key (dotted keys nest; value parsed as YAML)")

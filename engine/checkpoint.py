@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from .errors import CheckpointError
 from .safetensors import MAX_HEADER_BYTES, Header, TensorEntry, read_header, strict_json_loads
+from .redaction import redact_uri
 from .storage import TEMP_MARK, FileStat, Storage
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "TensorRef", "Checkpoint", "open_checkpoint", "check_shard_name",
@@ -22,8 +23,9 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _HEADER_READERS = 16
-# An index is read whole: a file this big is not one (the largest real indexes are a few MB), and
-# reading it would cost that much memory. Same cap as a safetensors header.
+# An index (or a config.json, read to plan) is read whole: a file this big is not one (the largest
+# real indexes are a few MB), and reading it would cost that much memory. Same cap as a safetensors
+# header.
 MAX_INDEX_BYTES = MAX_HEADER_BYTES
 
 
@@ -38,8 +40,10 @@ class TensorRef(TensorEntry):
 class Checkpoint:
     """The weights of one checkpoint, as found in its headers.
 
-    ``tensors`` is ordered as the files store them: shard by shard (index order), then by offset.
-    ``side_files`` are the other files at the location (config.json, tokenizer files, ...).
+    ``uri`` is the location as shown (messages, the manifest): credentials in it are redacted
+    (``redaction.redact_uri``); ``storage`` holds the real one. ``tensors`` is ordered as the files
+    store them: shard by shard (index order), then by offset. ``side_files`` are the other files at
+    the location (config.json, tokenizer files, ...).
     """
 
     uri: str
@@ -49,6 +53,8 @@ class Checkpoint:
     headers: dict[str, Header] = field(compare=False, repr=False)
     side_files: tuple[str, ...] = ()
     sharded: bool = False
+    # Sizes of side files the listing already gave (local disk, S3); the others are stat'ed on demand.
+    side_sizes: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def version_of(self, file: str) -> str | None:
         """The ETag / version / mtime ``file`` had when the checkpoint was opened."""
@@ -63,11 +69,22 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    def side_file_size(self, name: str) -> int:
+        """The size of side file ``name``: from the listing where it had one, else one stat (on the
+        Hub, from its cached tree listing). No data is read."""
+        size = self.side_sizes.get(name)
+        return size if size is not None else self.storage.stat(name).size
+
     def read_json(self, name: str) -> Any | None:
         """A side file parsed as JSON, or None if absent or unparsable. A file that is listed but
-        cannot be read (the store failed, after retries) is an error, not a missing config."""
+        cannot be read (the store failed, after retries) is an error, not a missing config; so is
+        one too big to be one (it would be read whole into memory, before any plan could refuse it)."""
         if name not in self.side_files:
             return None
+        size = self.side_file_size(name)
+        if size > MAX_INDEX_BYTES:
+            raise CheckpointError(f"{self.storage.url(name)}: {size} bytes, over the {MAX_INDEX_BYTES}-byte "
+                                  f"limit for a JSON config; it is not one: remove or rename it")
         try:
             return json.loads(self.storage.read(name))
         except ValueError:
@@ -126,23 +143,24 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
     if fname == INDEX_NAME:
         uri = parent or "/"  # the index names the shards beside it: the checkpoint is that directory
     elif fname.endswith(".json"):
-        raise CheckpointError(f"{uri}: a JSON file, not a checkpoint; point graft at the checkpoint's "
+        raise CheckpointError(f"{redact_uri(uri)}: a JSON file, not a checkpoint; point graft at the checkpoint's "
                               f"directory (the one holding {INDEX_NAME} or {SINGLE_NAME}) or at one "
                               f".safetensors file")
+    shown = redact_uri(uri)  # for messages and the manifest; ``uri`` (credentials and all) for the I/O
     if fname.endswith(".safetensors"):
         storage = Storage(parent or "/", storage_options).pinned()
         known = storage.list_stats()
         listing = list(known)
         if fname not in listing:
-            raise CheckpointError(f"{uri}: no such file")
-        shard_names = [check_shard_name(fname, uri)]
+            raise CheckpointError(f"{shown}: no such file")
+        shard_names = [check_shard_name(fname, shown)]
         weight_map = None
     else:
         storage = Storage(uri, storage_options).pinned()
         known = storage.list_stats()
         listing = list(known)
         if not listing:
-            raise CheckpointError(f"{uri}: no such checkpoint directory, or it is empty")
+            raise CheckpointError(f"{shown}: no such checkpoint directory, or it is empty")
         weight_map = None
         if INDEX_NAME in listing:
             where = storage.url(INDEX_NAME)
@@ -161,7 +179,7 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
             shard_names = sorted(set(weight_map.values()))
             for s in shard_names:
                 if s not in listing:
-                    raise CheckpointError(f"{where}: names shard {s!r}, which is not in {uri}; "
+                    raise CheckpointError(f"{where}: names shard {s!r}, which is not in {shown}; "
                                           f"download the missing shard")
         elif SINGLE_NAME in listing:
             shard_names = [SINGLE_NAME]
@@ -169,14 +187,14 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
             safetensors = [n for n in listing if n.endswith(".safetensors")]
             pickles = [n for n in listing if n.endswith(_PICKLE_SUFFIXES)]
             if len(safetensors) == 1:
-                shard_names = [check_shard_name(safetensors[0], uri)]
+                shard_names = [check_shard_name(safetensors[0], shown)]
             elif safetensors:
-                raise CheckpointError(f"{uri}: {len(safetensors)} .safetensors files but no "
+                raise CheckpointError(f"{shown}: {len(safetensors)} .safetensors files but no "
                                       f"{INDEX_NAME}; add the index that maps tensors to shards")
             elif pickles:
-                raise _pickle_refusal(uri, pickles)
+                raise _pickle_refusal(shown, pickles)
             else:
-                raise CheckpointError(f"{uri}: no .safetensors weights found (files: "
+                raise CheckpointError(f"{shown}: no .safetensors weights found (files: "
                                       f"{', '.join(listing[:5])}); point graft at a checkpoint directory")
 
     def stat_and_header(name: str) -> tuple[FileStat, Header]:
@@ -194,7 +212,7 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
     for shard in shard_names:
         for e in headers[shard].tensors:
             if e.name in tensors:
-                raise CheckpointError(f"{uri}: tensor {e.name!r} is stored in both "
+                raise CheckpointError(f"{shown}: tensor {e.name!r} is stored in both "
                                       f"{tensors[e.name].file} and {shard}; remove the duplicate")
             tensors[e.name] = _ref(shard, e)
     if weight_map is not None:
@@ -213,8 +231,9 @@ def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] |
     weights = set(shard_names) | {INDEX_NAME}
     side = tuple(n for n in listing if n not in weights and not n.endswith(".safetensors"))
     return Checkpoint(
-        uri=uri, storage=storage, files=tuple(stats), tensors=tensors, headers=headers,
+        uri=shown, storage=storage, files=tuple(stats), tensors=tensors, headers=headers,
         side_files=side, sharded=weight_map is not None,
+        side_sizes={n: st.size for n in side if (st := known[n]) is not None},
     )
 
 

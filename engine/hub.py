@@ -31,6 +31,7 @@ from huggingface_hub.hf_file_system import HfFileSystemResolvedRepositoryPath
 from .checkpoint import unsafe_name
 from .errors import OutputError, StorageError
 from .manifest import MANIFEST_NAME, verify_output
+from .redaction import redact_text
 from .storage import FileStat, Storage
 
 __all__ = ["pin_revision", "stat_hub_file", "repo_id_of", "model_card", "push_output"]
@@ -48,22 +49,22 @@ def pin_revision(storage: Storage) -> tuple[str, str]:
     try:
         resolved = storage.fs.resolve_path(storage.root)
     except FileNotFoundError as e:
-        raise StorageError(f"{storage.uri}: no such Hub repository or revision ({_first_line(e)}); "
+        raise StorageError(f"{storage.display_uri}: no such Hub repository or revision ({_first_line(e)}); "
                            f"check the repository id, the @revision, and that your token (HF_TOKEN) "
                            f"may read it") from None
     except (ValueError, NotImplementedError) as e:
-        raise StorageError(f"{storage.uri}: not a Hub repository location ({e}); write "
+        raise StorageError(f"{storage.display_uri}: not a Hub repository location ({e}); write "
                            f"hf://org/repo or hf://org/repo@revision") from None
     except Exception as e:  # noqa: BLE001 - network and HTTP errors of every kind
-        raise StorageError(f"{storage.uri}: cannot reach the Hub: {e.__class__.__name__}: "
+        raise StorageError(f"{storage.display_uri}: cannot reach the Hub: {e.__class__.__name__}: "
                            f"{_first_line(e)}") from None
     if not isinstance(resolved, HfFileSystemResolvedRepositoryPath):
-        raise StorageError(f"{storage.uri}: not a model, dataset or space repository")
+        raise StorageError(f"{storage.display_uri}: not a model, dataset or space repository")
     try:
         info = _api(storage.storage_options.get("hf", {})).repo_info(
             resolved.repo_id, revision=resolved.revision, repo_type=resolved.repo_type)
     except Exception as e:  # noqa: BLE001
-        raise StorageError(f"{storage.uri}: cannot resolve revision {resolved.revision!r}: "
+        raise StorageError(f"{storage.display_uri}: cannot resolve revision {resolved.revision!r}: "
                            f"{e.__class__.__name__}: {_first_line(e)}") from None
     sha = str(info.sha)
     pinned = dataclasses.replace(resolved, revision=sha, _raw_revision=sha)
@@ -205,4 +206,4 @@ def push_output(output: str, repo: str, storage_options: Mapping[str, Mapping[st
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
-    return text.splitlines()[0] if text else e.__class__.__name__
+    return redact_text(text.splitlines()[0]) if text else e.__class__.__name__

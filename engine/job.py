@@ -1,19 +1,21 @@
-"""The job around the shard tasks: open inputs and plan, prepare the output, commit or roll back.
+"""The job around the shard tasks: open inputs and plan, prepare the output, commit or stop.
 
 Every executor follows the same order (the local one in ``local.py``, the Ray driver in
 ``graft.cluster``):
 
 1. ``prepare_job(spec)``: read headers of all three checkpoints and plan (no tensor data moves).
 2. ``OutputSession.open(job)``: check the output location is new, empty or an unfinished graft run
-   of ours (not a live one: the run mark is a lock); keep the shards a crashed run of the same job
-   committed, after checking their size and sha256; take the run mark; sweep temporary leftovers.
-3. run ``execute_shard`` for every ``session.pending`` task (any order, any process) and
-   ``session.record(result)`` each one as it commits.
+   (``check``: a mark still changing is a live run, refused); take the run mark with a
+   compare-and-swap write (``take``), and only then sweep temporaries and keep the shards a crashed
+   run of the same job journaled, where their size and store version are unchanged.
+3. ``session.verify_kept(hasher)``: hash the kept shards that need it (``--verify-kept``) on the
+   executor's workers; then run ``execute_shard`` for every ``session.pending`` task (any order, any
+   process) and ``session.record(result)`` each one as it commits.
 4. ``session.commit(...)``: side files, index, SHA256SUMS, then the manifest (the commit marker),
    then remove the run mark. Or ``session.stop(error)`` on failure or Ctrl-C: no manifest, no
    temporary file, the journaled shards kept for a resume (rolled back only when there are none);
    after the manifest is written, nothing is removed. ``clean_output`` removes what a stopped run
-   kept.
+   kept. ``State`` names each step and what it may touch.
 """
 from __future__ import annotations
 
@@ -22,20 +24,23 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from . import __version__
+from . import __version__, cas
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from .errors import GraftError, IntegrityError, Interrupted, OutputError, Terminated
+from .errors import IntegrityError, Interrupted, OutputError, Terminated
 from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, SUMS_NAME, OutputFile, format_sums, hash_file
 from .planner import ROLES, Plan, ShardTask, make_plan
-from .runmark import RUN_MARK, STALE_AFTER_SECONDS, RunMark, describe, is_stale, read_mark
+from .runmark import RUN_MARK, Observed, RunAlive, RunMark, describe, observe, wait_until_stale
+from .redaction import redact_text
 from .spec import JobSpec
 from .storage import TEMP_MARK, Storage
 from .tasks import ShardResult
 
-__all__ = ["RUN_MARK", "Job", "prepare_job", "OutputSession", "clean_output"]
+__all__ = ["RUN_MARK", "Job", "prepare_job", "State", "Checked", "OutputSession", "hash_in_threads",
+           "clean_output"]
 
 
 
@@ -64,15 +69,6 @@ def prepare_job(spec: JobSpec) -> Job:
     checkpoints = {role: c for role, (c, _) in opened.items()}
     configs = {role: config for role, (_, config) in opened.items()}
     return Job(spec, checkpoints, make_plan(spec, checkpoints, configs))
-
-
-def _still_intact(storage: Storage, name: str, info: Any) -> bool:
-    """A shard a crashed run committed is kept only if its size and sha256 are what it journaled."""
-    try:
-        size = storage.stat(name).size
-        return size == int(info["size"]) and hash_file(storage, name, size) == info["sha256"]
-    except (GraftError, KeyError, TypeError, ValueError):
-        return False
 
 
 def _patched(data: bytes, patch: tuple[tuple[str, str | None], ...], where: str) -> bytes:
@@ -108,12 +104,61 @@ def fingerprint(job: Job) -> str:
     return hashlib.sha256(repr((shards, inputs)).encode()).hexdigest()
 
 
+def _has_mark(listing: list[str]) -> bool:
+    """The run mark is there, or is being replaced this instant (moved aside, on local disk)."""
+    return RUN_MARK in listing or any(n.startswith(cas.aside_prefix(RUN_MARK)) for n in listing)
+
+
+class State(str, Enum):
+    """Where an output is in its run; each transition says what it may touch.
+
+    ``OPEN`` (checked, mark taken, kept shards being checked) -> ``RUNNING`` (shards commit and are
+    journaled) -> ``COMMITTING`` (side files, index, SHA256SUMS, then the manifest) -> ``COMMITTED``
+    (nothing may be removed any more). From ``OPEN``, ``RUNNING`` or ``COMMITTING`` a stop goes to
+    ``SUSPENDED`` (journaled shards kept for a resume, the rest removed), ``ROLLED_BACK`` (nothing
+    was journaled: everything of this run removed) or ``ABANDONED`` (another run took the output
+    over: nothing touched)."""
+
+    OPEN = "open"
+    RUNNING = "running"
+    COMMITTING = "committing"
+    COMMITTED = "committed"
+    SUSPENDED = "suspended"
+    ROLLED_BACK = "rolled back"
+    ABANDONED = "abandoned"
+
+
+_STOPPABLE = (State.OPEN, State.RUNNING, State.COMMITTING)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """An output location that can take a run: its storage, listing, and the mark of an unfinished
+    run (judged stale, or not watched when checked with ``watch=False``)."""
+
+    storage: Storage
+    listing: list[str]
+    previous: Observed | None
+
+
+Hasher = Callable[[Storage, list[tuple[str, int]]], list[str]]
+
+
+def hash_in_threads(threads: int = 4) -> Hasher:
+    """A ``Hasher`` reading the files on ``threads`` threads of this process."""
+    def run(storage: Storage, files: list[tuple[str, int]]) -> list[str]:
+        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="graft-hash") as pool:
+            return list(pool.map(lambda f: hash_file(storage, f[0], f[1]), files))
+    return run
+
+
 @dataclass
 class OutputSession:
-    """The output location of one run, from preparation to commit or rollback.
+    """The output location of one run, from preparation to commit, suspension or rollback.
 
     ``pending`` lists the shard tasks still to run (a resumed run keeps shards already committed);
-    executors call ``record(result)`` as each shard commits, then ``commit()`` or ``rollback()``.
+    executors call ``verify_kept(...)``, then ``record(result)`` as each shard commits, then
+    ``commit()``; on any error ``stop(error)``.
     """
 
     job: Job
@@ -121,65 +166,138 @@ class OutputSession:
     mark: RunMark
     results: dict[str, ShardResult]
     resumed: tuple[str, ...]
-    committed: bool = False  # the manifest is written: nothing may be removed any more
+    unverified: dict[str, dict[str, Any]] = field(default_factory=dict)  # kept shards still to hash
+    state: State = State.OPEN
+
+    def _move(self, to: State, *allowed: State) -> None:
+        if self.state not in allowed:
+            raise RuntimeError(f"output session: {self.state.value} -> {to.value} is not a transition")
+        self.state = to
 
     @classmethod
-    def check(cls, job: Job) -> tuple[Storage, list[str], dict[str, Any] | None]:
+    def check(cls, job: Job, log: Callable[[str], None] = lambda s: None, watch: bool = True) -> Checked:
         """Raise ``OutputError`` unless the output location can take this run; changes nothing.
 
-        Returns the storage, its listing and the stale mark of a crashed run, if any.
+        With a mark of an unfinished run there, ``watch`` waits until it is known stale (up to
+        ``STALE_AFTER_SECONDS``, or at once when the mark says its run is over) and refuses a run
+        that is alive; without ``watch`` the mark is returned unjudged (``graft plan``).
         """
         storage = Storage(job.spec.output, job.spec.storage_options)
         listing = storage.list()
-        uri = storage.uri
+        uri = storage.display_uri
         if MANIFEST_NAME in listing:
             raise OutputError(f"{uri} already holds a committed graft output ({MANIFEST_NAME}); "
                               f"choose another output or delete it first")
         ours = cls._planned_names(job) | {RUN_MARK}
-        foreign = [n for n in listing if TEMP_MARK not in n
-                   and not (n in ours and RUN_MARK in listing)]
+        marked = _has_mark(listing)
+        foreign = [n for n in listing if TEMP_MARK not in n and not (n in ours and marked)]
         if foreign:
             raise OutputError(f"{uri} is not empty (it holds {', '.join(foreign[:3])}); "
                               f"graft writes only into a new or empty location: choose another output")
-        previous = read_mark(storage) if RUN_MARK in listing else None
-        if previous is not None and not is_stale(previous):
-            raise OutputError(f"{uri} is being written by another graft run ({describe(previous)}); "
-                              f"wait for it to finish, or if it died, run again after "
-                              f"{STALE_AFTER_SECONDS:.0f}s")
-        return storage, listing, previous
+        previous = observe(storage) if marked else None
+        if previous is not None and watch:
+            previous = wait_until_stale(storage, previous, log)
+        return Checked(storage, listing, previous)
 
     @classmethod
-    def open(cls, job: Job, log: Callable[[str], None] = lambda s: None) -> OutputSession:
-        """Check the output can take this run, keep what a crashed run of the same job committed,
-        and take the run mark."""
-        storage, listing, previous = cls.check(job)
+    def open(cls, job: Job, log: Callable[[str], None] = lambda s: None,
+             verify_kept: bool = False) -> OutputSession:
+        """``check`` then ``take``."""
+        return cls.take(job, cls.check(job, log), log, verify_kept)
+
+    @classmethod
+    def take(cls, job: Job, checked: Checked, log: Callable[[str], None] = lambda s: None,
+             verify_kept: bool = False) -> OutputSession:
+        """Take the run mark (compare-and-swap over the stale one, if any), and only then sweep a
+        crashed run's temporaries and keep the shards it journaled for the same job whose size and
+        store version are still what it journaled (``verify_kept``: whose sha256 too, checked by
+        ``verify_kept`` on the executor's workers)."""
+        storage, previous = checked.storage, checked.previous
         storage.makedirs()
-        for name in listing:
-            if TEMP_MARK in name:
-                storage.remove(name)
         fp = fingerprint(job)
-        kept: dict[str, ShardResult] = {}
-        if previous is not None and previous.get("fingerprint") == fp:
-            planned = {s.file: s for s in job.plan.shards}
-            for name, info in (previous.get("shards") or {}).items():
-                if name in planned and name in listing and _still_intact(storage, name, info):
-                    kept[name] = ShardResult(name, int(info["size"]), str(info["sha256"]), 0, 0.0)
-            if kept:
-                log(f"resuming: keeping {len(kept)} shard(s) already committed and verified")
-        mark = RunMark(storage, fp, {n: {"size": r.size, "sha256": r.sha256} for n, r in kept.items()},
-                       files=sorted(cls._planned_names(job)))
-        mark.acquire(replacing=previous is not None)
-        session = cls(job, storage, mark, kept, tuple(sorted(kept)))
-        session.abort_uploads(log)  # of a crashed run's killed writers
+        journal: dict[str, dict[str, Any]] = {}
+        if previous is not None and previous.mark.get("fingerprint") == fp:
+            planned = {s.file for s in job.plan.shards}
+            shards = previous.mark.get("shards")
+            journal = {n: i for n, i in (shards.items() if isinstance(shards, dict) else ())
+                       if n in planned and isinstance(i, dict)}
+        mark = RunMark(storage, fp, journal, files=sorted(cls._planned_names(job)))
+        mark.acquire(previous)  # the lock first: a run that loses the race touches nothing
+        session = cls(job, storage, mark, {}, ())
+        try:
+            session._keep(journal, verify_kept, log)
+            session.abort_uploads(log)  # of a crashed run's killed writers
+        except BaseException as e:
+            raise session.stop(e) from None
         return session
+
+    def _keep(self, journal: dict[str, dict[str, Any]], verify_kept: bool,
+              log: Callable[[str], None]) -> None:
+        with self.mark.held():  # no heartbeat half-way through its own temporaries
+            stats = self.storage.list_stats()
+            for name in stats:
+                if TEMP_MARK in name:
+                    self.storage.remove(name)
+        dropped = []
+        for name, info in journal.items():
+            stat = stats.get(name, False)
+            if stat is None:
+                stat = self.storage.stat(name)
+            try:
+                size, sha256 = int(info["size"]), str(info["sha256"])
+            except (KeyError, TypeError, ValueError):
+                stat = False
+            version = info.get("version")
+            if stat is False or stat.size != size:
+                dropped.append(name)
+            elif verify_kept or version is None or stat.version != version:
+                self.unverified[name] = {"size": size, "sha256": sha256, "version": stat.version}
+            else:
+                self.results[name] = ShardResult(name, size, sha256, 0, 0.0)
+        if dropped:
+            self.mark.forget(dropped)
+        if self.results:
+            log(f"resuming: keeping {len(self.results)} shard(s) journaled by the previous run")
+        self.resumed = tuple(sorted(self.results))
+
+    def verify_kept(self, hasher: Hasher, log: Callable[[str], None] = lambda s: None) -> None:
+        """Hash the kept shards that need it (``--verify-kept``, a changed store version, or a
+        journal without versions) with ``hasher``; keep those that match, forget the others."""
+        if not self.unverified:
+            self._move(State.RUNNING, State.OPEN)
+            return
+        names = sorted(self.unverified)
+        log(f"checking the sha256 of {len(names)} kept shard(s)")
+        digests = hasher(self.storage, [(n, self.unverified[n]["size"]) for n in names])
+        bad = []
+        for name, digest in zip(names, digests):
+            info = self.unverified.pop(name)
+            if digest == info["sha256"]:
+                self.results[name] = ShardResult(name, info["size"], digest, 0, 0.0)
+                self.mark.record(name, info["size"], digest, info["version"])
+            else:
+                bad.append(name)
+        if bad:
+            self.mark.forget(bad)
+            log(f"{len(bad)} kept shard(s) changed since they were journaled: written again")
+        if self.results:
+            log(f"resuming: keeping {len(self.results)} shard(s) already committed and verified")
+        self.resumed = tuple(sorted(self.results))
+        self._move(State.RUNNING, State.OPEN)
 
     @property
     def pending(self) -> list[ShardTask]:
         return [s for s in self.job.plan.shards if s.file not in self.results]
 
     def record(self, result: ShardResult) -> None:
-        """Note a committed shard (journaled in the run mark for resumption)."""
-        self.mark.record(result.file, result.size, result.sha256)
+        """Note a committed shard: journaled in the run mark with its size, sha256 and the store's
+        version of it, so a resumed run keeps it without reading it again."""
+        if self.state is State.OPEN:
+            self._move(State.RUNNING, State.OPEN)
+        if self.state is not State.RUNNING:
+            raise RuntimeError(f"output session: a shard recorded while {self.state.value}")
+        version = self.storage.stat(result.file).version
+        self.mark.record(result.file, result.size, result.sha256, version)
         self.results[result.file] = result
 
     @staticmethod
@@ -191,8 +309,9 @@ class OutputSession:
     def commit(self, executor: str, workers: int, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
         """Write side files, index, SHA256SUMS and the manifest (last); returns the manifest."""
         plan, out = self.job.plan, self.storage
+        self._move(State.COMMITTING, State.OPEN, State.RUNNING)
         if not self.mark.confirm():
-            raise OutputError(f"{out.uri}: another graft run took over this output (this run's heartbeat "
+            raise OutputError(f"{out.display_uri}: another graft run took over this output (this run's heartbeat "
                               f"was judged dead); nothing was committed: stop one of the two runs")
         by_file = self.results
         results = list(by_file.values())
@@ -219,9 +338,7 @@ class OutputSession:
             outputs.append(self._put(INDEX_NAME, json.dumps(plan.index_json(), indent=2).encode() + b"\n"))
         # A worker killed mid-shard leaves its temporary (or on S3 its upload) behind; none may
         # outlive the commit.
-        for name in self.storage.list():
-            if TEMP_MARK in name:
-                self.storage.remove(name)
+        self._sweep(keep=set(self.results) | {f.name for f in outputs})
         self.abort_uploads(log)
         sums = self._put(SUMS_NAME, format_sums(outputs))
         finished = time.time()
@@ -250,15 +367,30 @@ class OutputSession:
                     "finished": _utc(finished), "seconds": round(finished - self.mark.started, 3),
                     "bytes_read": read, "bytes_written": sum(f.size for f in outputs)},
         }
+        if not self.mark.confirm():
+            raise OutputError(f"{out.display_uri}: another graft run took over this output while this one was "
+                              f"committing; no manifest was written: stop one of the two runs")
         out.write_bytes(MANIFEST_NAME, json.dumps(manifest, indent=2).encode() + b"\n")
-        self.committed = True
+        self._move(State.COMMITTED, State.COMMITTING)
         self.mark.release()
-        log(f"committed {out.uri} ({len(outputs)} files + {SUMS_NAME} + {MANIFEST_NAME})")
+        log(f"committed {out.display_uri} ({len(outputs)} files + {SUMS_NAME} + {MANIFEST_NAME})")
         return manifest
 
     def _put(self, name: str, data: bytes) -> OutputFile:
         self.storage.write_bytes(name, data)
         return OutputFile(name, len(data), hashlib.sha256(data).hexdigest())
+
+    def _sweep(self, keep: set[str]) -> None:
+        """Remove temporaries, and this run's planned names not in ``keep``; best effort (the next
+        run sweeps again). The mark's own writes wait meanwhile."""
+        planned = self._planned_names(self.job)
+        with self.mark.held():
+            for name in self.storage.list():
+                if TEMP_MARK in name or (name in planned and name not in keep):
+                    try:
+                        self.storage.remove(name)
+                    except Exception:  # noqa: BLE001
+                        pass
 
     def abort_uploads(self, log: Callable[[str], None] = lambda s: None) -> int:
         """Abort unfinished multipart uploads of this job's files (S3: what writers killed mid-file
@@ -268,62 +400,71 @@ class OutputSession:
         try:
             return len(self.storage.abort_uploads(lambda n: n in ours or TEMP_MARK in n))
         except Exception as e:  # noqa: BLE001
-            log(f"warning: could not abort unfinished uploads in {self.storage.uri} ({e}); "
+            log(f"warning: could not abort unfinished uploads in {self.storage.display_uri} ({redact_text(str(e))}); "
                 f"abort them with your store's tools or a lifecycle rule")
             return 0
 
     def stop(self, error: BaseException) -> BaseException:
-        """The run ended early with ``error``; returns what to raise.
+        """The run ended early with ``error``; returns what to raise. Call once no writer of this
+        run is working (the Ray driver kills its actors first).
 
-        - After the manifest is written the run is committed: nothing is removed but a mark the stop
-          caught half-released, and Ctrl-C / SIGTERM become an ``Interrupted`` that says so.
-        - Ctrl-C or SIGTERM keeps what is committed for a resume (``suspend``): ``Interrupted``.
-        - Any other failure also keeps the journaled shards (hours of work on a large job), with a
-          note on ``error`` saying how many and how to resume or clean; with none journaled it
-          rolls back, leaving nothing.
+        - ``COMMITTED`` (the manifest is written, or a stop caught the commit just after writing it):
+          nothing is removed but the mark; Ctrl-C / SIGTERM become an ``Interrupted`` saying so.
+        - ``ABANDONED`` when the mark is no longer this run's: nothing is touched.
+        - ``SUSPENDED`` on Ctrl-C / SIGTERM (``Interrupted``), or on any other failure once shards
+          are journaled (hours of work on a large job): those shards and the journal are kept,
+          marked as interrupted so the next run takes over at once, and a note on ``error`` says how
+          many and how to resume or clean.
+        - ``ROLLED_BACK`` otherwise: everything this run may have written is removed.
         """
-        total, uri = len(self.job.plan.shards), self.storage.uri
+        total, uri = len(self.job.plan.shards), self.storage.display_uri
+        interrupt = isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted)
         terminated = isinstance(error, Terminated)
-        if self.committed:
+        if self.state is State.COMMITTING and self._manifest_written():
+            self.state = State.COMMITTED
+        if self.state is State.COMMITTED:
             try:
                 self.mark.release()
             except Exception:  # noqa: BLE001 - verify ignores a left-over mark; the output is complete
                 pass
-            if isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted):
-                return Interrupted(uri, total, total, terminated, committed=True)
+            return Interrupted(uri, total, total, terminated, committed=True) if interrupt else error
+        if self.state not in _STOPPABLE:
             return error
-        if isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted):
-            return Interrupted(uri, self.suspend(), total, terminated)
-        if self.mark.shards and not self.mark.lost:
+        if not self._still_ours():
+            self._move(State.ABANDONED, *_STOPPABLE)
+            self.mark.abandon()
+            error.add_note(f"{uri} was taken over by another graft run: this run removed nothing there")
+            return error
+        if interrupt or self.mark.shards:
             try:
-                kept = self.suspend()
+                kept = self._suspend()
             except Exception as cleanup:  # noqa: BLE001 - the store failing too: report the first error
+                self.mark.abandon()
                 error.add_note(f"the output {uri} could not be set aside for a resume ({cleanup}); the next "
                                f"run of the same command checks and keeps what is intact")
                 return error
-            if kept:
-                error.add_note(f"{kept} of {total} shard(s) are committed and kept in {uri}: fix the cause "
-                               f"and run the same command to resume (or remove them: graft clean {uri})")
-                return error
-        self.rollback()
+            if interrupt:
+                return Interrupted(uri, kept, total, terminated)
+            error.add_note(f"{kept} of {total} shard(s) are committed and kept in {uri}: fix the cause "
+                           f"and run the same command to resume (or remove them: graft clean {uri})")
+            return error
+        self._rollback()
         return error
 
-    def suspend(self) -> int:
-        """Keep the committed shards and their journal so the same command resumes; remove the
-        temporaries and whatever the commit step had begun to write. Returns the shards kept."""
-        if not self._still_ours():
-            self.mark.release(remove=False)
-            return 0  # the output belongs to the run that took it over
-        # Kept: the shards in the journal (the mark's own record of it, which is updated before the
-        # file is rewritten: the signal may land in the middle of that). A shard committed in the
-        # instant before the signal but not journaled goes, so what is left is what the next run keeps.
+    def _manifest_written(self) -> bool:
+        try:
+            return MANIFEST_NAME in self.storage.list()
+        except Exception:  # noqa: BLE001 - cannot tell: assume not, and keep the journaled shards
+            return False
+
+    def _suspend(self) -> int:
+        """``SUSPENDED``: keep the journaled shards and the journal so the same command resumes;
+        remove the temporaries and whatever the commit step had begun to write. Returns the shards
+        kept. A shard committed in the instant before the stop but not journaled goes, so what is
+        left is exactly what the next run keeps."""
+        self._move(State.SUSPENDED, *_STOPPABLE)
         journaled = set(self.mark.shards)
-        for name in self.storage.list():
-            if TEMP_MARK in name or (name in self._planned_names(self.job) and name not in journaled):
-                try:
-                    self.storage.remove(name)
-                except Exception:  # noqa: BLE001 - best effort: the next run removes them too
-                    pass
+        self._sweep(keep=journaled)
         self.abort_uploads()
         self.mark.suspend()
         return len(journaled)
@@ -336,49 +477,51 @@ class OutputSession:
         except Exception:  # noqa: BLE001
             return False
 
-    def rollback(self) -> list[str]:
-        """Remove every file this run may have made visible, temporaries and the mark; best effort."""
-        ours = self._still_ours()
-        self.mark.release(remove=False)
-        if not ours:
-            return []  # the output now belongs to the run that took it over: touch nothing
-        removed = []
-        names = self._planned_names(self.job)
-        for name in self.storage.list():
-            if name in names or TEMP_MARK in name or name == RUN_MARK:
-                try:
-                    self.storage.remove(name)
-                    removed.append(name)
-                except Exception:  # noqa: BLE001 - rollback must try every file
-                    pass
+    def _rollback(self) -> None:
+        """``ROLLED_BACK``: remove every file this run may have made visible, temporaries and the
+        mark; best effort."""
+        self._move(State.ROLLED_BACK, *_STOPPABLE)
+        self._sweep(keep=set())
         self.abort_uploads()
-        return removed
+        try:
+            self.mark.release()
+        except Exception:  # noqa: BLE001 - a left-over mark is judged stale by the next run
+            self.mark.abandon()
 
 
-def clean_output(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+def clean_output(uri: str, storage_options: dict[str, Any] | None = None,
+                 log: Callable[[str], None] = lambda s: None) -> list[str]:
     """Remove what an unfinished run left at ``uri`` (``graft clean``): its kept shards, whatever its
     commit had begun to write, temporaries, unfinished uploads and, last, the run mark. Returns the
-    names removed. Refuses a committed output (it has a manifest) and a run that is still going.
-    Only names the mark lists as the run's own, or temporaries, are touched: a file someone else put
-    there stays."""
+    names removed. Refuses a committed output (it has a manifest) and a run that is still going
+    (its mark changes while watched). Takes the mark over first, like a run would, so a clean and
+    a resuming run cannot both act. Only names the mark lists as the run's own, or temporaries,
+    are touched: a file someone else put there stays."""
     storage = Storage(uri, storage_options)
     listing = storage.list()
     if MANIFEST_NAME in listing:
-        raise OutputError(f"{storage.uri} holds a committed graft output ({MANIFEST_NAME}); graft clean "
+        raise OutputError(f"{storage.display_uri} holds a committed graft output ({MANIFEST_NAME}); graft clean "
                           f"removes only unfinished runs: delete it with your store's tools if you mean to")
-    if RUN_MARK not in listing:
-        raise OutputError(f"{storage.uri}: no unfinished graft run here (no {RUN_MARK}); nothing to clean")
-    mark = read_mark(storage) or {}
-    if not is_stale(mark):
-        raise OutputError(f"{storage.uri} is being written by a graft run that is still going "
-                          f"({describe(mark)}); stop it first (Ctrl-C keeps its shards), or wait for it")
+    seen = observe(storage) if _has_mark(listing) else None
+    if seen is None:
+        raise OutputError(f"{storage.display_uri}: no unfinished graft run here (no {RUN_MARK}); nothing to clean")
+    try:
+        seen = wait_until_stale(storage, seen, log)
+    except RunAlive as e:
+        raise OutputError(f"{storage.display_uri} is being written by a graft run that is still going "
+                          f"({describe(e.seen.mark)}); stop it first (Ctrl-C keeps its shards), or wait "
+                          f"for it") from None
+    mark = seen.mark
     ours = {n for n in (mark.get("files") or []) if isinstance(n, str)}
     ours |= {n for n in (mark.get("shards") or {}) if isinstance(n, str)}
+    cleaner = RunMark(storage, "graft clean", {}, files=sorted(ours))
+    cleaner.acquire(seen)
     removed = []
-    for name in listing:  # names from the listing, never from the mark: a mark cannot point elsewhere
-        if name != RUN_MARK and (name in ours or TEMP_MARK in name):
-            storage.remove(name)
-            removed.append(name)
+    with cleaner.held():
+        for name in storage.list():  # names from the listing, never from the mark: it cannot point elsewhere
+            if name != RUN_MARK and (name in ours or TEMP_MARK in name):
+                storage.remove(name)
+                removed.append(name)
     storage.abort_uploads(lambda n: n in ours or TEMP_MARK in n)
-    storage.remove(RUN_MARK)
+    cleaner.release()
     return [*removed, RUN_MARK]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .execute import ShardResult, execute_shard
-from .job import Job, OutputSession, prepare_job
+from .job import Job, OutputSession, hash_in_threads, prepare_job
 from .spec import JobSpec
 
 __all__ = ["RunResult", "run_local"]
@@ -33,15 +33,17 @@ def run_local(
     log: Callable[[str], None] = lambda s: None,
     device: str = "cpu",
     on_shard: Callable[[str], None] | None = None,
+    verify_kept: bool = False,
 ) -> RunResult:
     """Run the whole job in this process with ``workers`` shards in flight; commit or roll back.
 
     ``device``: ``"cpu"`` or a CUDA device for the arithmetic (reads and writes stay on the host).
     ``on_shard(event)`` hears "done" per committed shard and "failed" for the shard that fails.
+    ``verify_kept``: hash the shards a resumed run keeps (else their size and store version vouch).
     """
     shard_event = on_shard or (lambda event: None)
     job = spec if isinstance(spec, Job) else prepare_job(spec)
-    session = OutputSession.open(job, log=log)
+    session = OutputSession.open(job, log=log, verify_kept=verify_kept)
     inputs = job.input_storages()
     lock = threading.Lock()
     cancel = threading.Event()
@@ -51,10 +53,11 @@ def run_local(
             with lock:
                 on_progress(n)
 
-    kept = sum(t.read_bytes for t in job.plan.shards if t.file in session.results)
-    if kept and on_progress is not None:
-        on_progress(kept)
     try:
+        session.verify_kept(hash_in_threads(workers), log)
+        kept = sum(t.read_bytes for t in job.plan.shards if t.file in session.results)
+        if kept and on_progress is not None:
+            on_progress(kept)
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="graft-shard") as pool:
             futures = [pool.submit(execute_shard, task, inputs, session.storage, progress, cancel,
                                    device)
@@ -81,4 +84,4 @@ def run_local(
         if raised is e:
             raise
         raise raised from None
-    return RunResult(session.storage.uri, tuple(session.results[s.file] for s in job.plan.shards), manifest)
+    return RunResult(session.storage.display_uri, tuple(session.results[s.file] for s in job.plan.shards), manifest)

@@ -94,7 +94,7 @@ class VerifyReport:
 def verify_output(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None) -> VerifyReport:
     """Re-hash every output file against SHA256SUMS and the manifest."""
     storage = Storage(uri, storage_options)
-    report = VerifyReport(uri)
+    report = VerifyReport(storage.display_uri)  # shown by `graft verify`: credentials redacted
     listing = set(storage.list())
     if MANIFEST_NAME not in listing:
         report.problems.append(f"{storage.url(MANIFEST_NAME)}: missing; the output was never "

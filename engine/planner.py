@@ -317,6 +317,7 @@ def _side_files(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
             raise PlanError(f"{checkpoints[donor].uri}: file name {name!r} {why}; graft will not copy it "
                             f"into the output: rename it, or set files: {{<its name>: none}}")
         if name in checkpoints[donor].side_files:
+            _check_side_file_size(spec, checkpoints[donor], name)
             out.append(SideFile(name, donor, config_patch if name == "config.json" else ()))
         else:
             warnings.append(f"{name} is donated by {donor} but {donor} has none; the output has no {name}")
@@ -327,6 +328,18 @@ def _side_files(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
         if (pattern, donor) not in DEFAULT_FILES or pattern == "config.json":
             warnings.append(f"{pattern} is donated by {donor} but no checkpoint has it")
     return tuple(out), warnings
+
+
+def _check_side_file_size(spec: JobSpec, donor: Checkpoint, name: str) -> None:
+    """A side file is read whole into memory when the output is committed: one over the cap is
+    refused now, before any data moves (a pattern such as ``*.bin`` can pick up gigabytes of weights)."""
+    size = donor.side_file_size(name)
+    cap = spec.max_side_file_size
+    if size > cap:
+        raise PlanError(f"{donor.storage.url(name)}: side file of {size} bytes ({size / 2**20:.1f} MiB), "
+                        f"over the {cap}-byte cap (max_side_file_size); side files are copied whole "
+                        f"through memory: leave it out (files: {{{name}: none}}) or raise "
+                        f"max_side_file_size if it really belongs in the output")
 
 
 def _family_problems(configs: Mapping[str, Mapping[str, Any] | None], uris: Mapping[str, str]) -> list[str]:

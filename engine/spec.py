@@ -18,10 +18,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import SpecError
+from .redaction import redact, redact_uri
 
 __all__ = [
     "DONORS",
     "DEFAULT_FILES",
+    "DEFAULT_MAX_SIDE_FILE_SIZE",
     "Rule",
     "JobSpec",
     "load_spec",
@@ -50,15 +52,16 @@ DEFAULT_FILES: tuple[tuple[str, str], ...] = (
     ("merges.txt", "finetuned"),
 )
 
+# Side files are read whole into memory when the output is committed. The largest real ones (a
+# multilingual tokenizer.json) are tens of MB; a file ten times that is not a tokenizer or a config
+# but weights a pattern picked up (e.g. "*.bin" matching pytorch_model.bin), refused at plan time.
+DEFAULT_MAX_SIDE_FILE_SIZE = 512 * 2**20
+
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-# Option names whose values are credentials (s3fs key/secret/token, adlfs account_key /
-# connection_string / sas_token, gcsfs token, ...).
-_SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key$|^key|credential|signature|connection_string"
-                          r"|conn_str|sas)", re.I)
 
 
 def parse_size(value: int | str, what: str) -> int:
@@ -103,6 +106,7 @@ class JobSpec:
     allow_family_mismatch: bool = False
     files: tuple[tuple[str, str], ...] = DEFAULT_FILES
     max_shard_size: int | None = None
+    max_side_file_size: int = DEFAULT_MAX_SIDE_FILE_SIZE
     chunk_size: int = 16 * 2**20
     read_concurrency: int = 4
     storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -122,25 +126,16 @@ class JobSpec:
         return None
 
     def to_dict(self, *, redact_secrets: bool = True) -> dict[str, Any]:
-        """Plain-JSON form for the manifest and ``graft plan``; secrets in storage options hidden."""
+        """Plain-JSON form for the manifest and ``graft plan``; secrets hidden (``redaction``): in
+        storage options and in the locations (a password in the userinfo, a signed query)."""
         d = asdict(self)
         d["rules"] = [asdict(r) for r in self.rules]
         d["files"] = {p: donor for p, donor in self.files}
         if redact_secrets:
             d["storage_options"] = redact(self.storage_options)
+            for role in ("target", "finetuned", "base", "output"):
+                d[role] = redact_uri(d[role])
         return d
-
-
-def redact(options: Any) -> Any:
-    """Copy of nested storage options with every credential-like value replaced by ``***``."""
-    if isinstance(options, Mapping):
-        return {
-            k: ("***" if _SECRET_KEYS.search(str(k)) and v is not None else redact(v))
-            for k, v in options.items()
-        }
-    if isinstance(options, (list, tuple)):
-        return [redact(v) for v in options]
-    return options
 
 
 def _no_bool(v: Any) -> Any:
@@ -183,6 +178,7 @@ class _SpecModel(BaseModel):
     files: dict[str, Literal["target", "finetuned", "base", "none"]] = {}
     # Validated by parse_size: pydantic's int|str would turn YAML `true` into 1 first.
     max_shard_size: Any = None
+    max_side_file_size: Any = DEFAULT_MAX_SIDE_FILE_SIZE
     chunk_size: Any = "16MiB"
     read_concurrency: int = Field(default=4, ge=1, le=64, strict=True)
     storage_options: dict[str, dict[str, Any]] = {}
@@ -254,6 +250,7 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
             None if m.max_shard_size is None
             else parse_size(m.max_shard_size, f"{source}: key 'max_shard_size'")
         ),
+        max_side_file_size=parse_size(m.max_side_file_size, f"{source}: key 'max_side_file_size'"),
         chunk_size=parse_size(m.chunk_size, f"{source}: key 'chunk_size'"),
         read_concurrency=m.read_concurrency,
         storage_options={k: dict(v) for k, v in m.storage_options.items()},

@@ -37,6 +37,7 @@ from fsspec.asyn import sync
 
 from .directio import DirectAppender
 from .errors import GraftError, IntegrityError, NotFoundError, StorageError
+from .redaction import redact_text, redact_uri
 
 __all__ = ["FileStat", "Storage", "RangeReader", "AtomicWriter", "TEMP_MARK", "check_digest",
            "RETRY_ATTEMPTS", "RETRY_BASE_SECONDS", "RETRY_MAX_SECONDS", "is_transient"]
@@ -57,6 +58,20 @@ _DEFERRED_COMMIT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 RETRY_ATTEMPTS = 5
 RETRY_BASE_SECONDS = 0.25
 RETRY_MAX_SECONDS = 8.0
+
+# On S3 this is the only retry layer. s3fs retries every call itself (5 attempts, nested twice
+# around a range read: 25 for a dropped connection) and botocore retries every request again (its
+# default legacy mode: 5 attempts). Stacked under graft's, one throttled range cost 5 x 5 x 5 = 125
+# requests and minutes of unjittered pauses before any error. So s3fs makes one attempt (an attribute
+# of the filesystem, no option sets it) and botocore one (``_with_defaults``; a user who sets
+# ``config_kwargs.retries`` keeps theirs, on top of graft's).
+_S3FS_ATTEMPTS = 1
+_BOTOCORE_RETRIES = {"mode": "standard", "total_max_attempts": 1}
+# Writes are not retried by graft's layer (only the writer's owner could start a file over), so on
+# S3 each request of an upload (a part, the completion, a small PutObject: all safe to send again)
+# gets one layer of its own: botocore's standard mode, RETRY_ATTEMPTS in all, with jittered
+# exponential backoff, on the writers' own filesystem (``Storage.write_fs``).
+_BOTOCORE_WRITE_RETRIES_MODE = "standard"
 
 # S3 range reads in flight share one connection pool per filesystem (aiobotocore's default is 10);
 # graft sizes it to cover every part in flight (3 inputs x read_concurrency x shards per process).
@@ -87,6 +102,8 @@ def _with_defaults(protocol: str, opts: dict[str, Any]) -> dict[str, Any]:
     if protocol in ("s3", "s3a"):
         config = dict(opts.get("config_kwargs") or {})
         config.setdefault("max_pool_connections", _POOL_CONNECTIONS)
+        # A fresh dict per filesystem: botocore normalises the one it is given in place.
+        config.setdefault("retries", dict(_BOTOCORE_RETRIES))
         opts = {**opts, "config_kwargs": config}
     return opts
 
@@ -121,8 +138,9 @@ _TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "
 # the name of a class in the error's MRO (so a subclass matches too).
 _TRANSIENT_CLASSES = {
     "aiohttp": {"ClientConnectionError", "ClientPayloadError"},
+    # ResponseParserError: a throttling reply whose XML is cut or malformed (s3fs retried these).
     "botocore": {"HTTPClientError", "ConnectionError", "ReadTimeoutError", "ConnectTimeoutError",
-                 "ResponseStreamingError", "IncompleteReadError"},
+                 "ResponseStreamingError", "IncompleteReadError", "ResponseParserError"},
     "urllib3": {"ProtocolError", "TimeoutError", "NewConnectionError"},
     "requests": {"ConnectionError", "Timeout", "ChunkedEncodingError"},
     "httpx": {"TimeoutException", "NetworkError", "RemoteProtocolError"},
@@ -194,8 +212,9 @@ def _backoff(attempt: int) -> float:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message, URIs redacted (backends quote the signed URL they fetched)."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else ""
+    return redact_text(text.splitlines()[0]) if text else ""
 
 
 def _describe(e: BaseException) -> str:
@@ -209,29 +228,54 @@ class Storage:
     """A directory on an fsspec filesystem, addressed by plain file names inside it."""
 
     def __init__(self, uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None):
+        # ``uri`` is what the I/O uses (and what a worker rebuilds its Storage from); ``display_uri``,
+        # credentials redacted, is what every message, log line and manifest entry shows.
         self.uri = uri.rstrip("/") or "/"
+        self.display_uri = redact_uri(self.uri)
         self.storage_options = storage_options or {}
         self.protocol = _protocol(self.uri)
         opts = _with_defaults(self.protocol, dict((storage_options or {}).get(self.protocol, {})))
+        self._fs_options = opts
+        user_config = dict((storage_options or {}).get(self.protocol, {})).get("config_kwargs") or {}
+        self._user_retries = "retries" in user_config
+        self._write_fs: Any = None
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.uri, **opts)
         except (ImportError, ValueError) as e:
             raise StorageError(
-                f"{self.uri}: no filesystem for protocol '{self.protocol}' ({e}); "
+                f"{self.display_uri}: no filesystem for protocol '{self.protocol}' ({redact_text(str(e))}); "
                 f"install its fsspec extra, e.g. pip install 'graft[gcs]'"
             ) from None
         self.root = self.root.rstrip("/") or "/"
         self.is_local = self.protocol in ("file", "local")
         self.is_hub = self.protocol == "hf"
         self.is_s3 = self.protocol in ("s3", "s3a")
+        if self.is_s3:
+            self.fs.retries = _S3FS_ATTEMPTS  # s3fs takes no option for it; see RETRY_ATTEMPTS
         # The immutable revision every read uses (Hub: a commit sha, written or from pinned()).
         self.commit: str | None = None
         if self.is_hub:
             m = re.search(r"@([0-9a-f]{40})(?:/|$)", self.uri)
             self.commit = m.group(1) if m else None
 
+    @property
+    def write_fs(self) -> Any:
+        """The filesystem writers upload with: on S3 one whose requests botocore retries (see
+        ``_BOTOCORE_WRITE_RETRIES_MODE``), unless the user set ``config_kwargs.retries``; elsewhere
+        ``fs``."""
+        if not self.is_s3:
+            return self.fs
+        if self._write_fs is None:
+            config = dict(self._fs_options.get("config_kwargs") or {})
+            if not self._user_retries:
+                config["retries"] = {"mode": _BOTOCORE_WRITE_RETRIES_MODE,
+                                     "total_max_attempts": max(1, RETRY_ATTEMPTS)}
+            self._write_fs = fsspec.filesystem(self.protocol, **{**self._fs_options, "config_kwargs": config})
+            self._write_fs.retries = _S3FS_ATTEMPTS
+        return self._write_fs
+
     def __repr__(self) -> str:
-        return f"Storage({self.uri!r})"
+        return f"Storage({self.display_uri!r})"
 
     def pinned(self) -> Storage:
         """This location at a revision that cannot move: on the Hub, ``@branch`` or ``@tag``
@@ -247,8 +291,9 @@ class Storage:
         return f"{self.root}/{name}" if self.root != "/" else f"/{name}"
 
     def url(self, name: str) -> str:
-        """The user-facing location of ``name`` (for messages and the manifest)."""
-        return f"{self.uri}/{name}"
+        """The user-facing location of ``name`` (for messages and the manifest), credentials
+        redacted; ``path(name)`` is the one to read and write."""
+        return f"{self.display_uri}/{name}"
 
     def _fail(self, name: str, action: str, e: BaseException) -> StorageError:
         return StorageError(f"{self.url(name)}: cannot {action}: {_describe(e)}")
@@ -426,26 +471,6 @@ class Storage:
         if self.protocol in _DEFERRED_COMMIT:
             return _DeferredCommitWriter(self, name)
         return _RenameAtomicWriter(self, name)
-
-    def create_exclusive(self, name: str, data: bytes) -> bool:
-        """Create ``name`` only if it does not exist, atomically. Returns False if it existed.
-
-        Only local filesystems offer this (``O_EXCL``); elsewhere raises ``NotImplementedError``.
-        """
-        if not self.is_local:
-            raise NotImplementedError(self.protocol)
-        try:
-            fd = os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        except OSError as e:
-            raise self._fail(name, "create", e) from e
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return True
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Atomically write a small file."""
@@ -745,7 +770,7 @@ class _FsspecWriterBase(AtomicWriter):
 
     def _open(self, path: str, **kwargs: Any) -> Any:
         try:
-            return self.storage.fs.open(path, "wb", **kwargs)
+            return self.storage.write_fs.open(path, "wb", **kwargs)
         except Exception as e:  # noqa: BLE001
             raise self.storage._write_failed(self.name, "open for writing", e) from e
 

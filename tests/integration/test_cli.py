@@ -108,6 +108,19 @@ def test_plan_reports_an_unusable_output(tiny_checkpoints, tmp_path):
     assert r.returncode == 1 and "not empty" in r.stderr
 
 
+def test_plan_reports_an_unfinished_run_without_waiting_to_judge_it(tiny_checkpoints, tmp_path):
+    """graft plan reads an unfinished run's mark and says what graft run will do; it does not watch
+    the mark for the stale period (that is graft run's job), and it does not take it for a live run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".graft-run.json").write_text(json.dumps({"token": "t", "host": "elsewhere", "pid": 7, "beat": 3}))
+    started = time.monotonic()
+    r = graft("plan", write_config(tmp_path, tiny_checkpoints))
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - started < 25  # did not watch the mark for 30 s
+    assert "note: " in r.stdout and "host elsewhere" in r.stdout and "watches it for up to 30s" in r.stdout
+
+
 def test_inspect_lists_tensors_dtypes_and_shards(tiny_checkpoints):
     r = graft("inspect", tiny_checkpoints["finetuned"])
     assert r.returncode == 0

@@ -1,18 +1,24 @@
 """The Ray executor on a local Ray (one per module): same bytes as the local executor, worker death
-is survived, errors inside workers fail the job cleanly."""
+is survived, errors inside workers fail the job cleanly, workers the cluster cannot place fail the
+run instead of hanging it, and a slow worker slows nobody else."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 
+import psutil
 import pytest
 import ray
+from ray.exceptions import RayActorError
 
 from conftest import poison, shard_bytes
 from live_runs import Background, kill_one_worker, shard_in_progress, wait_for
 from test_transfer_local import assert_not_committed, make_spec
-from graft.cluster.driver import RayOptions, run_ray
+from graft.cluster.actors import ProgressBoard
+from graft.cluster.driver import RayOptions, WorkerStartError, _WorkerPool, run_ray
 from graft.engine.errors import NonFiniteError, SpecError
-from graft.engine.job import prepare_job
+from graft.engine.job import OutputSession, prepare_job
 from graft.engine.local import run_local
 from graft.engine.manifest import verify_output
 
@@ -81,13 +87,15 @@ def test_worker_killed_mid_shard_is_redone_with_bit_identical_output(tiny_checkp
     job = prepare_job(make_spec(tiny_checkpoints, out, chunk_size=32))
     logs: list[str] = []
     events: list[str] = []
+    seen: list[int] = []
     bg = Background(lambda: run_ray(job, RayOptions(workers=2, shards_per_worker=1), log=logs.append,
-                                    on_shard=events.append))
+                                    on_shard=events.append, on_progress=seen.append))
     wait_for(lambda: shard_in_progress(out), "a shard in progress")
     kill_one_worker()
     bg.outcome()
     assert any("died" in line and "running it again" in line for line in logs)
     assert events.count("retried") == 1 and events.count("done") == len(job.plan.shards)
+    assert sum(seen) == job.plan.read_bytes  # the lost attempt's partial bytes are not counted twice
     assert shard_bytes(out) == shard_bytes(ref_out)
     assert not [n for n in os.listdir(out) if n.startswith(".")]
 
@@ -113,3 +121,146 @@ def test_an_error_inside_a_worker_fails_the_job_and_commits_nothing(copy_checkpo
     with pytest.raises(NonFiniteError, match=victim.replace(".", r"\.")):
         run_ray(prepare_job(make_spec(copy_checkpoints, out)), RayOptions(workers=2))
     assert_not_committed(out)  # shards that committed before the failure are kept for a resume
+
+
+def test_start_timeout_must_be_positive():
+    with pytest.raises(SpecError, match=r"--start-timeout\) must be more than 0 seconds, got 0"):
+        RayOptions(start_timeout=0)
+
+
+def test_gpus_per_worker_on_a_cluster_without_gpus_fails_at_once_and_writes_nothing(tiny_checkpoints, tmp_path):
+    out = str(tmp_path / "out")
+    job = prepare_job(make_spec(tiny_checkpoints, out))
+    started = time.monotonic()
+    run = Background(lambda: run_ray(job, RayOptions(gpus_per_worker=1)))
+    with pytest.raises(WorkerStartError, match=r"no node of the Ray cluster can hold a shard worker: each "
+                                               r"asks for 1 CPU\(s\) and 1 GPU\(s\) .* has 2 CPUs and 0 GPUs"):
+        run.outcome(timeout=30)  # before the fix: shards queued on actors never placed, forever
+    assert time.monotonic() - started < 10
+    assert assert_not_committed(out) == [] and os.listdir(out) == []
+
+
+def test_a_cluster_with_no_free_cpu_fails_after_the_start_timeout_instead_of_hanging(tiny_checkpoints, tmp_path):
+    hog = ProgressBoard.options(num_cpus=2).remote()  # any actor holding both CPUs of the cluster
+    ray.get(hog.read.remote())
+    try:
+        out = str(tmp_path / "out")
+        job = prepare_job(make_spec(tiny_checkpoints, out))
+        run = Background(lambda: run_ray(job, RayOptions(start_timeout=3), on_progress=lambda n: None))
+        with pytest.raises(WorkerStartError, match=r"no worker could be placed in 3s: the cluster has 0 free "
+                                                   r"CPUs / 0 free GPUs, each worker asks for 1 CPU\(s\)"):
+            run.outcome(timeout=30)
+        assert assert_not_committed(out) == [] and os.listdir(out) == []
+    finally:
+        ray.kill(hog)
+
+
+def test_workers_the_cluster_cannot_place_leave_their_shards_to_those_that_started(tiny_checkpoints, tmp_path):
+    local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
+    run_local(make_spec(tiny_checkpoints, local_out))
+    job = prepare_job(make_spec(tiny_checkpoints, ray_out))
+    run = Background(lambda: run_ray(job, RayOptions(workers=3)))  # 2 CPUs: the third never starts
+    run.outcome(timeout=60)  # before the fix: its shards waited on it forever
+    assert shard_bytes(ray_out) == shard_bytes(local_out)
+
+
+def test_a_replaced_worker_is_killed_so_it_cannot_commit_after_the_run(tiny_checkpoints, tmp_path):
+    job = prepare_job(make_spec(tiny_checkpoints, str(tmp_path / "out")))
+    session = OutputSession.open(job)
+    pool = _WorkerPool(job, session, RayOptions(workers=1), report_progress=False)
+    try:
+        old = pool.actors[0]
+        ray.get(old.pid.remote())
+        # What the driver does when a task reports a RayActorError; an ActorUnavailableError is one
+        # while the actor may still be alive and working.
+        pool._replace(0)
+        with pytest.raises(RayActorError):
+            ray.get(old.pid.remote(), timeout=60)
+    finally:
+        pool.kill_all()
+        session.stop(RuntimeError("test over"))  # rolls the output back
+
+
+def _running_workers() -> list[psutil.Process]:
+    """This test's ShardWorker processes running a shard (never another session's Ray)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "ray::ShardWorker.run" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_a_worker_that_stops_answering_does_not_slow_the_others(tiny_checkpoints, tmp_path):
+    ref_out, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    run_local(make_spec(tiny_checkpoints, ref_out, max_shard_size="1KiB"))
+    job = prepare_job(make_spec(tiny_checkpoints, out, max_shard_size="1KiB", chunk_size=1024))
+    shards = len(job.plan.shards)
+    done_at: list[float] = []
+    seen: list[int] = []
+
+    def on_shard(event: str) -> None:
+        if event == "done":
+            done_at.append(time.monotonic())
+
+    bg = Background(lambda: run_ray(job, RayOptions(workers=2, shards_per_worker=1), on_progress=seen.append,
+                                    on_shard=on_shard))
+    wait_for(lambda: bool(_running_workers()), "a worker running a shard")
+    stopped = _running_workers()[0]
+    stopped.send_signal(signal.SIGSTOP)  # a worker on a node that stopped answering
+    try:
+        since, before = time.monotonic(), len(done_at)
+        # It holds at most one shard; the other worker runs the rest.
+        wait_for(lambda: len(done_at) >= shards - 1, "the other worker to run the other shards")
+        took, handed_off = time.monotonic() - since, len(done_at) - before
+    finally:
+        stopped.send_signal(signal.SIGCONT)
+    bg.outcome()
+    # Polling each worker for progress cost the driver up to 0.5 s a loop while one did not answer:
+    # at least that much per shard handed to the other worker. Progress must cost it no such wait.
+    assert handed_off >= shards // 2 and took < 0.25 * handed_off, (handed_off, took)
+    assert shard_bytes(out) == shard_bytes(ref_out)
+    assert sum(seen) == job.plan.read_bytes
+
+
+def test_verify_kept_re_hashes_kept_shards_in_ray_tasks_not_on_the_driver(tiny_checkpoints, tmp_path,
+                                                                          monkeypatch):
+    """A resumed 405B run must not re-read its kept shards one by one on the driver: with
+    ``verify_kept`` they are hashed as Ray tasks, and one whose bytes changed under an unchanged
+    version is written again."""
+    import json
+    import shutil
+
+    from graft.engine import job as job_module
+    from graft.engine.job import fingerprint
+    from graft.engine.runmark import RUN_MARK
+    from graft.engine.storage import Storage
+
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    shards = list(run_local(make_spec(tiny_checkpoints, ref)).results)
+    os.makedirs(out)
+    for r in shards[:3]:
+        shutil.copy2(os.path.join(ref, r.file), os.path.join(out, r.file))
+    store = Storage(out)
+    journal = {r.file: {"size": r.size, "sha256": r.sha256, "version": store.stat(r.file).version}
+               for r in shards[:3]}
+    job = prepare_job(make_spec(tiny_checkpoints, out))
+    with open(os.path.join(out, RUN_MARK), "w") as f:
+        json.dump({"token": "crashed", "interrupted": True, "fingerprint": fingerprint(job),
+                   "shards": journal}, f)
+    rotten = os.path.join(out, shards[1].file)
+    st = os.stat(rotten)
+    with open(rotten, "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    os.utime(rotten, ns=(st.st_atime_ns, st.st_mtime_ns))
+    on_driver: list[str] = []
+    monkeypatch.setattr(job_module, "hash_file", lambda *a: on_driver.append(a[1]))
+    result = run_ray(job, RayOptions(workers=2), verify_kept=True)
+    assert on_driver == []
+    assert result.manifest["run"]["resumed_shards"] == sorted([shards[0].file, shards[2].file])
+    assert shard_bytes(out) == shard_bytes(ref)

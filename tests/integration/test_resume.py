@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -17,14 +18,59 @@ from test_transfer_local import make_spec
 from graft.engine.errors import OutputError
 from graft.engine.job import fingerprint, prepare_job
 from graft.engine.local import run_local
-from graft.engine.runmark import RUN_MARK, STALE_AFTER_SECONDS
+from graft.engine.runmark import RUN_MARK
+
+
+@pytest.fixture(autouse=True)
+def quick_marks(monkeypatch):  # noqa: ANN001, ANN201
+    """A mark is judged stale after 1 s unchanged (not 30), heartbeats every 0.1 s."""
+    from graft.engine import runmark
+
+    monkeypatch.setattr(runmark, "HEARTBEAT_SECONDS", 0.1)
+    monkeypatch.setattr(runmark, "STALE_AFTER_SECONDS", 1.0)
+
+
+def foreign_mark(**fields) -> dict:  # noqa: ANN003
+    return {"token": "someone-else", "host": "elsewhere", "pid": 1, "heartbeat": time.time(),
+            "beat": 1, "fingerprint": "", "shards": {}, **fields}
 
 
 def write_mark(out: str, **fields) -> None:  # noqa: ANN003
-    mark = {"token": "someone-else", "host": "elsewhere", "pid": 1, "heartbeat": time.time(),
-            "fingerprint": "", "shards": {}, **fields}
+    """The mark of a run on another host that is not writing it any more (unless the test does)."""
     with open(os.path.join(out, RUN_MARK), "w") as f:
-        json.dump(mark, f)
+        json.dump(foreign_mark(**fields), f)
+
+
+class ForeignRun(threading.Thread):
+    """A live run elsewhere: rewrites its mark every 50 ms, like a heartbeat."""
+
+    def __init__(self, out: str, **fields):  # noqa: ANN003
+        super().__init__(daemon=True)
+        self.out, self.fields, self.done = out, fields, threading.Event()
+        write_mark(out, **fields)
+        self.start()
+
+    def run(self) -> None:
+        beat = 1
+        while not self.done.wait(0.05):
+            beat += 1
+            write_mark(self.out, **{**self.fields, "beat": beat})
+
+    def __enter__(self) -> ForeignRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.join()
+
+
+def journal(out: str, results, **extra) -> dict:  # noqa: ANN001, ANN003
+    """A journal entry per shard as a run writes it: size, sha256, the store's version."""
+    from graft.engine.storage import Storage
+
+    store = Storage(out)
+    return {r.file: {"size": r.size, "sha256": r.sha256, "version": store.stat(r.file).version, **extra}
+            for r in results}
 
 
 def test_a_crashed_run_of_the_same_job_keeps_only_its_intact_shards(tiny_checkpoints, tmp_path):
@@ -33,16 +79,15 @@ def test_a_crashed_run_of_the_same_job_keeps_only_its_intact_shards(tiny_checkpo
     job = prepare_job(make_spec(tiny_checkpoints, out))
     shards = [r for r in result.results]
     assert len(shards) >= 3
-    # What a killed run leaves: two journaled shards (one since corrupted), a stale mark, a temp file.
+    # What a killed run leaves: two journaled shards (one since cut short), a stale mark, a temp file.
     os.makedirs(out)
     for r in shards[:2]:
         shutil.copy(os.path.join(ref, r.file), os.path.join(out, r.file))
+    entries = journal(out, shards[:2])
     with open(os.path.join(out, shards[1].file), "r+b") as f:
-        f.seek(-3, 2)
-        f.write(b"\xff\xff\xff")
+        f.truncate(shards[1].size - 3)
     open(os.path.join(out, f".{shards[2].file}.graft-tmp-abc"), "wb").write(b"partial")
-    write_mark(out, heartbeat=time.time() - STALE_AFTER_SECONDS - 1, fingerprint=fingerprint(job),
-               shards={r.file: {"size": r.size, "sha256": r.sha256} for r in shards[:2]})
+    write_mark(out, fingerprint=fingerprint(job), shards=entries)
     logs: list[str] = []
     resumed = run_local(job, log=logs.append)
     assert resumed.manifest["run"]["resumed_shards"] == [shards[0].file]
@@ -51,34 +96,193 @@ def test_a_crashed_run_of_the_same_job_keeps_only_its_intact_shards(tiny_checkpo
     assert not [n for n in os.listdir(out) if n.startswith(".")]
 
 
+def test_kept_shards_are_vouched_for_by_size_and_version_and_hashed_only_on_request(
+        tiny_checkpoints, tmp_path, monkeypatch):
+    """A resume of a 405B job must not re-read ~750 GB on the driver: the journal's size and store
+    version vouch for a kept shard; ``verify_kept`` hashes them (in parallel), and catches a shard
+    whose bytes changed under an unchanged version; a changed version is always hashed."""
+    from graft.engine import job as job_module
+
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    shards = list(run_local(make_spec(tiny_checkpoints, ref)).results)
+    hashed: list[str] = []
+    real_hash = job_module.hash_file
+    monkeypatch.setattr(job_module, "hash_file", lambda s, n, size: hashed.append(n) or real_hash(s, n, size))
+
+    def crashed_run(rot: bool, verify_kept: bool) -> tuple[list[str], bytes]:
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        for r in shards[:2]:
+            shutil.copy2(os.path.join(ref, r.file), os.path.join(out, r.file))
+        write_mark(out, fingerprint=fingerprint(prepare_job(make_spec(tiny_checkpoints, out))),
+                   shards=journal(out, shards[:2]))
+        rotten = os.path.join(out, shards[0].file)
+        if rot:  # bit rot: same size, same modification time, other bytes
+            st = os.stat(rotten)
+            with open(rotten, "r+b") as f:
+                f.seek(-1, 2)
+                f.write(b"\x00" if open(rotten, "rb").read()[-1:] != b"\x00" else b"\x01")
+            os.utime(rotten, ns=(st.st_atime_ns, st.st_mtime_ns))
+        hashed.clear()
+        again = run_local(make_spec(tiny_checkpoints, out), verify_kept=verify_kept)
+        return again.manifest["run"]["resumed_shards"], open(rotten, "rb").read()
+
+    kept, _ = crashed_run(rot=False, verify_kept=False)
+    assert kept == sorted(r.file for r in shards[:2]) and hashed == []
+    kept, data = crashed_run(rot=True, verify_kept=True)
+    assert kept == [shards[1].file] and sorted(hashed) == sorted(r.file for r in shards[:2])
+    assert data == open(os.path.join(ref, shards[0].file), "rb").read()  # written again
+    assert shard_bytes(out) == shard_bytes(ref)
+
+
 def test_a_crashed_run_of_another_job_keeps_nothing(tiny_checkpoints, tmp_path):
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     result = run_local(make_spec(tiny_checkpoints, ref, alpha=0.5))
     os.makedirs(out)
     first = result.results[0]
     shutil.copy(os.path.join(ref, first.file), os.path.join(out, first.file))
-    write_mark(out, heartbeat=0, fingerprint="another-job",
-               shards={first.file: {"size": first.size, "sha256": first.sha256}})
+    write_mark(out, fingerprint="another-job", shards=journal(out, [first]))
     again = run_local(make_spec(tiny_checkpoints, out))  # alpha 1: a different job
     assert again.manifest["run"]["resumed_shards"] == []
     assert again.results[0].sha256 != first.sha256
 
 
-def test_a_live_run_locks_the_output_and_a_stale_one_does_not(tiny_checkpoints, tmp_path):
+# --- staleness judged on this run's own clock ------------------------------------------------------
+
+def test_a_mark_that_keeps_changing_is_a_live_run_whatever_its_clock_says(tiny_checkpoints, tmp_path):
     out = str(tmp_path / "out")
     os.makedirs(out)
-    write_mark(out)  # another host, fresh heartbeat: a live run
-    with pytest.raises(OutputError, match="being written by another graft run.*host elsewhere"):
-        run_local(make_spec(tiny_checkpoints, out))
-    assert os.listdir(out) == [RUN_MARK]
-    write_mark(out, heartbeat=time.time() - STALE_AFTER_SECONDS - 5)  # its heartbeat stopped
-    run_local(make_spec(tiny_checkpoints, out))
-    write_dead = str(tmp_path / "out2")
-    os.makedirs(write_dead)
+    from graft.engine.job import OutputSession
+
+    job = prepare_job(make_spec(tiny_checkpoints, out))
+    with ForeignRun(out, heartbeat=time.time() - 3600):  # its wall clock is an hour behind ours
+        with pytest.raises(OutputError, match="being written by another graft run.*host elsewhere"):
+            OutputSession.check(job)
+        with pytest.raises(OutputError, match="being written by another graft run.*host elsewhere"):
+            run_local(job)
+        assert os.listdir(out) == [RUN_MARK]
+
+
+def test_a_mark_that_does_not_change_is_stale_whatever_its_clock_says(tiny_checkpoints, tmp_path):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    write_mark(out, heartbeat=time.time() + 3600)  # its wall clock is an hour ahead: looks fresh
+    logs: list[str] = []
+    started = time.monotonic()
+    run_local(make_spec(tiny_checkpoints, out), log=logs.append)
+    assert time.monotonic() - started >= 1.0  # it watched the mark for the stale period first
+    assert any("watching it for up to 1s" in line for line in logs)
+    assert os.path.exists(os.path.join(out, "graft.manifest.json"))
+
+
+def test_a_dead_pid_counts_only_in_the_same_process_space(tiny_checkpoints, tmp_path, monkeypatch):
+    from graft.engine import runmark
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    write_mark(write_dead, host=os.uname().nodename, pid=dead.pid)  # this host, process gone
-    run_local(make_spec(tiny_checkpoints, write_dead))
+    here = dict(host=os.uname().nodename, pid=dead.pid)
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    # Same host name and a pid that is gone here, but another PID namespace (a container): alive.
+    with ForeignRun(out, process_space="another-boot:4026531836", **here):
+        with pytest.raises(OutputError, match="being written by another graft run"):
+            run_local(make_spec(tiny_checkpoints, out))
+    # The same process space: its pid is really gone, taken over at once (no watching).
+    monkeypatch.setattr(runmark, "STALE_AFTER_SECONDS", 600.0)
+    write_mark(out, process_space=runmark._PROCESS_SPACE, **here)
+    logs: list[str] = []
+    run_local(make_spec(tiny_checkpoints, out), log=logs.append)
+    assert not any("watching" in line for line in logs)
+
+
+# --- compare-and-swap: of two runs, exactly one gets the output --------------------------------------
+
+@pytest.fixture(params=["local", "s3"])
+def mark_store(request, tmp_path):  # noqa: ANN001, ANN201
+    from conftest import new_bucket
+
+    from graft.engine.storage import Storage
+
+    if request.param == "local":
+        (tmp_path / "out").mkdir()
+        return Storage(str(tmp_path / "out"))
+    options = request.getfixturevalue("s3_server")
+    return Storage(f"{new_bucket(options)}/out", options)
+
+
+def test_two_runs_creating_the_mark_at_once_exactly_one_wins(mark_store):
+    from graft.engine.runmark import RunMark, read_mark
+
+    first, second = RunMark(mark_store, "fp", {}), RunMark(mark_store, "fp", {})
+    first.acquire(None)
+    with pytest.raises(OutputError, match="being written by another graft run"):
+        second.acquire(None)  # it too saw no mark: the store refuses the second create
+    assert read_mark(mark_store)["token"] == first.token
+    first.release()
+
+
+def test_two_runs_taking_over_one_stale_mark_exactly_one_wins(mark_store):
+    from graft.engine.runmark import RunMark, observe, read_mark
+
+    mark_store.write_bytes(RUN_MARK, json.dumps(foreign_mark(interrupted=True)).encode())
+    stale = observe(mark_store)
+    first, second = RunMark(mark_store, "fp", {}), RunMark(mark_store, "fp", {})
+    first.acquire(stale)
+    with pytest.raises(OutputError, match="being written by another graft run"):
+        second.acquire(stale)  # both judged the same mark stale; only one replaces it
+    assert read_mark(mark_store)["token"] == first.token
+    first.release()
+
+
+def test_a_run_that_was_taken_over_finds_out_on_its_next_write_and_never_overwrites_the_owner(mark_store):
+    from graft.engine.runmark import RunMark, observe, read_mark
+
+    old = RunMark(mark_store, "fp", {})
+    old.acquire(None)
+    old._stop_heartbeat()  # a run that stalled: its heartbeat stopped long enough to be judged dead
+    new = RunMark(mark_store, "fp", {})
+    new.acquire(observe(mark_store))
+    with pytest.raises(OutputError, match="another graft run took over this output"):
+        old.record("model-00001-of-00002.safetensors", 5, "0" * 64, "v1")
+    assert read_mark(mark_store)["token"] == new.token and read_mark(mark_store)["shards"] == {}
+    new.release()
+
+
+def test_a_writer_killed_in_the_instant_its_mark_was_moved_aside_leaves_a_resumable_output(
+        tiny_checkpoints, tmp_path):
+    """On local disk a replace moves the mark aside, then links the new one; a run killed between
+    the two leaves no mark at its name. The next run must find the one moved aside (not call the
+    output "not empty", which no command could fix) and resume from its journal."""
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    shards = list(run_local(make_spec(tiny_checkpoints, ref)).results)
+    os.makedirs(out)
+    shutil.copy2(os.path.join(ref, shards[0].file), os.path.join(out, shards[0].file))
+    write_mark(out, interrupted=True, shards=journal(out, shards[:1]),
+               fingerprint=fingerprint(prepare_job(make_spec(tiny_checkpoints, out))))
+    os.rename(os.path.join(out, RUN_MARK), os.path.join(out, f".{RUN_MARK}.graft-tmp-old-0123456789ab"))
+    again = run_local(make_spec(tiny_checkpoints, out))
+    assert again.manifest["run"]["resumed_shards"] == [shards[0].file]
+    assert shard_bytes(out) == shard_bytes(ref)
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_a_run_that_loses_the_race_touches_nothing(tiny_checkpoints, tmp_path):
+    """Both runs judged the crashed run's mark stale; the one that lost the compare-and-swap must not
+    sweep the winner's temporaries nor hash or keep anything."""
+    from graft.engine.job import OutputSession
+
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    write_mark(out, interrupted=True)
+    job = prepare_job(make_spec(tiny_checkpoints, out))
+    late = OutputSession.check(job)  # judged stale, then paused
+    winner = OutputSession.open(job)
+    in_flight = os.path.join(out, ".model-00001-of-00004.safetensors.graft-tmp-0123456789ab")
+    open(in_flight, "wb").write(b"the winner's shard being written")
+    with pytest.raises(OutputError, match="being written by another graft run"):
+        OutputSession.take(job, late)
+    assert os.path.exists(in_flight) and winner.mark.confirm()
+    winner.stop(KeyboardInterrupt())
 
 
 def test_two_runs_into_one_output_do_not_interleave(tiny_checkpoints, tmp_path):
@@ -180,16 +384,21 @@ def test_a_heartbeat_that_cannot_read_the_mark_does_not_give_the_run_up(tmp_path
     out.mkdir()
     storage = Storage(str(out))
     mark = runmark.RunMark(storage, "fp", {})
-    mark.acquire(replacing=False)
+    mark.acquire(None)
     reads = []
 
-    def failing_read(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         reads.append(args)
         raise StorageError(f"{out}/{RUN_MARK}: cannot read bytes: failed after 5 attempts: timed out")
 
-    monkeypatch.setattr(storage, "read", failing_read)
+    real_read, real_replace = runmark.cas.read, runmark.cas.replace
+    monkeypatch.setattr(runmark.cas, "read", failing)
+    monkeypatch.setattr(runmark.cas, "replace", failing)
     wait_for(lambda: len(reads) >= 3, "three heartbeats")
     assert not mark.lost
+    monkeypatch.setattr(runmark.cas, "read", real_read)
+    monkeypatch.setattr(runmark.cas, "replace", real_replace)
+    assert mark.confirm()
     mark.release()
 
 
@@ -225,4 +434,4 @@ def test_a_run_that_was_taken_over_commits_nothing(tiny_checkpoints, tmp_path):
     with pytest.raises(OutputError, match="another graft run took over this output.*nothing was committed"):
         session.commit(executor="local", workers=1)
     assert MANIFEST_NAME not in os.listdir(out)
-    session.mark.release(remove=False)
+    session.mark.abandon()

@@ -63,6 +63,36 @@ def test_s3_in_s3_out_on_the_local_executor(s3_server, s3_inputs, reference_outp
     assert "testing" not in json.dumps(manifest)
 
 
+def test_no_secret_reaches_the_manifest(s3_server, s3_inputs, tiny_checkpoints, tmp_path, reference_output):
+    """Auth headers in the storage options and a password in an input's location are redacted in
+    the manifest's spec and inputs (uri, files[].uri); the run itself used the real values."""
+    import uuid
+
+    from graft.engine.storage import Storage
+
+    # memory:// takes the userinfo as part of its path: a location whose I/O works with it in.
+    target = f"memory://reader:hunter2@graft-{uuid.uuid4().hex[:8]}/target"
+    store = Storage(target)
+    for name in os.listdir(tiny_checkpoints["target"]):
+        store.fs.pipe_file(store.path(name), open(os.path.join(tiny_checkpoints["target"], name), "rb").read())
+    options = {"s3": {**s3_server["s3"], "token": "hunter2-session"},
+               "hf": {"headers": {"Authorization": "Bearer hunter2"}},
+               "http": {"client_kwargs": {"headers": {"Cookie": "sid=hunter2", "X-Amz-Security-Token": "hunter2"}}}}
+    out = str(tmp_path / "out")
+    try:
+        manifest = run_local(job({**s3_inputs, "target": target}, out, options)).manifest
+    finally:
+        store.fs.rm(store.root, recursive=True)
+    assert shard_bytes(out) == reference_output
+    with open(os.path.join(out, MANIFEST_NAME)) as f:
+        text = f.read()
+    assert "hunter2" not in text and "testing" not in text
+    shown = "memory://reader:***@" + target.split("@", 1)[1]
+    assert manifest["spec"]["target"] == manifest["inputs"]["target"]["uri"] == shown
+    assert {f["uri"] for f in manifest["inputs"]["target"]["files"]} >= {f"{shown}/config.json"}
+    assert manifest["spec"]["storage_options"]["hf"]["headers"]["Authorization"] == "***"
+
+
 def test_mixed_local_and_s3_inputs_into_a_local_output(s3_server, s3_inputs, tiny_checkpoints, tmp_path,
                                                          reference_output):
     mixed = {"target": s3_inputs["target"], "finetuned": tiny_checkpoints["finetuned"],

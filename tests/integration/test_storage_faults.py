@@ -10,6 +10,7 @@ import os
 import re
 import time
 from collections import Counter
+from typing import Callable
 
 import pytest
 
@@ -340,6 +341,120 @@ def test_local_files_get_one_attempt(tmp_path, monkeypatch):
         Storage(str(tmp_path))._retry("a.bin", "read bytes 0..4", dropped)
     assert calls == [1]
     assert str(failure.value) == f"{tmp_path}/a.bin: cannot read bytes 0..4: ConnectionResetError: [Errno 104] reset"
+
+
+class _Body:
+    """The body of a canned HTTP response, as aiobotocore reads it."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+
+    async def read(self, n: int = -1) -> bytes:
+        data, self._data = self._data, b""
+        return data
+
+
+def _throttle_gets(fs, limit: int) -> tuple[list[str], Callable[[], None]]:  # noqa: ANN001
+    """Answer the first ``limit`` GetObject requests of ``fs``'s S3 client with 503 SlowDown, in
+    process, before they reach the server (later ones pass through). Returns the list of requests
+    seen (one entry per HTTP attempt, whichever layer made it) and a function that undoes it."""
+    from aiobotocore.awsrequest import AioAWSResponse
+
+    sent: list[str] = []
+
+    def slow_down(request, **_: object):  # noqa: ANN001, ANN202 - botocore's event signature
+        r = request.headers.get("Range")
+        sent.append(r.decode() if isinstance(r, bytes) else str(r))
+        if len(sent) > limit:
+            return None
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                b"<Message>Please reduce your request rate.</Message></Error>")
+        return AioAWSResponse(request.url, 503, {"Content-Type": "application/xml"}, _Body(body))
+
+    events = fs.s3.meta.events
+    events.register("before-send.s3.GetObject", slow_down, unique_id="graft-test-slowdown")
+    return sent, lambda: events.unregister("before-send.s3.GetObject", unique_id="graft-test-slowdown")
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["plain range", "range pinned to its ETag"])
+def test_a_throttled_s3_range_is_requested_exactly_retry_attempts_times(s3_server, pinned):
+    """graft's retry layer is the only one: s3fs's and botocore's own retries are off, so a range
+    that S3 keeps throttling costs RETRY_ATTEMPTS requests (not 5 x 5 x 5), then one clear error."""
+    from conftest import new_bucket
+
+    bucket = new_bucket(s3_server)
+    # A filesystem of its own: the client's event handlers must not leak into other tests.
+    options = {"s3": {**s3_server["s3"], "skip_instance_cache": True}}
+    store = Storage(f"{bucket}/d", options)
+    store.write_bytes("a.bin", bytes(range(256)) * 16)
+    version = store.stat("a.bin").version if pinned else None
+    # Requests past this many pass through: on a stack that multiplies retries the read then
+    # succeeds (after RETRY_ATTEMPTS + 1 requests) instead of taking minutes to fail.
+    sent, undo = _throttle_gets(store.fs, storage_mod.RETRY_ATTEMPTS + 1)
+    try:
+        try:
+            store.read("a.bin", 0, 100, version=version)
+            outcome: BaseException | None = None
+        except GraftError as e:
+            outcome = e
+    finally:
+        undo()
+    assert len(sent) == storage_mod.RETRY_ATTEMPTS, f"{len(sent)} HTTP requests for one range: {sent}"
+    assert all(r == "bytes=0-99" for r in sent)
+    assert isinstance(outcome, StorageError), outcome
+    assert_one_line_naming(outcome, rf"{bucket}/d/a\.bin: cannot read bytes 0\.\.100: failed after "
+                                    rf"{storage_mod.RETRY_ATTEMPTS} attempts: .*reduce your request rate")
+    assert store.read("a.bin", 0, 4, version=version) == bytes(range(4))  # the store itself is fine
+
+
+def _throttle_writes(fs, limit: int) -> tuple[list[str], Callable[[], None]]:  # noqa: ANN001
+    """Answer the first ``limit`` PutObject / UploadPart requests of ``fs``'s S3 client with 503
+    SlowDown, in process; returns the requests seen and a function that undoes it."""
+    from aiobotocore.awsrequest import AioAWSResponse
+
+    sent: list[str] = []
+
+    def slow_down(request, **_: object):  # noqa: ANN001, ANN202 - botocore's event signature
+        sent.append(request.method)
+        if len(sent) > limit:
+            return None
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                b"<Message>Please reduce your request rate.</Message></Error>")
+        return AioAWSResponse(request.url, 503, {"Content-Type": "application/xml"}, _Body(body))
+
+    from fsspec.asyn import sync
+
+    sync(fs.loop, fs.set_session)
+    events = fs.s3.meta.events
+    for op in ("PutObject", "UploadPart"):
+        events.register(f"before-send.s3.{op}", slow_down, unique_id=f"graft-test-{op}")
+    return sent, lambda: [events.unregister(f"before-send.s3.{op}", unique_id=f"graft-test-{op}")
+                          for op in ("PutObject", "UploadPart")]
+
+
+@pytest.mark.parametrize("throttled", [2, 99], ids=["twice", "always"])
+def test_a_throttled_s3_write_is_sent_again_by_one_bounded_layer(s3_server, monkeypatch, throttled):
+    """Writes are not retried by graft's layer, so each upload request has exactly one of its own
+    (botocore's, RETRY_ATTEMPTS in all): a brief throttle costs nothing, a lasting one fails the
+    write after exactly RETRY_ATTEMPTS requests, and reads still make one attempt per graft retry."""
+    from conftest import new_bucket
+
+    monkeypatch.setattr(storage_mod, "RETRY_ATTEMPTS", 3)  # botocore's pauses: ~1 + 2 s at most
+    options = {"s3": {**s3_server["s3"], "skip_instance_cache": True}}
+    store = Storage(f"{new_bucket(s3_server)}/d", options)
+    sent, undo = _throttle_writes(store.write_fs, throttled)
+    try:
+        if throttled < storage_mod.RETRY_ATTEMPTS:
+            store.write_bytes("a.bin", b"x" * 1000)
+            assert store.read("a.bin") == b"x" * 1000
+        else:
+            with pytest.raises(StorageError, match=r"a\.bin: cannot commit: .*reduce your request rate"):
+                store.write_bytes("a.bin", b"x" * 1000)
+            assert "a.bin" not in store.list()
+    finally:
+        undo()
+    assert len(sent) == min(throttled + 1, storage_mod.RETRY_ATTEMPTS)
+    assert store.fs.retries == 1 and store.write_fs is not store.fs
 
 
 # -- the Ray executor: faults in worker processes ---------------------------------------------------

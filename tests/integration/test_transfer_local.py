@@ -249,11 +249,11 @@ def test_an_interrupt_after_the_manifest_is_written_leaves_the_output_complete(t
     real_release = RunMark.release
     calls: list[bool] = []
 
-    def interrupted_once(self, remove: bool = True) -> None:  # noqa: ANN001
-        calls.append(remove)
+    def interrupted_once(self) -> None:  # noqa: ANN001
+        calls.append(True)
         if len(calls) == 1:
             raise KeyboardInterrupt  # as the CLI's handler raises it in the main thread
-        real_release(self, remove)
+        real_release(self)
 
     monkeypatch.setattr(RunMark, "release", interrupted_once)
     out = str(tmp_path / "out")
@@ -284,7 +284,7 @@ def test_graft_clean_refuses_a_run_that_is_still_going(tiny_checkpoints, tmp_pat
     out.mkdir()
     (out / "model-00001-of-00004.safetensors").write_bytes(b"partial work of a live run")
     mark = RunMark(Storage(str(out)), "fp", {}, files=["model-00001-of-00004.safetensors"])
-    mark.acquire(replacing=False)
+    mark.acquire(None)
     try:
         with pytest.raises(OutputError, match="still going"):
             clean_output(str(out))

@@ -428,3 +428,17 @@ def test_index_that_stops_naming_a_shard_is_still_refused(tmp_path):
     _write_index(tmp_path, index)
     with pytest.raises(CheckpointError, match=f"maps tensor {name!r}"):
         open_checkpoint(str(tmp_path))
+
+
+def test_a_config_json_too_big_to_be_one_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from graft.engine import checkpoint
+    from graft.engine.storage import Storage
+
+    save_file(_state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"vocab_size": 16}')
+    ckpt = open_checkpoint(str(tmp_path))
+    monkeypatch.setattr(checkpoint, "MAX_INDEX_BYTES", 10)
+    monkeypatch.setattr(Storage, "read", lambda *a, **k: pytest.fail("read a config.json over the cap"))
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/config\.json: 18 bytes, over the 10-byte limit "
+                                              rf"for a JSON config; it is not one"):
+        ckpt.read_json("config.json")

@@ -374,3 +374,67 @@ def test_a_donated_file_whose_name_would_break_the_output_is_refused(tmp_path):
     with pytest.raises(PlanError, match=r"file name 'chat_template.\\njinja' holds a control character"):
         _plan(paths)
     assert _plan(paths, files={"chat_template.*": "none"}).side_files == ()
+
+
+# --- side-file size cap ----------------------------------------------------------------------------
+
+
+def _count_io(monkeypatch) -> list[tuple[str, str]]:
+    """Every ``Storage.read`` / ``Storage.stat`` from now on, as (call, file name)."""
+    from graft.engine.storage import Storage
+
+    calls: list[tuple[str, str]] = []
+    read, stat = Storage.read, Storage.stat
+    monkeypatch.setattr(Storage, "read",
+                        lambda self, name, *a, **k: calls.append(("read", name)) or read(self, name, *a, **k))
+    monkeypatch.setattr(Storage, "stat", lambda self, name: calls.append(("stat", name)) or stat(self, name))
+    return calls
+
+
+def test_a_side_file_over_the_cap_is_refused_at_plan_time_from_its_listed_size(tmp_path, monkeypatch):
+    sd = _weights()
+    paths = {"target": _single(tmp_path / "t", sd, side={"config.json": "{}"}),
+             "finetuned": _single(tmp_path / "f", sd, side={"tokenizer.json": "{}"}),
+             "base": _single(tmp_path / "b", sd)}
+    # A glob meant for small files picks up 600 MiB of pickled weights (sparse: no disk used).
+    with open(tmp_path / "f" / "pytorch_model.bin", "wb") as f:
+        f.truncate(600 * 2**20)
+    checkpoints = _open(paths)
+    calls = _count_io(monkeypatch)
+    with pytest.raises(PlanError) as refused:
+        make_plan(_spec(paths, files={"*.bin": "finetuned"}), checkpoints)
+    msg = str(refused.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{tmp_path}/f/pytorch_model.bin: side file of {600 * 2**20} bytes (600.0 MiB), over "
+                          f"the {512 * 2**20}-byte cap (max_side_file_size)"), msg
+    assert "files: {pytorch_model.bin: none}" in msg
+    assert calls == []  # the size came from the listing: nothing read, nothing stat'ed
+    assert make_plan(_spec(paths, files={"*.bin": "finetuned"}, max_side_file_size="1GiB"),
+                     checkpoints).side_files[1] == SideFile("pytorch_model.bin", "finetuned")
+    small = make_plan(_spec(paths, max_side_file_size=2), checkpoints)  # "{}": 2 bytes, at the cap
+    assert [s.name for s in small.side_files] == ["config.json", "tokenizer.json"]
+    with pytest.raises(PlanError, match=r"tokenizer\.json: side file of 2 bytes .* over the 1-byte cap"):
+        make_plan(_spec(paths, files={"config.json": "none"}, max_side_file_size=1), checkpoints)
+
+
+def test_the_side_file_cap_holds_where_a_listing_carries_no_sizes(monkeypatch):
+    import uuid
+
+    import fsspec
+    from safetensors.torch import save
+
+    root = f"memory://graft-side-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    data = save(_weights(), metadata={"format": "pt"})
+    for role in ROLES:
+        fs.pipe_file(f"{root}/{role}/model.safetensors", data)
+    fs.pipe_file(f"{root}/finetuned/tokenizer.json", b"x" * 4096)
+    paths = {role: f"{root}/{role}" for role in ROLES}
+    try:
+        checkpoints = _open(paths)
+        calls = _count_io(monkeypatch)
+        with pytest.raises(PlanError, match=r"tokenizer\.json: side file of 4096 bytes .* over the 1024-byte cap"):
+            make_plan(_spec(paths, max_side_file_size="1KiB"), checkpoints)
+        assert calls == [("stat", "tokenizer.json")]  # one stat, no read
+    finally:
+        fs.rm(root, recursive=True)

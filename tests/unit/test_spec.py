@@ -99,9 +99,15 @@ def test_sizes_parse_to_bytes(text, expected):
 
 
 def test_sizes_in_a_spec_are_parsed():
-    spec = _spec(max_shard_size="5GB", chunk_size="16MiB")
+    spec = _spec(max_shard_size="5GB", chunk_size="16MiB", max_side_file_size="2GiB")
     assert spec.max_shard_size == 5 * 10**9
     assert spec.chunk_size == 16 * 2**20
+    assert spec.max_side_file_size == 2 * 2**30
+
+
+def test_side_files_are_capped_at_512_mib_by_default():
+    assert _spec().max_side_file_size == 512 * 2**20
+    assert _spec().to_dict()["max_side_file_size"] == 512 * 2**20
 
 
 def test_fractional_sizes_are_exact():
@@ -324,6 +330,33 @@ def test_to_dict_redacts_an_azure_connection_string():
     assert d["storage_options"]["az"]["account_name"] == "acct"
 
 
+def test_to_dict_redacts_auth_headers_in_storage_options():
+    spec = _spec(storage_options={
+        "hf": {"headers": {"Authorization": "Bearer hunter2"}},
+        "http": {"client_kwargs": {"headers": {"Cookie": "sid=hunter2", "Proxy-Authorization": "Basic hunter2",
+                                               "X-Amz-Security-Token": "hunter2", "User-Agent": "graft"}}},
+        "s3": {"endpoint_url": "http://minio:hunter2@127.0.0.1:9000"},
+    })
+    d = spec.to_dict()
+    assert "hunter2" not in repr(d)
+    assert d["storage_options"]["http"]["client_kwargs"]["headers"]["User-Agent"] == "graft"
+    assert d["storage_options"]["s3"]["endpoint_url"] == "http://minio:***@127.0.0.1:9000"
+    assert spec.storage_options["hf"]["headers"]["Authorization"] == "Bearer hunter2"
+
+
+def test_to_dict_redacts_credentials_in_the_locations():
+    spec = _spec(target="https://user:hunter2@host/models/llama",
+                 finetuned="https://host/ft/model.safetensors?sv=2022&sig=hunter2",
+                 base="s3://AKIA:hunter2@bucket/base", output="s3://bucket/out")
+    d = spec.to_dict()
+    assert "hunter2" not in repr(d)
+    assert d["target"] == "https://user:***@host/models/llama"
+    assert d["finetuned"] == "https://host/ft/model.safetensors?sv=2022&sig=***"
+    assert d["output"] == "s3://bucket/out"
+    assert spec.target == "https://user:hunter2@host/models/llama"  # the real one, for the I/O
+    assert spec.to_dict(redact_secrets=False)["base"] == "s3://AKIA:hunter2@bucket/base"
+
+
 def test_to_dict_is_plain_data():
     d = _spec(alpha=0.5, rules=[{"match": "x", "alpha": 0}]).to_dict()
     assert d["alpha"] == 0.5
@@ -375,6 +408,8 @@ INVALID = {
     "files": [(["config.json"], "valid dictionary"),
               ({"config.json": "output"}, "'target', 'finetuned', 'base' or 'none'")],
     "max_shard_size": [("big", "a size like 5GB or 512MiB"), (0, "must be positive"), (True, "a size like")],
+    "max_side_file_size": [("huge", "a size like 5GB or 512MiB"), ("0MiB", "must be positive"),
+                           (False, "a size like")],
     "chunk_size": [("-1MiB", "a size like"), (0, "must be positive"), ([1], "a size like")],
     "read_concurrency": [(0, "greater than or equal to 1"), (65, "less than or equal to 64"),
                          ("4", "valid integer"), (2.5, "valid integer")],

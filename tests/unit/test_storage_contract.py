@@ -275,6 +275,17 @@ def test_s3_connection_pool_covers_the_reads_in_flight_unless_set():
     assert mine.fs.config_kwargs["max_pool_connections"] == 5
 
 
+def test_s3_retries_are_graft_s_alone_unless_botocore_s_are_set():
+    # s3fs and botocore each retry on their own; stacked under graft's layer they multiply.
+    default = Storage("s3://bucket/r", {"s3": {"anon": True}})
+    assert default.fs.retries == 1
+    assert default.fs.config_kwargs["retries"] == {"mode": "standard", "total_max_attempts": 1}
+    assert default.fs.s3.meta.config.retries["total_max_attempts"] == 1  # the client botocore built
+    mine = Storage("s3://bucket/q", {"s3": {"anon": True, "config_kwargs": {"retries": {"mode": "adaptive"}}}})
+    assert mine.fs.config_kwargs["retries"] == {"mode": "adaptive"}
+    assert mine.fs.retries == 1
+
+
 def test_check_digest_accepts_the_right_hashes_and_names_the_file_otherwise():
     import hashlib
 
