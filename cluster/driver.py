@@ -111,15 +111,17 @@ def _placeable(opts: RayOptions) -> int | None:
 
 def _worker_count(opts: RayOptions, shards: int) -> int:
     """The actors to start: ``opts.workers``, else as many as the cluster can place; at most one
-    per shard. Raises ``WorkerStartError`` at once if no node can hold a single worker (e.g.
-    ``--gpus-per-worker`` on a cluster without GPUs), which would otherwise wait forever."""
+    per shard. Without ``opts.workers``, raises ``WorkerStartError`` at once if no node can hold a
+    single worker (e.g. ``--gpus-per-worker`` on a cluster without GPUs); with it, the actors wait
+    for an autoscaler to add nodes, up to ``start_timeout``."""
     fit = _placeable(opts)
-    if fit == 0:
+    if fit == 0 and opts.workers is None:
         total = ray.cluster_resources()
         raise WorkerStartError(
             f"no node of the Ray cluster can hold a shard worker: each asks for {_asks(opts)} "
             f"(--cpus-per-worker/--gpus-per-worker) and the cluster has {total.get('CPU', 0):g} CPUs "
-            f"and {total.get('GPU', 0):g} GPUs in all; lower them or add nodes that have them")
+            f"and {total.get('GPU', 0):g} GPUs in all; lower them or add nodes that have them (on an "
+            f"autoscaling cluster, give --workers: graft then waits up to --start-timeout for nodes)")
     # An explicit --workers is kept even beyond what fits now: an autoscaling cluster may add nodes,
     # and actors that never start only leave their share to those that do.
     wanted = opts.workers if opts.workers is not None else shards if fit is None else fit

@@ -138,6 +138,11 @@ def test_gpus_per_worker_on_a_cluster_without_gpus_fails_at_once_and_writes_noth
         run.outcome(timeout=30)  # before the fix: shards queued on actors never placed, forever
     assert time.monotonic() - started < 10
     assert assert_not_committed(out) == [] and os.listdir(out) == []
+    # With --workers given (an autoscaling cluster may add GPU nodes) it waits, up to the timeout.
+    run = Background(lambda: run_ray(job, RayOptions(gpus_per_worker=1, workers=1, start_timeout=2)))
+    with pytest.raises(WorkerStartError, match=r"no worker could be placed in 2s"):
+        run.outcome(timeout=30)
+    assert assert_not_committed(out) == [] and os.listdir(out) == []
 
 
 def test_a_cluster_with_no_free_cpu_fails_after_the_start_timeout_instead_of_hanging(tiny_checkpoints, tmp_path):
