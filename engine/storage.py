@@ -307,10 +307,12 @@ class Storage:
                                 f"and run again")
         return err
 
-    def _retry(self, name: str, action: str, op: Callable[[], _T]) -> _T:
-        """``op()``; on a remote store tried again after a growing pause while it fails with a
-        transient error (``is_transient``). Raises ``StorageError`` naming the file, or the
-        ``GraftError`` that ``op`` raised; local files get one attempt (the OS retries for them)."""
+    def _retry(self, name: str, action: str, op: Callable[[], _T],
+               retry_if: Callable[[BaseException], bool] = lambda e: is_transient(e)) -> _T:
+        """``op()``; on a remote store tried again after a growing pause while it fails with an
+        error ``retry_if`` accepts (default: ``is_transient``). Raises ``StorageError`` naming the
+        file, or the ``GraftError`` that ``op`` raised; local files get one attempt (the OS retries
+        for them)."""
         attempts = 1 if self.is_local else max(1, RETRY_ATTEMPTS)
         attempt = 1
         while True:
@@ -319,7 +321,7 @@ class Storage:
             except GraftError:
                 raise
             except Exception as e:  # noqa: BLE001 - every backend raises its own types
-                if not is_transient(e):
+                if not retry_if(e):
                     raise self._fail(name, action, e) from e
                 if attempt >= attempts:
                     if attempts == 1:
@@ -398,8 +400,12 @@ class Storage:
             return b""  # an empty HTTP range is invalid: S3 would answer with the whole object
         whole = start is None and end is None
         expected = self.stat(name).digest if whole and self.is_hub else None
+        # The Hub client already retries a range request itself (huggingface_hub's http_backoff: 6
+        # attempts on 429/5xx, timeouts and network errors, honouring Retry-After), so graft's layer
+        # only adds what it does not: a short answer read again.
         data = self._retry(name, f"read bytes {start}..{end}",
-                           lambda: self._read_once(name, start, end, version))
+                           lambda: self._read_once(name, start, end, version),
+                           (lambda e: isinstance(e, _ShortRead)) if self.is_hub else is_transient)
         if expected is not None:
             check_digest(self.url(name), data, expected)
         return data

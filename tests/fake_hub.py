@@ -137,6 +137,7 @@ class FakeHub:
         self._counter = itertools.count()
         self._server: ThreadingHTTPServer | None = None
         self.url = ""
+        self.throttle_ranges = 0  # answer this many more ranged GETs with 503 (Retry-After: 0)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> FakeHub:
@@ -341,6 +342,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.body = self._read_body()
             with self.hub._lock:
+                if self.command == "GET" and self.headers.get("Range") and self.hub.throttle_ranges > 0:
+                    self.hub.throttle_ranges -= 1
+                    raise HubError(503, None, "Service Unavailable (FakeHub throttle)", {"Retry-After": "0"})
                 status, payload, headers = self._route()
             self._send(status, payload, headers)
         except HubError as e:

@@ -99,6 +99,26 @@ def test_shards_are_read_by_exact_byte_ranges_and_never_whole(hub, repos, tmp_pa
     assert len([r for r in shard_reads if r.range.startswith("bytes=0-")]) == len(shards)
 
 
+def test_a_throttled_hub_range_is_retried_by_one_layer_only(hub, repos):
+    """The Hub client retries a range itself (6 attempts); graft must not multiply that by its own
+    5: a range the Hub keeps refusing costs 6 requests, then one line naming the file."""
+    from graft.engine.storage import Storage
+
+    store = Storage(f"hf://{repos['target']}@{hub.head(repos['target'])}", hub_options(hub))
+    name = sorted(n for n in hub.files_at(repos["target"], "main") if n.endswith(".safetensors"))[0]
+    hub.clear_requests()
+    hub.throttle_ranges = 99
+    try:
+        with pytest.raises(StorageError, match=rf"{name}: cannot read bytes 0\.\.8: .*503"):
+            store.read(name, 0, 8)
+    finally:
+        hub.throttle_ranges = 0
+    ranged = [r for r in hub.requests if r.range is not None]
+    assert len(ranged) == 6, [(r.range, r.status) for r in ranged]
+    hub.throttle_ranges = 2  # a brief throttle costs nothing
+    assert len(store.read(name, 0, 8)) == 8
+
+
 def test_the_revision_is_pinned_when_the_job_is_planned(hub, tiny_checkpoints, reference_output, tmp_path):
     repos = publish(hub, tiny_checkpoints)
     planned = hub.head(repos["target"])
