@@ -152,9 +152,11 @@ def _plan_summary(job: Any) -> dict[str, Any]:
         "combined": plan.combined,
         "copied": plan.copied,
         "left_out": list(plan.left_out),
-        "shards": [{"file": s.file, "tensors": len(s.tensors), "bytes": s.size} for s in plan.shards],
+        "shards": [{"file": s.file, "tensors": sum(1 for t in s.tensors if not (t.piece and t.piece[0])),
+                    "bytes": s.size} for s in plan.shards],
         "side_files": {s.name: s.donor for s in plan.side_files},
         "formats": dict(plan.formats),
+        "vocab": dict(plan.vocab),
         "config_changes": {s.name: {k: (None if v is None else json.loads(v)) for k, v in s.patch}
                            for s in plan.side_files if s.patch},
         "read_bytes": plan.read_bytes,
@@ -194,9 +196,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"{summary['tensors']} tensors ({summary['combined']} combined, {summary['copied']} copied)")
         if "output" in formats:
             print(f"          stored as {formats['output']}")
+        for name, rows in summary["vocab"].items():
+            print(f"  {name}: {rows}")
         for name, change in summary["config_changes"].items():
             for key, value in change.items():
-                print(f"  {name}: {key} " + ("removed" if value is None else "set to the target's"))
+                if key == "vocab_size":
+                    print(f"  {name}: vocab_size set to {value} (the output's embedding rows)")
+                else:
+                    print(f"  {name}: {key} " + ("removed" if value is None else "set to the target's"))
         for s in summary["shards"]:
             print(f"  {s['file']}: {s['tensors']} tensors, {human_bytes(s['bytes'])}")
         for name, donor in summary["side_files"].items():

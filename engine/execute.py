@@ -78,8 +78,15 @@ def _compute(kernel: ChunkKernel | None, codec: Transcoder | None, chunk: Chunk,
             scales[lo:hi].copy_(rows, non_blocking=non_blocking)
     else:
         assert kernel is not None
-        kernel.combine(inputs[("target", "codes")], inputs[("finetuned", "codes")], inputs[("base", "codes")],
-                       t.alpha, typed)
+
+        def rows_of(role: str) -> torch.Tensor:
+            got = inputs.get((role, "codes"))
+            if got is not None:
+                return got
+            # Rows the checkpoint lacks count as zeros (a resized vocabulary, ``vocab: pad``).
+            return torch.zeros(chunk.count, dtype=TORCH_DTYPES[t.source(role).dtype], device=out.device)
+
+        kernel.combine(rows_of("target"), rows_of("finetuned"), rows_of("base"), t.alpha, typed)
 
 
 class _CpuCompute:

@@ -361,6 +361,7 @@ class OutputSession:
                      "left_out": list(plan.left_out), "shards": len(plan.shards),
                      "side_files": {s.name: s.donor for s in plan.side_files},
                      "formats": dict(plan.formats),
+                     "vocab": dict(plan.vocab),
                      "warnings": list(plan.warnings)},
             "run": {"executor": executor, "workers": workers, "resumed_shards": list(self.resumed),
                     "started": _utc(self.mark.started),

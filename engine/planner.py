@@ -20,6 +20,7 @@ from .quant import FP8_CODES, Layout, Stored, layout_for
 from .safetensors import FLOATING_DTYPES, build_header
 from .spec import DEFAULT_FILES, JobSpec
 from .tasks import ROLES, ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask
+from . import vocab as vocab_rows
 
 __all__ = [
     "ROLES",
@@ -71,10 +72,11 @@ class Plan:
     copied: int
     left_out: tuple[str, ...]
     formats: tuple[tuple[str, str], ...] = ()  # (role or "output", how it stores its weights)
+    vocab: tuple[tuple[str, str], ...] = ()  # (tensor, where its rows come from): resized vocabularies
 
     @property
     def tensor_count(self) -> int:
-        return sum(len(s.tensors) for s in self.shards)
+        return sum(1 for s in self.shards for t in s.tensors if not (t.piece and t.piece[0]))
 
     @property
     def read_bytes(self) -> int:
@@ -147,6 +149,7 @@ def make_plan(
     tasks: dict[str, TensorTask] = {}
     carried_missing: list[str] = []
     combined = copied = 0
+    resized: dict[str, tuple[Stored, Stored, Stored, float, str, OutScales | None]] = {}
 
     family = _family_problems(configs, {r: checkpoints[r].uri for r in ROLES})
     if spec.allow_family_mismatch:
@@ -156,7 +159,8 @@ def make_plan(
     if problems:  # another family: its quantization or tensor names would only add noise
         raise PlanError(problems[0], problems)
     layouts = _layouts(checkpoints, configs)
-    logical = {role: layouts[role].tensors for role in ROLES}
+    logical, tie_notes = vocab_rows.untie({role: layouts[role].tensors for role in ROLES}, configs)
+    warnings.extend(tie_notes)
     problems.extend(_overlap_problems(spec, checkpoints, logical))
     missing = {role: [n for n in logical["target"] if n not in logical[role]] for role in ("finetuned", "base")}
     extra = sorted({n for role in ("finetuned", "base") for n in logical[role] if n not in logical["target"]})
@@ -179,6 +183,14 @@ def make_plan(
                 carried_missing.append(name)
                 copied += 1
             continue  # reported below, once for all tensors
+        rows = {"target": shape[0] if shape else 0, "finetuned": f.codes.shape[0] if f.codes.shape else 0,
+                "base": b.codes.shape[0] if b.codes.shape else 0}
+        if (len(shape) == 2 and shape[1:] == f.codes.shape[1:] == b.codes.shape[1:]
+                and (shape != f.codes.shape or shape != b.codes.shape
+                     or (spec.vocab == "align" and vocab_rows.VOCAB_TENSOR.search(name)))
+                and vocab_rows.is_vocab_tensor(name, rows, configs)):
+            resized[name] = (t, f, b, alpha, dtype, scales)
+            continue
         if not (shape == f.codes.shape == b.codes.shape):
             problems.append(
                 f"tensor {name!r} has shape {list(shape)} in target ({tgt.uri}), {list(f.codes.shape)} in "
@@ -192,6 +204,12 @@ def make_plan(
                                 f"but {t.codes.dtype} in target; cannot compute a float difference from it")
         tasks[name] = TensorTask(name, dtype, shape, alpha, target_source,
                                  _source(ft, "finetuned", f), _source(bs, "base", b), scales)
+        combined += 1
+
+    pieces, vocab_report, vocab_problems = _resized(spec, checkpoints, resized)
+    problems.extend(vocab_problems)
+    for name, parts in pieces.items():
+        tasks[name] = parts[0]
         combined += 1
 
     activations = layouts["target"].activation_scales
@@ -236,15 +254,123 @@ def make_plan(
                         + f"): computed in {spec.compute_dtype}, written in the target's dtypes")
     warnings.extend(_config_warnings(configs))
 
+    config_patch = _quant_patch(spec, layouts, configs) + _vocab_patch(spec, configs, pieces)
+    side_files, side_warnings = _side_files(spec, checkpoints, config_patch)  # sizes checked first
+    fits = _tokenizer_fits(spec, checkpoints, tasks, pieces)
+    if fits:
+        raise PlanError(fits[0], fits)
     settings = ExecSettings(spec.compute_dtype, spec.chunk_size, spec.allow_nonfinite, spec.read_concurrency)
-    shards = _layout(spec, tgt, tasks, settings)
-    side_files, side_warnings = _side_files(spec, checkpoints, _quant_patch(spec, layouts, configs))
+    shards = _layout(spec, tgt, tasks, settings, pieces)
     warnings.extend(side_warnings)
     write_index = len(shards) > 1 or shards[0].file != SINGLE_NAME
     left_out = tuple(extra) + (tuple(activations) if spec.output_format == "bf16" else ())
     formats = tuple((role, layouts[role].describe()) for role in ROLES) + (
         ("output", _describe_output(tasks.values())),)
-    return Plan(shards, side_files, write_index, tuple(warnings), combined, copied, left_out, formats)
+    return Plan(shards, side_files, write_index, tuple(warnings), combined, copied, left_out, formats,
+                tuple(vocab_report))
+
+
+def _resized(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
+             resized: Mapping[str, tuple[Stored, Stored, Stored, float, str, OutScales | None]],
+             ) -> tuple[dict[str, tuple[TensorTask, ...]], list[tuple[str, str]], list[str]]:
+    """The pieces of each embedding / LM head whose vocabulary differs between the checkpoints (as
+    ``spec.vocab`` says), what the plan reports about their rows, and the problems."""
+    pieces: dict[str, tuple[TensorTask, ...]] = {}
+    report: list[tuple[str, str]] = []
+    problems: list[str] = []
+    vocabs: dict[str, dict[str, int]] | None = None
+    for name, (t, f, b, alpha, dtype, scales) in resized.items():
+        stored = {"target": t, "finetuned": f, "base": b}
+        rows = {role: st.codes.shape[0] for role, st in stored.items()}
+        where = ", ".join(f"{list(stored[r].codes.shape)} in {r} ({checkpoints[r].uri})" for r in ROLES)
+        if spec.vocab == "error":
+            problems.append(f"tensor {name!r} has shape {where}: a resized vocabulary; set vocab: pad to "
+                            f"transfer the shared rows and take the new ones from the fine-tune (the "
+                            f"paper's way), or vocab: align to match rows by token through tokenizer.json")
+            continue
+        if scales is not None or any(st.scales is not None for st in stored.values()):
+            problems.append(f"tensor {name!r}: vocab: {spec.vocab} needs plain (unquantized) rows, but it is "
+                            f"stored as FP8 in some checkpoint; use output_format: bf16 or an unquantized "
+                            f"release")
+            continue
+        if spec.vocab == "pad":
+            lost = [r for r in ("target", "base") if rows[r] > rows["finetuned"]]
+            if lost:
+                problems.append(f"tensor {name!r} has shape {where}: vocab: pad keeps the fine-tune's "
+                                f"{rows['finetuned']} rows, so {lost[0]}'s rows past them would be lost; "
+                                f"use vocab: align (rows matched by token)")
+                continue
+            rowmap = vocab_rows.pad_map(rows)
+        else:
+            out_role = spec.donor_for(vocab_rows.TOKENIZER)
+            if out_role is None:
+                problems.append(f"vocab: align gives the output the rows of the checkpoint that donates "
+                                f"{vocab_rows.TOKENIZER}, but files says none does; donate one")
+                continue
+            if vocabs is None:
+                try:
+                    for c in checkpoints.values():
+                        if vocab_rows.TOKENIZER in c.side_files:
+                            _check_side_file_size(spec, c, vocab_rows.TOKENIZER)
+                    vocabs = vocab_rows.load_vocabs(checkpoints)
+                except PlanError as e:
+                    problems.append(str(e))
+                    break
+            rowmap = vocab_rows.align_map(vocabs, rows, out_role)
+        sources = {"target": _source(checkpoints["target"], "target", t),
+                   "finetuned": _source(checkpoints["finetuned"], "finetuned", f),
+                   "base": _source(checkpoints["base"], "base", b)}
+        pieces[name] = vocab_rows.pieces(name, dtype, t.codes.shape[1], alpha, sources, rowmap)
+        report.append((name, rowmap.describe()))
+    return pieces, report, problems
+
+
+def _output_rows(tasks: Mapping[str, TensorTask], pieces: Mapping[str, tuple[TensorTask, ...]]) -> dict[str, int]:
+    """Rows of the output's embedding / LM-head tensors."""
+    out = {}
+    for name, t in tasks.items():
+        if vocab_rows.VOCAB_TENSOR.search(name) and len(t.shape) == 2:
+            out[name] = pieces[name][0].piece[1] if name in pieces else t.shape[0]  # type: ignore[index]
+    return out
+
+
+def _tokenizer_fits(spec: JobSpec, checkpoints: Mapping[str, Checkpoint], tasks: Mapping[str, TensorTask],
+                    pieces: Mapping[str, tuple[TensorTask, ...]]) -> list[str]:
+    """The output's tokenizer must not hold ids past its embeddings' rows (every such id would index
+    outside the matrix at inference)."""
+    donor = spec.donor_for(vocab_rows.TOKENIZER)
+    rows = _output_rows(tasks, pieces)
+    if donor is None or not rows or vocab_rows.TOKENIZER not in checkpoints[donor].side_files:
+        return []
+    _check_side_file_size(spec, checkpoints[donor], vocab_rows.TOKENIZER)
+    vocab = vocab_rows.read_vocab(checkpoints[donor].read_json(vocab_rows.TOKENIZER))
+    if vocab is None:
+        return []
+    need = vocab_rows.tokenizer_size(vocab)
+    short = {n: r for n, r in rows.items() if r < need}
+    if not short:
+        return []
+    name, have = next(iter(short.items()))
+    hint = ("set vocab: pad or vocab: align so the output takes the fine-tune's rows (a rule with "
+            "alpha: 0 carries the target's)" if spec.vocab == "error" else
+            f"donate a tokenizer that fits (files: {{{vocab_rows.TOKENIZER}: target}}, with its other "
+            f"tokenizer files)")
+    return [f"the output's {vocab_rows.TOKENIZER} (from {donor}, {checkpoints[donor].uri}) has token ids up "
+            f"to {need - 1} but {name!r} has {have} rows: those tokens would index past the embeddings "
+            f"at inference; {hint}"]
+
+
+def _vocab_patch(spec: JobSpec, configs: Mapping[str, Mapping[str, Any] | None],
+                 pieces: Mapping[str, tuple[TensorTask, ...]]) -> tuple[tuple[str, str | None], ...]:
+    """config.json's ``vocab_size`` set to the output's embedding rows when the vocabulary was resized."""
+    if not pieces:
+        return ()
+    rows = next(iter(pieces.values()))[0].piece[1]  # type: ignore[index]
+    donor = spec.donor_for("config.json")
+    config = configs.get(donor) if donor else None
+    if not isinstance(config, Mapping) or config.get("vocab_size") in (None, rows):
+        return ()
+    return (("vocab_size", json.dumps(rows)),)
 
 
 def _describe_output(tasks: Any) -> str:
@@ -268,27 +394,35 @@ def _quant_patch(spec: JobSpec, layouts: Mapping[str, Layout],
     return ((QUANT_KEY, None if wanted is None else json.dumps(wanted, sort_keys=True)),)
 
 
-def _layout(spec: JobSpec, tgt: Checkpoint, tasks: Mapping[str, TensorTask],
-            settings: ExecSettings) -> tuple[ShardTask, ...]:
+def _layout(spec: JobSpec, tgt: Checkpoint, tasks: Mapping[str, TensorTask], settings: ExecSettings,
+            pieces: Mapping[str, tuple[TensorTask, ...]] | None = None) -> tuple[ShardTask, ...]:
+    """Group the tasks into output shards; a tensor written in pieces keeps them together, in order."""
+    pieces = pieces or {}
+
+    def parts(name: str) -> tuple[TensorTask, ...]:
+        return pieces.get(name) or (tasks[name],)
+
     groups: list[tuple[str, list[TensorTask], dict[str, str]]] = []
     if spec.max_shard_size is None:
         # Mirror the target: same file names, same tensors in each, same order (a drop-in replacement).
         # A scale tensor is written right after its codes, in the codes' file (the target may have
         # put it in another shard): it is computed from the same rows.
         for f in tgt.files:
-            members = [tasks[e.name] for e in tgt.headers[f.name].tensors if e.name in tasks]
+            members = [p for e in tgt.headers[f.name].tensors if e.name in tasks for p in parts(e.name)]
             meta = dict(tgt.headers[f.name].metadata or {})
             meta.setdefault("format", "pt")
             groups.append((f.name, members, meta))
     else:
         bins: list[list[TensorTask]] = [[]]
         size = 0
-        for task in tasks.values():
-            if bins[-1] and size + task.nbytes > spec.max_shard_size:
+        for name in tasks:
+            unit = parts(name)
+            nbytes = sum(t.nbytes for t in unit)
+            if bins[-1] and size + nbytes > spec.max_shard_size:
                 bins.append([])
                 size = 0
-            bins[-1].append(task)
-            size += task.nbytes
+            bins[-1].extend(unit)
+            size += nbytes
         n = len(bins)
         for i, members in enumerate(bins):
             name = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"

@@ -100,6 +100,7 @@ class JobSpec:
     alpha: float = 1.0
     compute_dtype: str = "float32"
     output_format: str = "target"
+    vocab: str = "error"
     rules: tuple[Rule, ...] = ()
     on_missing: str = "error"
     allow_nonfinite: bool = False
@@ -171,6 +172,7 @@ class _SpecModel(BaseModel):
     alpha: float = 1.0
     compute_dtype: Literal["float32", "float64"] = "float32"
     output_format: Literal["target", "bf16"] = "target"
+    vocab: Literal["error", "pad", "align"] = "error"
     rules: list[_RuleModel] = []
     on_missing: Literal["error", "carry_target"] = "error"
     allow_nonfinite: bool = False
@@ -240,6 +242,7 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
         alpha=float(m.alpha),
         compute_dtype=m.compute_dtype,
         output_format=m.output_format,
+        vocab=m.vocab,
         rules=tuple(Rule(r.match, float(r.alpha)) for r in m.rules),
         on_missing=m.on_missing,
         allow_nonfinite=m.allow_nonfinite,

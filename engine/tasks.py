@@ -20,6 +20,7 @@ __all__ = [
     "Scales",
     "OutScales",
     "Source",
+    "zero_source",
     "TensorTask",
     "ExecSettings",
     "ShardTask",
@@ -84,6 +85,15 @@ class Source:
     version: str | None = None  # the file's ETag / version / mtime when it was planned
     scales: Scales | None = None
 
+    @property
+    def zero(self) -> bool:
+        """Rows this checkpoint lacks (a vocabulary it does not have): read as zeros, nothing read."""
+        return not self.file
+
+
+def zero_source(role: str, dtype: str) -> Source:
+    return Source(role, "", dtype, 0, 0)
+
 
 @dataclass(frozen=True)
 class TensorTask:
@@ -98,6 +108,10 @@ class TensorTask:
     finetuned: Source | None = None
     base: Source | None = None
     scales: OutScales | None = None
+    # Rows [first, first + shape[0]) of a tensor of ``rows`` rows whose rows come from different
+    # places (a resized vocabulary): its pieces follow each other in the shard, the first carries
+    # the header entry. None: the whole tensor.
+    piece: tuple[int, int] | None = None
 
     @property
     def combine(self) -> bool:
@@ -133,7 +147,11 @@ class TensorTask:
         return self.numel * DTYPE_SIZES[self.dtype] + (self.scales.nbytes if self.scales else 0)
 
     def stored(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        """The output tensors this logical tensor is written as, in file order."""
+        """The output tensors this logical tensor is written as, in file order (none for a piece
+        after the first: its bytes continue the first piece's tensor)."""
+        if self.piece is not None:
+            first, rows = self.piece
+            return [] if first else [(self.name, self.dtype, (rows, *self.shape[1:]))]
         out = [(self.name, self.dtype, self.shape)]
         if self.scales is not None:
             out.append((self.scales.name, self.scales.dtype, self.scales.shape))
@@ -238,6 +256,8 @@ class Chunk:
         t = self.tensor
         out = []
         for s in (t.sources if t.combine or t.transcodes else (t.target,)):
+            if s.zero:
+                continue
             size = DTYPE_SIZES[s.dtype]
             out.append(Read(s.role, "codes", s.file, s.begin + self.start * size,
                             s.begin + (self.start + self.count) * size, s.version, s.dtype))

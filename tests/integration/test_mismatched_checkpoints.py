@@ -83,8 +83,9 @@ def test_a_finetune_with_a_resized_vocabulary_names_the_embeddings_and_the_way_o
                                                                                    tmp_path):
     ckpts = dict(tiny_checkpoints, finetuned=other_models["llama-more-tokens"])
     msg = plan_error(ckpts, tmp_path)
-    assert "model.embed_tokens.weight" in msg and "shape" in msg and "alpha: 0" in msg
-    # The usual answer: carry the target's embeddings and head, transfer everything else.
+    assert "model.embed_tokens.weight" in msg and "[520, 64] in finetuned" in msg
+    assert "resized vocabulary" in msg and "vocab: pad" in msg and "vocab: align" in msg
+    # Without a tokenizer that needs the new rows, carrying the target's embeddings and head works.
     job = prepare_job(spec_from_mapping({**ckpts, "output": str(tmp_path / "out"), "rules": [
         {"match": r"^(model\.embed_tokens|lm_head)\.", "alpha": 0.0}]}))
     assert job.plan.copied == 2 and job.plan.combined == len(load_all_names(ckpts["target"])) - 2

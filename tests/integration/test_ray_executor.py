@@ -269,3 +269,19 @@ def test_verify_kept_re_hashes_kept_shards_in_ray_tasks_not_on_the_driver(tiny_c
     assert on_driver == []
     assert result.manifest["run"]["resumed_shards"] == sorted([shards[0].file, shards[2].file])
     assert shard_bytes(out) == shard_bytes(ref)
+
+
+def test_a_resized_vocabulary_streams_in_small_chunks_on_ray_to_the_same_bytes(tmp_path):
+    """vocab: pad pieces (rows of one checkpoint, zeros for the others) cross to Ray workers and
+    split into chunks like any tensor: the same bytes as one local run with the default chunk."""
+    from test_vocab import _trio
+
+    from graft.engine.spec import spec_from_mapping
+
+    trio = _trio(tmp_path / "trio", False)
+    local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
+    run_local(spec_from_mapping({**trio, "output": local_out, "vocab": "pad"}))
+    run_ray(prepare_job(spec_from_mapping({**trio, "output": ray_out, "vocab": "pad", "chunk_size": 64})),
+            RayOptions(workers=2))
+    assert shard_bytes(ray_out) == shard_bytes(local_out)
+    assert verify_output(ray_out).ok

@@ -395,6 +395,7 @@ INVALID = {
     "alpha": [("lots", "valid number"), (None, "valid number"), (float("inf"), "finite"), ([1], "valid number"),
               (True, "not a boolean")],
     "compute_dtype": [("bfloat16", "'float32' or 'float64'"), (32, "'float32' or 'float64'")],
+    "vocab": [("resize", "'error', 'pad' or 'align'"), (True, "'error', 'pad' or 'align'")],
     "output_format": [("fp8", "'target' or 'bf16'"), ("BF16", "'target' or 'bf16'"), (True, "'target' or 'bf16'")],
     "rules": [("x", "valid list"), ([5], "valid dictionary with keys match and alpha"),
               ([{"alpha": 0}], "Field required"), ([{"match": "x", "alpha": False}], "not a boolean"),

@@ -1,0 +1,234 @@
+"""Resized vocabularies: which output row of an embedding (or LM head) comes from which rows of the
+three checkpoints, and whether the output's tokenizer fits its embeddings.
+
+Chat fine-tunes add tokens (``<|im_start|>``, tool tokens) and grow ``embed_tokens`` / ``lm_head``
+from V to V + k rows. ``vocab`` in the job spec says what to do:
+
+- ``error``: refuse, naming the tensors, the row counts and the two ways below;
+- ``pad`` (Lin et al.'s semantics): rows a checkpoint lacks count as zeros. The output has the
+  fine-tune's rows; row r is t_r + alpha (f_r - b_r) where each term is 0 past its checkpoint's
+  rows, so shared rows are transferred and the new rows are alpha * f (rounded once);
+- ``align``: rows matched by token through the three ``tokenizer.json`` files. The output's rows are
+  those of the checkpoint that donates ``tokenizer.json`` (the fine-tune by default): row r is its
+  token r; each checkpoint contributes the row of that same token, or zeros if its vocabulary lacks
+  it. Rows with no token (padding to a multiple, beyond the tokenizer) are matched by position as
+  in ``pad``. Tokens only in a vocabulary that is not the output's are left out (counted in the
+  report).
+
+A ``RowMap`` is a few ``Run``s of consecutive output rows, each a contiguous row range (or zeros) of
+every checkpoint: streamed as contiguous byte ranges like any tensor (``TensorTask.piece``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .checkpoint import Checkpoint
+from .errors import PlanError
+from .safetensors import DTYPE_SIZES
+from .tasks import ROLES, Source, TensorTask, zero_source
+
+__all__ = ["VOCAB_TENSOR", "Run", "RowMap", "is_vocab_tensor", "untie", "pad_map", "align_map",
+           "read_vocab", "tokenizer_size", "pieces", "load_vocabs"]
+
+# Embedding and LM-head weights by the names transformers' families give them.
+VOCAB_TENSOR = re.compile(r"((^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out|embed_in)"
+                          r"|^(tok_embeddings|shared|output))\.weight$")
+TOKENIZER = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    """Output rows ``[out, out + count)`` from rows ``[first, first + count)`` of each role (None: zeros)."""
+
+    out: int
+    count: int
+    first: tuple[tuple[str, int | None], ...]
+
+    def of(self, role: str) -> int | None:
+        return dict(self.first)[role]
+
+
+@dataclass(frozen=True)
+class RowMap:
+    """Where each output row comes from, and what the plan reports about it."""
+
+    rows: int
+    runs: tuple[Run, ...]
+    added: int = 0  # rows the target lacks: alpha * f (or alpha * (f - b))
+    matched: int = 0  # rows of a token all three have
+    moved: int = 0  # rows taken from another row number in some checkpoint (reordered tokens)
+    padding: int = 0  # rows with no token, matched by position
+    dropped: int = 0  # tokens of the target's vocabulary the output's does not have
+    by: str = "token"  # how rows were matched: "token" (align) or "position" (pad)
+
+    def describe(self) -> str:
+        parts = [f"{self.rows} rows"]
+        if self.matched:
+            parts.append(f"{self.matched} matched by {self.by}")
+        if self.moved:
+            parts.append(f"{self.moved} taken from other row numbers (reordered)")
+        parts.append(f"{self.added} added from the fine-tune (zeros in the checkpoints that lack them)")
+        if self.padding:
+            parts.append(f"{self.padding} padding rows matched by position")
+        if self.dropped:
+            parts.append(f"{self.dropped} token(s) only in the target left out")
+        return ", ".join(parts)
+
+
+def is_vocab_tensor(name: str, rows: Mapping[str, int], configs: Mapping[str, Mapping[str, Any] | None]) -> bool:
+    """An embedding or LM head: by its name, or because every checkpoint's row count is its
+    config.json ``vocab_size``."""
+    if VOCAB_TENSOR.search(name):
+        return True
+    sizes = {r: c.get("vocab_size") for r, c in configs.items() if isinstance(c, Mapping)}
+    return len(sizes) == len(ROLES) and all(sizes[r] == rows[r] for r in ROLES)
+
+
+_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
+_EMBEDDING = re.compile(r"((^|\.)(embed_tokens|wte|word_embeddings|embed_in)|^tok_embeddings)\.weight$")
+
+
+def _tied(config: Mapping[str, Any] | None) -> bool:
+    return isinstance(config, Mapping) and config.get("tie_word_embeddings") is True
+
+
+def untie(logical: Mapping[str, Mapping[str, Any]], configs: Mapping[str, Mapping[str, Any] | None],
+          ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Each checkpoint's logical tensors with tied embeddings reconciled, and what to say about it.
+
+    A checkpoint that ties its LM head to its embeddings (config.json ``tie_word_embeddings``) often
+    stores no head tensor: where the target has a head, such a fine-tune's or base's head *is* its
+    embedding matrix, and stands in for it. Where the target ties and stores no head, the output
+    ties too: a fine-tune's or base's own head is left out (only the embeddings' difference moves),
+    with a warning."""
+    out = {role: dict(tensors) for role, tensors in logical.items()}
+    notes: list[str] = []
+    target = out["target"]
+    embedding = next((n for n in target if _EMBEDDING.search(n)), None)
+    for head in _HEADS:
+        for role in ("finetuned", "base"):
+            mine = out[role]
+            if head in target and head not in mine and embedding in mine and _tied(configs.get(role)):
+                mine[head] = mine[embedding]
+            elif head in mine and head not in target and _tied(configs.get("target")):
+                del mine[head]
+                notes.append(f"{role}'s {head} is left out: the target ties its head to its embeddings "
+                             f"(tie_word_embeddings) and so does the output, which takes only the "
+                             f"embeddings' difference")
+    return out, notes
+
+
+def _runs(sources: list[dict[str, int | None]]) -> tuple[Run, ...]:
+    """Group output rows (each a role -> source row or None) into runs of consecutive rows."""
+    runs: list[Run] = []
+    start = 0
+    for r in range(1, len(sources) + 1):
+        if r < len(sources) and all(
+                (sources[r][k] is None) == (sources[r - 1][k] is None)
+                and (sources[r][k] is None or sources[r][k] == sources[r - 1][k] + 1)  # type: ignore[operator]
+                for k in ROLES):
+            continue
+        runs.append(Run(start, r - start, tuple((k, sources[start][k]) for k in ROLES)))
+        start = r
+    return tuple(runs)
+
+
+def pad_map(rows: Mapping[str, int]) -> RowMap:
+    """``vocab: pad``: the fine-tune's row count, each checkpoint's rows by position, zeros past them."""
+    n = rows["finetuned"]
+    cuts = sorted({0, n, *(min(rows[r], n) for r in ROLES)})
+    runs = tuple(Run(a, b - a, tuple((r, a if a < rows[r] else None) for r in ROLES))
+                 for a, b in zip(cuts, cuts[1:]) if b > a)
+    added = n - min(rows["target"], n)
+    return RowMap(n, runs, added=added, matched=n - added, by="position")
+
+
+def read_vocab(tokenizer: Any) -> dict[str, int] | None:
+    """token -> id of a ``tokenizer.json`` (its model's vocabulary and its added tokens); None if it
+    has neither in a form graft reads."""
+    if not isinstance(tokenizer, Mapping):
+        return None
+    vocab: dict[str, int] = {}
+    model = tokenizer.get("model")
+    table = model.get("vocab") if isinstance(model, Mapping) else None
+    if isinstance(table, Mapping):  # BPE, WordPiece, WordLevel
+        vocab.update({str(k): int(v) for k, v in table.items() if isinstance(v, int)})
+    elif isinstance(table, list):  # Unigram: [[piece, score], ...], ids by position
+        vocab.update({str(e[0]): i for i, e in enumerate(table) if isinstance(e, list) and e})
+    for added in tokenizer.get("added_tokens") or []:
+        if isinstance(added, Mapping) and isinstance(added.get("id"), int) and "content" in added:
+            vocab[str(added["content"])] = added["id"]
+    return vocab or None
+
+
+def tokenizer_size(vocab: Mapping[str, int]) -> int:
+    """The embedding rows a tokenizer needs: its largest id plus one."""
+    return max(vocab.values()) + 1 if vocab else 0
+
+
+def align_map(vocabs: Mapping[str, Mapping[str, int]], rows: Mapping[str, int], out_role: str) -> RowMap:
+    """``vocab: align``: the rows of ``out_role`` (whose tokenizer the output gets), each from the row
+    of the same token in every checkpoint (zeros where its vocabulary lacks the token); rows with no
+    token by position."""
+    n = rows[out_role]
+    token_of: dict[int, str] = {}
+    for token, i in vocabs[out_role].items():
+        token_of.setdefault(i, token)
+    sources: list[dict[str, int | None]] = []
+    added = matched = moved = padding = 0
+    for r in range(n):
+        token = token_of.get(r)
+        if token is None:
+            src = {k: (r if r < rows[k] else None) for k in ROLES}
+            padding += 1
+        else:
+            src = {}
+            for k in ROLES:
+                i = vocabs[k].get(token)
+                src[k] = i if i is not None and i < rows[k] else None
+            if src["target"] is None:
+                added += 1
+            elif all(src[k] is not None for k in ROLES):
+                matched += 1
+            if any(src[k] is not None and src[k] != r for k in ROLES):
+                moved += 1
+        sources.append(src)
+    kept = set(vocabs[out_role])
+    dropped = sum(1 for token in vocabs["target"] if token not in kept)
+    return RowMap(n, _runs(sources), added=added, matched=matched, moved=moved, padding=padding,
+                  dropped=dropped)
+
+
+def _rows_of(src: Source, first: int | None, count: int, cols: int) -> Source:
+    if first is None:
+        return zero_source(src.role, src.dtype)
+    row = cols * DTYPE_SIZES[src.dtype]
+    return Source(src.role, src.file, src.dtype, src.begin + first * row, src.begin + (first + count) * row,
+                  src.version)
+
+
+def pieces(name: str, dtype: str, cols: int, alpha: float, sources: Mapping[str, Source],
+           rowmap: RowMap) -> tuple[TensorTask, ...]:
+    """The ``TensorTask`` pieces of one row-mapped tensor, in row order."""
+    out = []
+    for run in rowmap.runs:
+        by_role = {k: _rows_of(sources[k], run.of(k), run.count, cols) for k in ROLES}
+        out.append(TensorTask(name, dtype, (run.count, cols), alpha, by_role["target"], by_role["finetuned"],
+                              by_role["base"], piece=(run.out, rowmap.rows)))
+    return tuple(out)
+
+
+def load_vocabs(checkpoints: Mapping[str, Checkpoint]) -> dict[str, dict[str, int]]:
+    """Every checkpoint's tokenizer vocabulary, for ``vocab: align``; a clear error if one is missing."""
+    vocabs = {}
+    for role in ROLES:
+        c = checkpoints[role]
+        vocab = read_vocab(c.read_json(TOKENIZER))
+        if vocab is None:
+            raise PlanError(f"vocab: align matches embedding rows by token, but {role} ({c.uri}) has no "
+                            f"{TOKENIZER} graft can read (a fast tokenizer's vocabulary and added tokens); "
+                            f"use vocab: pad (rows by position, the paper's way)")
+        vocabs[role] = vocab
+    return vocabs
