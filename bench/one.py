@@ -92,15 +92,48 @@ def run_s3raw(job_path: str) -> None:
     part = job["part"]
     ranges = [(p, a, min(a + part, n)) for p, n in sizes.items() for a in range(0, n, part)]
     got = 0
-    for i in range(0, len(ranges), 96):  # bounded memory: 96 parts held at most
-        batch = ranges[i:i + 96]
-        out = fs.cat_ranges([p for p, _, _ in batch], [a for _, a, _ in batch], [b for _, _, b in batch],
-                            batch_size=job["inflight"], on_error="raise")
-        got += sum(len(b) for b in out)
+
+    def download() -> None:
+        nonlocal got
+        for i in range(0, len(ranges), 96):  # bounded memory: 96 parts held at most
+            batch = ranges[i:i + 96]
+            out = fs.cat_ranges([p for p, _, _ in batch], [a for _, a, _ in batch], [b for _, _, b in batch],
+                                batch_size=job["inflight"], on_error="raise")
+            got += sum(len(b) for b in out)
+
+    upload = job.get("upload")
+    if upload:  # the output's bytes go up at the same time, as one multipart upload per object
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as side:
+            up = side.submit(_multipart_upload, fs, upload)
+            download()
+            up.result()
+    else:
+        download()
     seconds = time.perf_counter() - t0
     if got != sum(sizes.values()):
         raise SystemExit(f"read {got} bytes, expected {sum(sizes.values())}")
     _report(seconds, got)
+
+
+def _multipart_upload(fs, upload: dict) -> None:  # noqa: ANN001
+    """``upload["sizes"]`` objects under ``upload["prefix"]``, each a multipart upload of
+    ``upload["part"]``-byte parts, ``upload["inflight"]`` parts on the wire at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bucket, prefix, part = upload["bucket"], upload["prefix"], upload["part"]
+    body = bytes(part)
+    with ThreadPoolExecutor(upload["inflight"]) as pool:
+        for i, size in enumerate(upload["sizes"]):
+            key = f"{prefix}/object-{i}"
+            uid = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+            starts = range(0, size, part)
+            parts = list(pool.map(lambda a: fs.call_s3(
+                "upload_part", Bucket=bucket, Key=key, UploadId=uid, PartNumber=a // part + 1,
+                Body=body[:min(part, size - a)])["ETag"], starts))
+            fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=uid,
+                       MultipartUpload={"Parts": [{"ETag": e, "PartNumber": n + 1} for n, e in enumerate(parts)]})
 
 
 def main() -> None:

@@ -206,12 +206,20 @@ def moto_server() -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
 
 
-S3_PART, S3_INFLIGHT = 2 * 2**20, 24  # graft's requests on this job: 8 MiB chunks in 4 parts,
-# 3 inputs x 2 shards at once
+# graft's read requests on this job: each 8 MiB tensor is one chunk, read as one 8 MiB range (S3's
+# minimum range part), 3 inputs x 2 shards at once.
+S3_PART, S3_INFLIGHT = 8 * 2**20, 6
+# The S3 -> S3 job writes one shard (max_shard_size above the output's size): graft's multipart
+# upload of it, 4 parts in flight, while a single shard reads 3 ranges at once. The output here is
+# 134 MB, so parts are set to 16 MiB (s3 default_block_size, for graft and raw alike) to give the
+# upload something to overlap; graft's default of 64 MiB is sized for real shards of GBs.
+S3_OUT_PART, S3_OUT_INFLIGHT, S3_ONE_SHARD_READS = 16 * 2**20, 4, 3
 
 
-def s3_rows(paths: dict[str, str], scratch: str, runs: int) -> tuple[Row, Row]:
-    """Reads from a moto S3 server on 127.0.0.1: raw s3fs range reads vs a graft job, same objects."""
+def s3_rows(paths: dict[str, str], scratch: str, runs: int) -> list[Row]:
+    """A moto S3 server on 127.0.0.1, same objects for all: raw s3fs range reads vs a graft job with
+    S3 inputs and local output; raw reads + a concurrent multipart upload of the output's bytes vs a
+    graft job from S3 to S3."""
     import fsspec
 
     server, endpoint = moto_server()
@@ -225,25 +233,36 @@ def s3_rows(paths: dict[str, str], scratch: str, runs: int) -> tuple[Row, Row]:
             for f in sorted(glob.glob(os.path.join(path, "*"))):
                 fs.put_file(f, f"bench/{role}/{os.path.basename(f)}")
             s3[role] = f"s3://bench/{role}"
-        job = os.path.join(scratch, "s3raw.json")
-        with open(job, "w") as f:
-            json.dump({"options": opts, "dirs": [f"bench/{role}" for role in paths], "part": S3_PART,
-                       "inflight": S3_INFLIGHT}, f)
+        out_bytes = sum(os.path.getsize(f) for f in glob.glob(os.path.join(paths["target"], "*.safetensors")))
         raw, graft = Row(f"s3fs range reads, {S3_PART >> 20} MiB each, {S3_INFLIGHT} in flight", "s3"), \
             Row("graft --executor local, S3 inputs, local output", "s3")
+        raw_rw = Row(f"s3fs range reads ({S3_PART >> 20} MiB, {S3_ONE_SHARD_READS} in flight) + multipart "
+                     f"upload ({S3_OUT_PART >> 20} MiB parts, {S3_OUT_INFLIGHT} in flight) at once", "s3s3")
+        graft_rw = Row("graft --executor local, S3 inputs, S3 output (one shard)", "s3s3")
         out = os.path.join(scratch, "s3-out")
-        for _ in range(runs):
-            r = subprocess.run([PY, "-m", "bench.one", "s3raw", job], capture_output=True, text=True, env=ENV,
-                               check=True)
-            m = json.loads(r.stdout.strip().splitlines()[-1])
-            raw.seconds.append(m["seconds"])
-            raw.bytes_read.append(m["rchar"])
+        for i in range(runs):
+            for row, upload, inflight in ((raw, None, S3_INFLIGHT), (raw_rw, i, S3_ONE_SHARD_READS)):
+                job = os.path.join(scratch, "s3raw.json")
+                with open(job, "w") as f:
+                    json.dump({"options": opts, "dirs": [f"bench/{role}" for role in paths], "part": S3_PART,
+                               "inflight": inflight, "upload": None if upload is None else {
+                                   "bucket": "bench", "prefix": f"raw-out-{upload}", "sizes": [out_bytes],
+                                   "part": S3_OUT_PART, "inflight": S3_OUT_INFLIGHT}}, f)
+                r = subprocess.run([PY, "-m", "bench.one", "s3raw", job], capture_output=True, text=True,
+                                   env=ENV, check=True)
+                m = json.loads(r.stdout.strip().splitlines()[-1])
+                row.seconds.append(m["seconds"])
+                row.bytes_read.append(m["rchar"])
+                row.cpu.append(m["cpu"])
             graft_local(graft, s3, out, scratch, storage_options={"s3": opts})
             clear(out)
+            graft_local(graft_rw, s3, f"s3://bench/graft-out-{i}", scratch,
+                        storage_options={"s3": {**opts, "default_block_size": S3_OUT_PART}},
+                        max_shard_size=2 * out_bytes)
     finally:
         server.kill()
         server.wait()
-    return raw, graft
+    return [raw, graft, raw_rw, graft_rw]
 
 
 def frontier(scratch: str, runs: int) -> dict:
@@ -311,7 +330,7 @@ def main() -> None:
     scratch = tempfile.mkdtemp(prefix="graft-bench-", dir=os.path.join(HERE, "data"))
     if args.s3_only:
         for r in s3_rows(data["s3"], scratch, runs):
-            print(r.name, [f"{x:.2f}" for x in r.seconds])
+            print(r.name, "wall", [f"{x:.2f}" for x in r.seconds], "cpu", [f"{x:.2f}" for x in r.cpu])
         shutil.rmtree(scratch, ignore_errors=True)
         return
     out = os.path.join(scratch, "out")
@@ -367,9 +386,9 @@ def main() -> None:
                "input_bytes": {"1.1B": in_llama, "768MiB": in_big, "FP8": in_fp8}, "output_bytes": out_llama,
                "rows": [r.__dict__ for r in rows], "frontier": frontier(scratch, runs)}
     if not args.quick:
-        raw, job = s3_rows(data["s3"], scratch, runs)
-        results["rows"] += [raw.__dict__, job.__dict__]
-        rows += [raw, job]
+        s3 = s3_rows(data["s3"], scratch, runs)
+        results["rows"] += [r.__dict__ for r in s3]
+        rows += s3
     shutil.rmtree(scratch, ignore_errors=True)
     write_results(rows, results, in_llama, in_big, in_fp8)
 
@@ -411,7 +430,7 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int, in
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        if r.job == "s3":
+        if r.job in ("s3", "s3s3"):
             continue
         if "--workers" in r.name:
             w = r.name.rsplit(" ", 1)[1]
@@ -435,19 +454,21 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int, in
         lines += ["", f"FP8 job: graft used {statistics.median(fp8.cpu) / (in_fp8 / 1e9):.1f} CPU-seconds per GB "
                   f"of input (median), on {os.cpu_count()} cores; the plain 1.1B job "
                   f"{statistics.median(by['graft --executor local (2 shards at once, the default)'].cpu) / (in_llama / 1e9):.1f}."]
-    s3 = [r for r in rows if r.job == "s3"]
+    s3 = [r for r in rows if r.job in ("s3", "s3s3")]
     if s3:
-        raw, job = s3
+        raw, job, raw_rw, job_rw = s3
         total = raw.bytes_read[0]
-        raw_tp, job_tp = total / raw.median, total / job.median
-        vs_raw = paired(raw.seconds, job.seconds)  # throughput ratio, run by run
         lines += ["", f"S3: moto's server in its own process on 127.0.0.1; three checkpoints of 16 tensors "
-                  f"of 8 MiB, one per object ({total / 1e6:.0f} MB in all). Read throughput = those bytes "
-                  "÷ wall time; graft's time is the whole job (read, compute, write, hash).",
-                  "", "| reader | wall (s) | MB/s | vs raw |", "|---|---:|---:|---:|",
-                  f"| {raw.name} | {raw.median:.2f} | {raw_tp / 1e6:.0f} | 1.00 |",
-                  f"| {job.name} | {job.median:.2f} | {job_tp / 1e6:.0f} "
-                  f"| {vs_raw:.2f} |"]
+                  f"of 8 MiB, one per object ({total / 1e6:.0f} MB in all). Throughput = those input bytes "
+                  "÷ wall time; graft's time is the whole job (read, compute, write, hash). The S3 → S3 "
+                  "job writes its output as one shard to the same server, and its raw contender uploads "
+                  "as many bytes while it reads; each raw contender makes the same requests (range and "
+                  "part sizes, requests in flight) as graft's job.",
+                  "", "| contender | wall (s) | MB/s | vs raw | CPU-s per GB |", "|---|---:|---:|---:|---:|"]
+        for base, row in ((raw, raw), (raw, job), (raw_rw, raw_rw), (raw_rw, job_rw)):
+            cpu = f"{statistics.median(row.cpu) / (total / 1e9):.2f}" if row.cpu else ""
+            lines.append(f"| {row.name} | {row.median:.2f} | {total / row.median / 1e6:.0f} "
+                         f"| {paired(base.seconds, row.seconds):.2f} | {cpu} |")
     if results.get("frontier"):
         lines += frontier_lines(results["frontier"])
     lines += ["", "Peak RSS: the largest single process (for Ray, the largest shard worker). Bytes read: "

@@ -246,7 +246,7 @@ def execute_shard(
     # as much CPU as the arithmetic, and writes can block on the disk.
     write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"graft-write-{task.index}")
     written: list[Future[None]] = []
-    writer = output.writer(task.file)
+    writer = output.writer(task.file, task.size)
     try:
         shard = ShardWriter(writer, task.header_tensors(), dict(task.metadata))
 

@@ -179,8 +179,16 @@ def test_a_replaced_worker_is_killed_so_it_cannot_commit_after_the_run(tiny_chec
         # What the driver does when a task reports a RayActorError; an ActorUnavailableError is one
         # while the actor may still be alive and working.
         pool._replace(0)
-        with pytest.raises(RayActorError):
-            ray.get(old.pid.remote(), timeout=60)
+
+        def dead() -> bool:  # ray.kill is asynchronous: a call sent at once may still be served
+            try:
+                ray.get(old.pid.remote(), timeout=60)
+            except RayActorError:
+                return True
+            time.sleep(0.1)
+            return False
+
+        wait_for(dead, "the replaced actor to be killed", timeout=30)
     finally:
         pool.kill_all()
         session.stop(RuntimeError("test over"))  # rolls the output back
