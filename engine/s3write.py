@@ -93,21 +93,16 @@ class S3PartWriter(AtomicWriter):
         return {"ETag": resp["ETag"], "PartNumber": number}
 
     def commit(self) -> None:
-        try:
+        def publish() -> None:
             if self._upload_id is None:  # the whole file fits in one part
                 self._call("put_object", Body=bytes(memoryview(self._buf)[:self._fill]))
-            else:
-                if self._fill:
-                    self._send()  # the last part may be smaller than the others
-                parts = [f.result() for f in self._sent]
-                self._call("complete_multipart_upload", UploadId=self._upload_id,
-                           MultipartUpload={"Parts": parts})
-        except BaseException as e:
-            self.discard()
-            if isinstance(e, Exception):
-                raise self.storage._write_failed(self.name, "commit", e) from e
-            raise
-        self._done = True
+                return
+            if self._fill:
+                self._send()  # the last part may be smaller than the others
+            parts = [f.result() for f in self._sent]
+            self._call("complete_multipart_upload", UploadId=self._upload_id, MultipartUpload={"Parts": parts})
+
+        self._publish_or_discard(publish)
         self._close_pool()
 
     def _close_pool(self) -> None:

@@ -664,6 +664,19 @@ class AtomicWriter:
     def discard(self) -> None:
         raise NotImplementedError
 
+    def _publish_or_discard(self, publish: Callable[[], None], store_errors: type[BaseException] = Exception) -> None:
+        """Run ``publish`` (the steps that make the file visible); on any failure, KeyboardInterrupt
+        included, discard first (nothing may outlive a failed commit), and report a store's error
+        (``store_errors``) as a write failure naming the file."""
+        try:
+            publish()
+        except BaseException as e:
+            self.discard()
+            if isinstance(e, store_errors):
+                raise self.storage._write_failed(self.name, "commit", e) from e
+            raise
+        self._done = True
+
     def __enter__(self) -> AtomicWriter:
         return self
 
@@ -743,20 +756,15 @@ class _LocalAtomicWriter(AtomicWriter):
             self._push_to_disk()
 
     def commit(self) -> None:
-        try:
+        def publish() -> None:
             if self._out is not None:
                 self._out.finish()
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
             os.replace(self._tmp, self.storage.path(self.name))
-        except BaseException as e:
-            # Also on KeyboardInterrupt: a temporary file must never outlive a failed commit.
-            self.discard()
-            if isinstance(e, OSError):
-                raise self.storage._write_failed(self.name, "commit", e) from e
-            raise
-        self._done = True
+
+        self._publish_or_discard(publish, OSError)
         # The rename is durable only once the directory entry is on disk.
         try:
             dfd = os.open(self.storage.root, os.O_RDONLY)
@@ -803,15 +811,11 @@ class _FsspecWriterBase(AtomicWriter):
         raise NotImplementedError
 
     def commit(self) -> None:
-        try:
+        def publish() -> None:
             self._f.close()
             self._publish()
-        except BaseException as e:
-            self.discard()
-            if isinstance(e, Exception):
-                raise self.storage._write_failed(self.name, "commit", e) from e
-            raise
-        self._done = True
+
+        self._publish_or_discard(publish)
 
 
 class _DeferredCommitWriter(_FsspecWriterBase):
