@@ -36,8 +36,34 @@ from .storage import TEMP_MARK, Storage, _precondition_failed
 __all__ = ["supported", "create", "replace", "read", "aside_prefix"]
 
 
+_HARD_LINKS: dict[str, bool] = {}
+
+
+def _hard_links(root: str) -> bool:
+    """Whether the local filesystem at ``root`` makes hard links (some FUSE, SMB and FAT mounts do
+    not: there graft falls back to plain writes, as on a store without conditional writes)."""
+    if root not in _HARD_LINKS:
+        probe = os.path.join(root, f".graft-link-probe{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+        try:
+            with open(probe, "wb"):
+                pass
+            try:
+                os.link(probe, probe + "-2")
+                os.unlink(probe + "-2")
+                _HARD_LINKS[root] = True
+            except OSError:
+                _HARD_LINKS[root] = False
+            finally:
+                os.unlink(probe)
+        except OSError:
+            return True  # the directory is not there yet (or not writable): the write will say so
+    return _HARD_LINKS[root]
+
+
 def supported(storage: Storage) -> bool:
-    return storage.is_local or storage.is_s3
+    if storage.is_local:
+        return _hard_links(storage.root)
+    return storage.is_s3
 
 
 def _require(storage: Storage) -> None:

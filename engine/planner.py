@@ -288,6 +288,11 @@ def _resized(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
                             f"transfer the shared rows and take the new ones from the fine-tune (the "
                             f"paper's way), or vocab: align to match rows by token through tokenizer.json")
             continue
+        odd = [r for r in ROLES if stored[r].codes.dtype not in FLOATING_DTYPES]
+        if odd:
+            problems.append(f"tensor {name!r} is {stored[odd[0]].codes.dtype} in {odd[0]} "
+                            f"({checkpoints[odd[0]].uri}); cannot compute a float difference from it")
+            continue
         if scales is not None or any(st.scales is not None for st in stored.values()):
             problems.append(f"tensor {name!r}: vocab: {spec.vocab} needs plain (unquantized) rows, but it is "
                             f"stored as FP8 in some checkpoint; use output_format: bf16 or an unquantized "

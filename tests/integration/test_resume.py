@@ -435,3 +435,25 @@ def test_a_run_that_was_taken_over_commits_nothing(tiny_checkpoints, tmp_path):
         session.commit(executor="local", workers=1)
     assert MANIFEST_NAME not in os.listdir(out)
     session.mark.abandon()
+
+
+def test_a_filesystem_without_hard_links_falls_back_to_plain_writes(tiny_checkpoints, tmp_path, monkeypatch):
+    """Some mounts (FUSE, SMB, FAT) make no hard links: the lock then works like on a store without
+    conditional writes (write, re-read after a pause) instead of failing every run."""
+    import errno
+
+    from graft.engine import cas
+
+    real_link = os.link
+
+    def no_links(src, dst, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if str(tmp_path) in str(dst):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        return real_link(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(cas, "_HARD_LINKS", {})
+    out = str(tmp_path / "out")
+    result = run_local(make_spec(tiny_checkpoints, out))
+    assert cas._HARD_LINKS == {out: False}
+    assert os.path.exists(os.path.join(out, "graft.manifest.json")) and result.manifest["run"]["resumed_shards"] == []
