@@ -14,6 +14,7 @@ import argparse
 import glob
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -84,10 +85,19 @@ def tree_peak(proc: subprocess.Popen, pick: Callable[[psutil.Process], bool]) ->
     return lambda: (t.join(), peak[0])[1]
 
 
-def floor(paths: dict[str, str], out_bytes: int, scratch: str, direct: bool = False) -> float:
+def children_cpu() -> float:
+    """CPU-seconds (user + system) of every child process waited for so far, and of theirs."""
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
+
+
+def floor(paths: dict[str, str], out_bytes: int, scratch: str, direct: bool = False,
+          row: Row | None = None) -> float:
     """Read every input byte once (cat > /dev/null), then write the output's size once with a sync
-    (``direct``: in 8 MiB ``O_DIRECT`` writes, past the page cache, as graft's local writer does)."""
+    (``direct``: in 8 MiB ``O_DIRECT`` writes, past the page cache, as graft's local writer does).
+    With ``row``, its CPU-seconds are recorded there too."""
     target = os.path.join(scratch, "floor.bin")
+    c0 = children_cpu()
     t0 = time.perf_counter()
     subprocess.run(["cat", *input_files(paths)], stdout=subprocess.DEVNULL, check=True)
     mib = -(-out_bytes // 2**20)
@@ -95,6 +105,8 @@ def floor(paths: dict[str, str], out_bytes: int, scratch: str, direct: bool = Fa
     subprocess.run(["dd", "if=/dev/zero", f"of={target}", *how, "conv=fsync"],
                    stderr=subprocess.DEVNULL, check=True)
     seconds = time.perf_counter() - t0
+    if row is not None:
+        row.cpu.append(children_cpu() - c0)
     os.remove(target)
     return seconds
 
@@ -151,6 +163,7 @@ def measured(row: Row, cmd: list[str], out: str) -> None:
     """A command in its own process: wall time and the peak RSS of its largest process. (Bytes read
     are not reported: mergekit and safetensors' load_file read through mmap, which rchar misses.)"""
     clear(out)
+    c0 = children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = tree_peak(proc, lambda p: True)
@@ -160,6 +173,7 @@ def measured(row: Row, cmd: list[str], out: str) -> None:
         raise RuntimeError(f"{cmd[0]} failed: {err[-2000:]}")
     row.seconds.append(seconds)
     row.peak_rss.append(peak())
+    row.cpu.append(children_cpu() - c0)
 
 
 def mergekit(row: Row, paths: dict[str, str], out: str, scratch: str, alpha: float = 1.0) -> None:
@@ -352,9 +366,9 @@ def main() -> None:
     floor(llama, out_llama, scratch)
     graft_local(Row("warm-up", "1.1B"), llama, out, scratch)
     for i in range(runs):
-        floor_row.seconds.append(floor(llama, out_llama, scratch))
+        floor_row.seconds.append(floor(llama, out_llama, scratch, row=floor_row))
         graft_local(local, llama, out, scratch)
-        direct_floor.seconds.append(floor(llama, out_llama, scratch, direct=True))
+        direct_floor.seconds.append(floor(llama, out_llama, scratch, direct=True, row=direct_floor))
         for w, row in rays.items():
             graft_ray(row, llama, out, scratch, w)
         for w, row in startup.items():
@@ -378,7 +392,7 @@ def main() -> None:
     fp8_floor = Row("I/O floor: cat inputs, write + sync output", "FP8")
     fp8_local = Row("graft --executor local, block FP8 in and out (float32)", "FP8")
     for _ in range(runs):
-        fp8_floor.seconds.append(floor(fp8, out_fp8, scratch))
+        fp8_floor.seconds.append(floor(fp8, out_fp8, scratch, row=fp8_floor))
         graft_local(fp8_local, fp8, out, scratch)
     rows = ([floor_row, direct_floor, local, rays[1], rays[2], startup[1], startup[2]]
             + ([] if args.quick else [merge, naive]) + [big_local, fp8_floor, fp8_local])
@@ -426,8 +440,9 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int, in
         f"FP8 job: three block-FP8 checkpoints of DeepSeek-V3 expert shapes ({in_fp8 / 1e9:.2f} GB of "
         f"inputs), decoded, combined and re-encoded with fresh 128x128 block scales.",
         "",
-        "| contender | job | wall (s) | × floor | speed-up vs mergekit | peak RSS (MB) | bytes read ÷ input |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| contender | job | wall (s) | × floor | speed-up vs mergekit | peak RSS (MB) | bytes read ÷ input "
+        "| CPU-s per GB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.job in ("s3", "s3s3"):
@@ -447,9 +462,10 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int, in
         rss = f"{statistics.median(r.peak_rss) / 1e6:.0f}" if r.peak_rss else ""
         inb = {"1.1B": in_llama, "768MiB": in_big, "FP8": in_fp8}[r.job]
         read = f"{statistics.median(r.bytes_read) / inb:.3f}" if r.bytes_read else ""
+        cpu = f"{statistics.median(r.cpu) / (inb / 1e9):.2f}" if r.cpu else ""
         lines.append(f"| {r.name} | {r.job} | {r.median:.2f} | {ratio} "
-                     f"| {speed} | {rss} | {read} |")
-    fp8 = next((r for r in rows if r.job == "FP8" and r.cpu), None)
+                     f"| {speed} | {rss} | {read} | {cpu} |")
+    fp8 = next((r for r in rows if r.job == "FP8" and r.cpu and r.name.startswith("graft")), None)
     if fp8 is not None:
         lines += ["", f"FP8 job: graft used {statistics.median(fp8.cpu) / (in_fp8 / 1e9):.1f} CPU-seconds per GB "
                   f"of input (median), on {os.cpu_count()} cores; the plain 1.1B job "
@@ -471,6 +487,12 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int, in
                          f"| {paired(base.seconds, row.seconds):.2f} | {cpu} |")
     if results.get("frontier"):
         lines += frontier_lines(results["frontier"])
+    lines += ["", "CPU-s per GB: user + system CPU-seconds per GB of the job's input, of the process "
+              "(graft local, naive) or of the command and every process it waited for (the floor: cat "
+              "and dd; mergekit); not for Ray, whose daemons and workers are not all reaped by the "
+              "command (their CPU would be undercounted). On this VM a "
+              "buffered write costs CPU in the kernel (the floor's dd), which graft's O_DIRECT writes "
+              "avoid."]
     lines += ["", "Peak RSS: the largest single process (for Ray, the largest shard worker). Bytes read: "
               "`rchar` of the process (every system-call read, headers and configs included) for graft "
               "local; graft's own count for Ray; not measurable for mergekit and naive, which read "
