@@ -518,11 +518,18 @@ def clean_output(uri: str, storage_options: dict[str, Any] | None = None,
     cleaner = RunMark(storage, "graft clean", {}, files=sorted(ours))
     cleaner.acquire(seen)
     removed = []
-    with cleaner.held():
-        for name in storage.list():  # names from the listing, never from the mark: it cannot point elsewhere
-            if name != RUN_MARK and (name in ours or TEMP_MARK in name):
-                storage.remove(name)
-                removed.append(name)
-    storage.abort_uploads(lambda n: n in ours or TEMP_MARK in n)
+    try:
+        with cleaner.held():
+            for name in storage.list():  # names from the listing, never the mark: it cannot point elsewhere
+                if name != RUN_MARK and (name in ours or TEMP_MARK in name):
+                    storage.remove(name)
+                    removed.append(name)
+        storage.abort_uploads(lambda n: n in ours or TEMP_MARK in n)
+    except BaseException:
+        try:
+            cleaner.suspend()  # marked as stopped: the next graft clean (or run) takes over at once
+        except Exception:  # noqa: BLE001 - the store failing again: the mark goes stale by itself
+            cleaner.abandon()
+        raise
     cleaner.release()
     return [*removed, RUN_MARK]

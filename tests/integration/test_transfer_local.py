@@ -239,6 +239,35 @@ def test_a_failure_keeps_the_shards_already_committed_and_graft_clean_removes_th
         clean_output(out)
 
 
+def test_a_clean_that_fails_half_way_leaves_a_mark_the_next_clean_takes_over_at_once(copy_checkpoints, tmp_path,
+                                                                                        monkeypatch):
+    from graft.engine import runmark
+    from graft.engine.errors import StorageError
+    from graft.engine.storage import Storage
+
+    poison(copy_checkpoints["target"], float("nan"))
+    out = str(tmp_path / "out")
+    with pytest.raises(NonFiniteError):
+        run_local(prepare_job(make_spec(copy_checkpoints, out)), workers=1)
+    kept = assert_not_committed(out)
+    real_remove, calls = Storage.remove, []
+
+    def fails_once(self, name):  # noqa: ANN001, ANN202
+        calls.append(name)
+        if len(calls) == 2:
+            raise StorageError(f"{self.url(name)}: cannot remove: access denied")
+        return real_remove(self, name)
+
+    monkeypatch.setattr(Storage, "remove", fails_once)
+    with pytest.raises(StorageError, match="access denied"):
+        clean_output(out)
+    monkeypatch.setattr(Storage, "remove", real_remove)
+    monkeypatch.setattr(runmark, "STALE_AFTER_SECONDS", 600.0)  # no waiting: the mark says it stopped
+    logs: list[str] = []
+    assert set(clean_output(out, log=logs.append)) <= {*kept, RUN_MARK}
+    assert os.listdir(out) == [] and not any("watching" in line for line in logs)
+
+
 def test_an_interrupt_after_the_manifest_is_written_leaves_the_output_complete(tiny_checkpoints, tmp_path,
                                                                               monkeypatch):
     """A signal while the committed run removes its mark (a few seconds at most) must not take the
