@@ -152,8 +152,8 @@ def _plan_summary(job: Any) -> dict[str, Any]:
         "combined": plan.combined,
         "copied": plan.copied,
         "left_out": list(plan.left_out),
-        "shards": [{"file": s.file, "tensors": sum(1 for t in s.tensors if not (t.piece and t.piece[0])),
-                    "bytes": s.size} for s in plan.shards],
+        "shards": [{"file": s.file, "tensors": sum(1 for t in s.tensors if not t.continues), "bytes": s.size}
+                   for s in plan.shards],
         "side_files": {s.name: s.donor for s in plan.side_files},
         "formats": dict(plan.formats),
         "vocab": dict(plan.vocab),

@@ -256,16 +256,19 @@ class OutputSession:
                 self.results[name] = ShardResult(name, size, sha256, 0, 0.0)
         if dropped:
             self.mark.forget(dropped)
-        if self.results:
-            log(f"resuming: keeping {len(self.results)} shard(s) journaled by the previous run")
         self.resumed = tuple(sorted(self.results))
 
     def verify_kept(self, hasher: Hasher, log: Callable[[str], None] = lambda s: None) -> None:
         """Hash the kept shards that need it (``--verify-kept``, a changed store version, or a
         journal without versions) with ``hasher``; keep those that match, forget the others."""
-        if not self.unverified:
-            self._move(State.RUNNING, State.OPEN)
-            return
+        if self.unverified:
+            self._hash_kept(hasher, log)
+        if self.results:
+            log(f"resuming: keeping {len(self.results)} shard(s) already committed")
+        self.resumed = tuple(sorted(self.results))
+        self._move(State.RUNNING, State.OPEN)
+
+    def _hash_kept(self, hasher: Hasher, log: Callable[[str], None]) -> None:
         names = sorted(self.unverified)
         log(f"checking the sha256 of {len(names)} kept shard(s)")
         digests = hasher(self.storage, [(n, self.unverified[n]["size"]) for n in names])
@@ -280,10 +283,6 @@ class OutputSession:
         if bad:
             self.mark.forget(bad)
             log(f"{len(bad)} kept shard(s) changed since they were journaled: written again")
-        if self.results:
-            log(f"resuming: keeping {len(self.results)} shard(s) already committed and verified")
-        self.resumed = tuple(sorted(self.results))
-        self._move(State.RUNNING, State.OPEN)
 
     @property
     def pending(self) -> list[ShardTask]:

@@ -76,7 +76,7 @@ class Plan:
 
     @property
     def tensor_count(self) -> int:
-        return sum(1 for s in self.shards for t in s.tensors if not (t.piece and t.piece[0]))
+        return sum(1 for s in self.shards for t in s.tensors if not t.continues)
 
     @property
     def read_bytes(self) -> int:
@@ -183,12 +183,11 @@ def make_plan(
                 carried_missing.append(name)
                 copied += 1
             continue  # reported below, once for all tensors
-        rows = {"target": shape[0] if shape else 0, "finetuned": f.codes.shape[0] if f.codes.shape else 0,
-                "base": b.codes.shape[0] if b.codes.shape else 0}
         if (len(shape) == 2 and shape[1:] == f.codes.shape[1:] == b.codes.shape[1:]
                 and (shape != f.codes.shape or shape != b.codes.shape
                      or (spec.vocab == "align" and vocab_rows.VOCAB_TENSOR.search(name)))
-                and vocab_rows.is_vocab_tensor(name, rows, configs)):
+                and vocab_rows.is_vocab_tensor(name, {"target": shape[0], "finetuned": f.codes.shape[0],
+                                                      "base": b.codes.shape[0]}, configs)):
             resized[name] = (t, f, b, alpha, dtype, scales)
             continue
         if not (shape == f.codes.shape == b.codes.shape):
@@ -206,7 +205,7 @@ def make_plan(
                                  _source(ft, "finetuned", f), _source(bs, "base", b), scales)
         combined += 1
 
-    pieces, vocab_report, vocab_problems = _resized(spec, checkpoints, resized)
+    pieces, vocab_report, vocab_problems, vocabs = _resized(spec, checkpoints, resized)
     problems.extend(vocab_problems)
     for name, parts in pieces.items():
         tasks[name] = parts[0]
@@ -256,7 +255,7 @@ def make_plan(
 
     config_patch = _quant_patch(spec, layouts, configs) + _vocab_patch(spec, configs, pieces)
     side_files, side_warnings = _side_files(spec, checkpoints, config_patch)  # sizes checked first
-    fits = _tokenizer_fits(spec, checkpoints, tasks, pieces)
+    fits = _tokenizer_fits(spec, checkpoints, tasks, pieces, vocabs)
     if fits:
         raise PlanError(fits[0], fits)
     settings = ExecSettings(spec.compute_dtype, spec.chunk_size, spec.allow_nonfinite, spec.read_concurrency)
@@ -272,9 +271,11 @@ def make_plan(
 
 def _resized(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
              resized: Mapping[str, tuple[Stored, Stored, Stored, float, str, OutScales | None]],
-             ) -> tuple[dict[str, tuple[TensorTask, ...]], list[tuple[str, str]], list[str]]:
+             ) -> tuple[dict[str, tuple[TensorTask, ...]], list[tuple[str, str]], list[str],
+                        dict[str, dict[str, int]] | None]:
     """The pieces of each embedding / LM head whose vocabulary differs between the checkpoints (as
-    ``spec.vocab`` says), what the plan reports about their rows, and the problems."""
+    ``spec.vocab`` says), what the plan reports about their rows, the problems, and the three
+    tokenizers' vocabularies if ``align`` read them."""
     pieces: dict[str, tuple[TensorTask, ...]] = {}
     report: list[tuple[str, str]] = []
     problems: list[str] = []
@@ -327,7 +328,7 @@ def _resized(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
                    "base": _source(checkpoints["base"], "base", b)}
         pieces[name] = vocab_rows.pieces(name, dtype, t.codes.shape[1], alpha, sources, rowmap)
         report.append((name, rowmap.describe()))
-    return pieces, report, problems
+    return pieces, report, problems, vocabs
 
 
 def _output_rows(tasks: Mapping[str, TensorTask], pieces: Mapping[str, tuple[TensorTask, ...]]) -> dict[str, int]:
@@ -340,15 +341,16 @@ def _output_rows(tasks: Mapping[str, TensorTask], pieces: Mapping[str, tuple[Ten
 
 
 def _tokenizer_fits(spec: JobSpec, checkpoints: Mapping[str, Checkpoint], tasks: Mapping[str, TensorTask],
-                    pieces: Mapping[str, tuple[TensorTask, ...]]) -> list[str]:
+                    pieces: Mapping[str, tuple[TensorTask, ...]],
+                    vocabs: Mapping[str, Mapping[str, int]] | None = None) -> list[str]:
     """The output's tokenizer must not hold ids past its embeddings' rows (every such id would index
     outside the matrix at inference)."""
     donor = spec.donor_for(vocab_rows.TOKENIZER)
     rows = _output_rows(tasks, pieces)
     if donor is None or not rows or vocab_rows.TOKENIZER not in checkpoints[donor].side_files:
         return []
-    _check_side_file_size(spec, checkpoints[donor], vocab_rows.TOKENIZER)
-    vocab = vocab_rows.read_vocab(checkpoints[donor].read_json(vocab_rows.TOKENIZER))
+    # Its size was checked with the other side files; align has read it already.
+    vocab = (vocabs or {}).get(donor) or vocab_rows.read_vocab(checkpoints[donor].read_json(vocab_rows.TOKENIZER))
     if vocab is None:
         return []
     need = vocab_rows.tokenizer_size(vocab)

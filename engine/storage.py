@@ -48,8 +48,8 @@ _T = TypeVar("_T")
 TEMP_MARK = ".graft-tmp-"
 
 # Object stores whose buffered writers support autocommit=False: the object only appears on
-# commit() (e.g. S3 completes the multipart upload) and discard() aborts it.
-_DEFERRED_COMMIT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+# commit() and discard() aborts it. (S3 has a writer of its own: ``s3write``.)
+_DEFERRED_COMMIT = {"gs", "gcs", "az", "abfs", "abfss"}
 
 
 # Remote stores drop connections, time out and throttle now and then. A read, stat or listing that

@@ -118,6 +118,11 @@ class TensorTask:
         return self.finetuned is not None
 
     @property
+    def continues(self) -> bool:
+        """A piece after the first of a tensor written in pieces (it has no header entry of its own)."""
+        return self.piece is not None and self.piece[0] > 0
+
+    @property
     def sources(self) -> tuple[Source, ...]:
         return tuple(s for s in (self.target, self.finetuned, self.base) if s is not None)
 
@@ -150,8 +155,7 @@ class TensorTask:
         """The output tensors this logical tensor is written as, in file order (none for a piece
         after the first: its bytes continue the first piece's tensor)."""
         if self.piece is not None:
-            first, rows = self.piece
-            return [] if first else [(self.name, self.dtype, (rows, *self.shape[1:]))]
+            return [] if self.continues else [(self.name, self.dtype, (self.piece[1], *self.shape[1:]))]
         out = [(self.name, self.dtype, self.shape)]
         if self.scales is not None:
             out.append((self.scales.name, self.scales.dtype, self.scales.shape))
