@@ -77,8 +77,14 @@ class ShardWorker:
                  board: Any = None):
         # Imported here, not at module level, so that the board's process (which imports this
         # module) does not load torch; and a worker that cannot load it fails to start, clearly.
+        import torch
+
         from graft.engine.execute import execute_shard
 
+        # torch's threads: the CPUs Ray gave this actor (its default, every core of the node for
+        # each running shard, oversubscribes a node of actors; bench/NOTES.md section 9).
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, int(cpus)))
         self._execute = execute_shard
         # Ray sets CUDA_VISIBLE_DEVICES to the GPU(s) it assigned: "cuda" is ours.
         self._device = "cuda" if use_gpu else "cpu"

@@ -5,10 +5,14 @@ Also the reference path the tests compare the Ray executor against. Order of cal
 """
 from __future__ import annotations
 
+import os
 import threading
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import torch
 
 from .execute import ShardResult, execute_shard
 from .job import Job, OutputSession, hash_in_threads, prepare_job
@@ -24,6 +28,21 @@ class RunResult:
     output: str
     results: tuple[ShardResult, ...]
     manifest: dict[str, Any]
+
+
+@contextmanager
+def cores_per_shard(workers: int) -> Iterator[None]:
+    """torch's own threads per running shard: this machine's cores shared by the ``workers`` shards
+    in flight, each already computing on its own thread. torch's default (every core, for every
+    shard) oversubscribes: on the 2-core bench 2 shards x 2 threads cost 18% of the job's wall time
+    and 14% of its CPU (bench/NOTES.md section 9). Restored afterwards."""
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(1, workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_local(
@@ -58,7 +77,8 @@ def run_local(
         kept = sum(t.read_bytes for t in job.plan.shards if t.file in session.results)
         if kept and on_progress is not None:
             on_progress(kept)
-        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="graft-shard") as pool:
+        with cores_per_shard(workers), \
+                ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="graft-shard") as pool:
             futures = [pool.submit(execute_shard, task, inputs, session.storage, progress, cancel,
                                    device)
                        for task in session.pending]
