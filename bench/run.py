@@ -355,6 +355,7 @@ def main() -> None:
     floor_row = Row("I/O floor: cat inputs, write + sync output", "1.1B")
     direct_floor = Row("I/O floor with O_DIRECT writes (dd oflag=direct, 8 MiB)", "1.1B")
     local = Row("graft --executor local (2 shards at once, the default)", "1.1B")
+    no_report = Row("graft --executor local, report: off", "1.1B")  # what the transfer report costs
     rays = {w: Row(f"graft --executor ray --workers {w}", "1.1B") for w in (1, 2)}
     startup = {w: Row(f"Ray start-up: init, {w} actor(s) ready, shutdown", "1.1B") for w in (1, 2)}
     merge, naive = Row("mergekit 0.1.5 linear", "1.1B"), Row("naive: 3 state dicts in memory, float64", "1.1B")
@@ -368,6 +369,7 @@ def main() -> None:
     for i in range(runs):
         floor_row.seconds.append(floor(llama, out_llama, scratch, row=floor_row))
         graft_local(local, llama, out, scratch)
+        graft_local(no_report, llama, out, scratch, report="off")
         direct_floor.seconds.append(floor(llama, out_llama, scratch, direct=True, row=direct_floor))
         for w, row in rays.items():
             graft_ray(row, llama, out, scratch, w)
@@ -394,7 +396,7 @@ def main() -> None:
     for _ in range(runs):
         fp8_floor.seconds.append(floor(fp8, out_fp8, scratch, row=fp8_floor))
         graft_local(fp8_local, fp8, out, scratch)
-    rows = ([floor_row, direct_floor, local, rays[1], rays[2], startup[1], startup[2]]
+    rows = ([floor_row, direct_floor, local, no_report, rays[1], rays[2], startup[1], startup[2]]
             + ([] if args.quick else [merge, naive]) + [big_local, fp8_floor, fp8_local])
     results = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "runs": runs,
                "input_bytes": {"1.1B": in_llama, "768MiB": in_big, "FP8": in_fp8}, "output_bytes": out_llama,
@@ -465,6 +467,13 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int, in
         cpu = f"{statistics.median(r.cpu) / (inb / 1e9):.2f}" if r.cpu else ""
         lines.append(f"| {r.name} | {r.job} | {r.median:.2f} | {ratio} "
                      f"| {speed} | {rss} | {read} | {cpu} |")
+    off = by.get("graft --executor local, report: off")
+    if off is not None and off.seconds:
+        on = by["graft --executor local (2 shards at once, the default)"]
+        lines += ["", f"The transfer report (`report: sampled`, the default) costs "
+                      f"{paired(on.seconds, off.seconds) - 1:+.1%} wall time and "
+                      f"{paired(on.cpu, off.cpu) - 1:+.1%} CPU against the same job with `report: off` "
+                      f"(paired runs of this table)."]
     fp8 = next((r for r in rows if r.job == "FP8" and r.cpu and r.name.startswith("graft")), None)
     if fp8 is not None:
         lines += ["", f"FP8 job: graft used {statistics.median(fp8.cpu) / (in_fp8 / 1e9):.1f} CPU-seconds per GB "

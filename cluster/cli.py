@@ -247,6 +247,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_FAIL
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from graft.cluster.report_view import load_report, plot_report
+    from graft.engine.report import summary
+
+    report = load_report(_location(args.output), _storage_options(args.storage_option))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print("\n".join(summary(report, limit=args.limit)))
+    if args.png:
+        plot_report(report, args.png, title=f"graft transfer report: {redact_uri(args.output)}")
+        if not args.json:
+            print(f"wrote {args.png}")
+    return EXIT_OK
+
+
 def _stored_as(ckpt: Any) -> str:
     """How a checkpoint stores its weights, or why graft would refuse it (inspect never fails on it)."""
     from graft.engine.errors import QuantizationError
@@ -361,6 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     storage_option(v)
     common(v)
     v.set_defaults(func=cmd_verify)
+
+    rp = sub.add_parser("report", help="print a committed output's transfer report (norms, cosines, "
+                                       "flags) and draw it per layer")
+    rp.add_argument("output")
+    rp.add_argument("--png", metavar="FILE", default="graft-report.png",
+                    help="where to draw the per-layer picture (default graft-report.png; '' for none)")
+    rp.add_argument("--limit", type=int, default=5, help="examples shown per kind of flag (default 5)")
+    rp.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    storage_option(rp)
+    common(rp)
+    rp.set_defaults(func=cmd_report)
 
     i = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes and shards")
     i.add_argument("path")

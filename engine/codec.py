@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .errors import NonFiniteError
-from .kernel import COMPUTE_DTYPES, TORCH_DTYPES
+from .kernel import COMPUTE_DTYPES, TORCH_DTYPES, add_stats, zeros_in
 from .tasks import Chunk
 
 __all__ = ["FP8_MAX", "decode_into", "block_amax", "scales_from_amax", "encode_into", "Transcoder"]
@@ -152,6 +152,7 @@ class Transcoder:
         self.device = torch.device(device)
         self._a = torch.empty(capacity, dtype=self.dtype, device=self.device)
         self._b = torch.empty(capacity, dtype=self.dtype, device=self.device)
+        self._c: torch.Tensor | None = None  # the decoded target, for the transfer report
         self._index = torch.empty(capacity, dtype=torch.int32, device=self.device)
         self._tables = {code: _code_table(code, self.dtype, self.device) for code in _CODE_NAMES}
         self._amax: dict[str, torch.Tensor] = {}
@@ -173,9 +174,13 @@ class Transcoder:
         decode_into(into, codes, scales, src.scales.block, chunk.rows[0] - lo * src.scales.block[0],
                     index, table)
 
-    def values(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor]) -> torch.Tensor:
+    def values(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
+               stats: list[torch.Tensor | float | int] | None = None) -> torch.Tensor:
         """t + alpha * (f - b) over the chunk's rows (or t alone), in the compute dtype; the same
-        operation order as ``ChunkKernel``: difference, scale, add the target."""
+        operation order as ``ChunkKernel``: difference, scale, add the target. With ``stats`` (a
+        combined tensor) the decoded values' target_sq, delta_sq, moved_sq, dot and unchanged are
+        appended to it, and the decoded target is left in ``self._c`` for ``run`` to measure the
+        output against."""
         t = chunk.tensor
         rows, cols = chunk.rows[1], t.shape[1]
         acc = self._a[:rows * cols].view(rows, cols)
@@ -184,22 +189,45 @@ class Transcoder:
             self._decode(chunk, inputs, "finetuned", acc)
             self._decode(chunk, inputs, "base", tmp)
             acc.sub_(tmp)
+            if stats is not None:
+                if self._c is None:
+                    self._c = torch.empty_like(self._a)
+                target = self._c[:rows * cols].view(rows, cols)
+                self._decode(chunk, inputs, "target", target)
+                moved = torch.sub(target, tmp, out=tmp).view(-1)
+                d, tv = acc.view(-1), target.view(-1)
+                stats.extend([torch.dot(tv, tv), torch.dot(d, d), torch.dot(moved, moved), torch.dot(d, moved),
+                              zeros_in(d)])
+                tmp = target
+            else:
+                self._decode(chunk, inputs, "target", tmp)
             if t.alpha != 1.0:
                 acc.mul_(t.alpha)
-            self._decode(chunk, inputs, "target", tmp)
             acc.add_(tmp)
         else:
             self._decode(chunk, inputs, "target", acc)
         return acc
 
     def run(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
-            out: torch.Tensor | None, where: str) -> torch.Tensor | None:
+            out: torch.Tensor | None, where: str, stats: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One chunk; with ``stats`` (a combined tensor's float64 ``STATS`` on this device) its
+        measures are added there: for an FP8 output, (out - t) is measured before encoding."""
         t = chunk.tensor
-        w = self.values(chunk, inputs)
+        parts: list[torch.Tensor | float | int] | None = (
+            [] if stats is not None and t.combine and not chunk.measure else None)
+        w = self.values(chunk, inputs, parts)
         rows, cols = w.shape
         if t.scales is None:
             assert out is not None
             out.view(rows, cols).copy_(w)  # the one rounding to a plain output dtype
+        if parts:
+            assert stats is not None and self._c is not None
+            n = rows * cols
+            change = self._b[:n]  # out - t: the rounded output, or an FP8 output's values before encoding
+            change.copy_(w.view(-1) if out is None or t.scales is not None else out)
+            change.sub_(self._c[:n])
+            add_stats(stats, [n, n, parts[-1] < n, parts[0], torch.dot(change, change), *parts[1:]])
+        if t.scales is None:
             return None
         scratch = self._b[:rows * cols].view(rows, cols)
         # Measured over several chunks first; a per-tensor scale over one chunk is just one block.

@@ -29,10 +29,10 @@ import torch
 
 from .codec import Transcoder
 from .errors import GraftError, IntegrityError
-from .kernel import TORCH_DTYPES, ChunkKernel, check_finite
+from .kernel import STATS, TORCH_DTYPES, ChunkKernel, check_finite, nonfinite_error
 from .safetensors import FLOATING_DTYPES, ShardWriter
 from .storage import RangeReader, Storage
-from .tasks import Chunk, Read, ShardResult, ShardTask, iter_chunks
+from .tasks import Chunk, Read, ShardResult, ShardTask, TensorTask, iter_chunks
 
 __all__ = ["ShardResult", "Chunk", "Cancelled", "iter_chunks", "execute_shard"]
 
@@ -65,14 +65,17 @@ class _Slot:
 
 def _compute(kernel: ChunkKernel | None, codec: Transcoder | None, chunk: Chunk,
              inputs: dict[tuple[str, str], torch.Tensor], out: torch.Tensor, scales: torch.Tensor | None,
-             where: str, non_blocking: bool = False) -> None:
+             where: str, non_blocking: bool = False, stats: torch.Tensor | None = None,
+             check: bool = False, every: int = 1) -> None:
     """One chunk into ``out`` (its output bytes) on the inputs' device: the plain kernel, or the
-    codec, whose output scale rows land in ``scales`` (the tensor's whole scale tensor, on the host)."""
+    codec, whose output scale rows land in ``scales`` (the tensor's whole scale tensor, on the host).
+    ``stats``: the tensor's report measures, added to (the plain kernel on a CPU measures one block
+    in ``every``); ``check``: the plain kernel refuses NaN/Inf."""
     t = chunk.tensor
     typed = out.view(TORCH_DTYPES[t.dtype])
     if t.transcodes:
         assert codec is not None
-        rows = codec.run(chunk, inputs, None if chunk.measure else typed, where)
+        rows = codec.run(chunk, inputs, None if chunk.measure else typed, where, stats)
         if rows is not None and scales is not None and t.scales is not None:
             lo, hi = chunk.scale_rows(t.scales)
             scales[lo:hi].copy_(rows, non_blocking=non_blocking)
@@ -86,7 +89,10 @@ def _compute(kernel: ChunkKernel | None, codec: Transcoder | None, chunk: Chunk,
             # Rows the checkpoint lacks count as zeros (a resized vocabulary, ``vocab: pad``).
             return torch.zeros(chunk.count, dtype=TORCH_DTYPES[t.source(role).dtype], device=out.device)
 
-        kernel.combine(rows_of("target"), rows_of("finetuned"), rows_of("base"), t.alpha, typed)
+        bad = kernel.combine(rows_of("target"), rows_of("finetuned"), rows_of("base"), t.alpha, typed,
+                             stats, check, chunk.start, every)
+        if bad is not None:
+            raise nonfinite_error(typed[bad].item(), t.name, where, chunk.start + bad)
 
 
 class _CpuCompute:
@@ -97,10 +103,15 @@ class _CpuCompute:
         self.codec = Transcoder(compute_dtype, codec_elems) if codec_elems else None
         self.out = [torch.empty(out_cap, dtype=torch.uint8) for _ in range(2)]
 
+    # The plain kernel checks each block for NaN/Inf while it is in cache (the write thread need not).
+    checks = True
+
     def submit(self, i: int, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
-               scales: torch.Tensor | None, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+               scales: torch.Tensor | None, where: str, stats: torch.Tensor | None,
+               check: bool, every: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.out[i % 2][:chunk.out_bytes]
-        _compute(self.kernel, self.codec, chunk, inputs, out, scales, where)
+        _compute(self.kernel, self.codec, chunk, inputs, out, scales, where, stats=stats, check=check,
+                 every=every)
         return out, scales if chunk.last else None
 
     def finish(self, handle: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,8 +139,11 @@ class _CudaCompute:
         self.out_host = [torch.empty(out_cap, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         self.released: list[torch.cuda.Event | None] = [None, None]
 
+    checks = False  # a check on the device would wait for it: the write thread checks the host copy
+
     def submit(self, i: int, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
-               scales: torch.Tensor | None, where: str) -> tuple[torch.cuda.Event, torch.Tensor, torch.Tensor | None]:
+               scales: torch.Tensor | None, where: str, stats: torch.Tensor | None,
+               check: bool, every: int) -> tuple[torch.cuda.Event, torch.Tensor, torch.Tensor | None]:
         k = i % 2
         staged = {}
         with torch.cuda.stream(self.copy_stream):
@@ -146,7 +160,8 @@ class _CudaCompute:
             self.compute_stream.wait_event(uploaded)
             out_dev = self.out_dev[k][:chunk.out_bytes]
             # The scale rows go straight to the pinned host buffer, after the compute on this stream.
-            _compute(self.kernel, self.codec, chunk, staged, out_dev, scales, where, non_blocking=True)
+            _compute(self.kernel, self.codec, chunk, staged, out_dev, scales, where, non_blocking=True,
+                     stats=stats)
             out_host = self.out_host[k][:chunk.out_bytes]
             out_host.copy_(out_dev, non_blocking=True)
             done = torch.cuda.Event()
@@ -246,6 +261,21 @@ def execute_shard(
     # as much CPU as the arithmetic, and writes can block on the disk.
     write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"graft-write-{task.index}")
     written: list[Future[None]] = []
+    # The transfer report's measures per combined tensor (the pieces of one tensor add up), summed
+    # on the compute device and read once the shard is written.
+    measured: dict[str, torch.Tensor] = {}
+    compute_device = torch.device(device)
+
+    def check_here(t: TensorTask) -> bool:
+        return not settings.allow_nonfinite and t.dtype in FLOATING_DTYPES and t.scales is None
+
+    def stats_of(t: TensorTask) -> torch.Tensor | None:
+        if not (settings.report_every and t.combine):
+            return None
+        if t.name not in measured:
+            measured[t.name] = torch.zeros(len(STATS), dtype=torch.float64, device=compute_device)
+        return measured[t.name]
+
     writer = output.writer(task.file, task.size)
     try:
         shard = ShardWriter(writer, task.header_tensors(), dict(task.metadata))
@@ -258,7 +288,7 @@ def execute_shard(
                     data, scales = handle  # type: ignore[misc]
                 else:
                     data, scales = compute.finish(handle)  # type: ignore[arg-type]
-                if not settings.allow_nonfinite and t.dtype in FLOATING_DTYPES and t.scales is None:
+                if check_here(t) and not (compute.checks and t.combine and not t.transcodes):
                     check_finite(data.view(TORCH_DTYPES[t.dtype]), t.name, task.file, chunk.start)
                 shard.write(memoryview(data.numpy()))
                 if scales is not None:
@@ -287,8 +317,8 @@ def execute_shard(
                     # Filled row by row as the chunks go by; written after the tensor's last chunk.
                     grid = t.scales.grid(*t.shape)
                     scales = torch.empty(grid, dtype=TORCH_DTYPES[t.scales.dtype], pin_memory=on_gpu)
-                handle = compute.submit(i, chunk, slot.typed(reads[i]),
-                                        None if chunk.measure else scales, task.file)
+                handle = compute.submit(i, chunk, slot.typed(reads[i]), None if chunk.measure else scales,
+                                        task.file, stats_of(t), check_here(t), settings.report_every)
                 if chunk.last:
                     scales = None
             written.append(write_pool.submit(write_chunk, i, handle))
@@ -309,4 +339,5 @@ def execute_shard(
         for r in readers.values():
             r.close()
     bytes_read = sum(r.bytes_read for r in readers.values())
-    return ShardResult(task.file, size, digest, bytes_read, time.monotonic() - t0)
+    report = tuple((name, tuple(v.tolist())) for name, v in measured.items())
+    return ShardResult(task.file, size, digest, bytes_read, time.monotonic() - t0, report)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -32,7 +34,9 @@ from . import __version__, cas
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from .errors import IntegrityError, Interrupted, OutputError, Terminated
 from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, SUMS_NAME, OutputFile, format_sums, hash_file
+from .tasks import STATS
 from .planner import ROLES, Plan, ShardTask, make_plan
+from .report import REPORT_NAME, build as build_report
 from .runmark import RUN_MARK, Observed, RunAlive, RunMark, describe, observe, wait_until_stale
 from .redaction import redact_text
 from .spec import JobSpec
@@ -89,6 +93,21 @@ def _patched(data: bytes, patch: tuple[tuple[str, str | None], ...], where: str)
     return json.dumps(obj, indent=2).encode() + b"\n"
 
 
+def _journal_form(report: tuple[tuple[str, tuple[float, ...]], ...]) -> dict[str, list[float]]:
+    """A shard's report measures as the journal keeps them (JSON: NaN/Inf as strings)."""
+    return {name: [v if math.isfinite(v) else repr(v) for v in values] for name, values in report}
+
+
+def _journaled_report(info: dict[str, Any]) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """A kept shard's report measures back from its journal entry; none if absent or malformed."""
+    entries = info.get("report")
+    try:
+        return tuple((str(n), tuple(float(v) for v in vs)) for n, vs in entries.items()
+                     if len(vs) == len(STATS)) if isinstance(entries, dict) else ()
+    except (TypeError, ValueError):
+        return ()
+
+
 def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
@@ -99,7 +118,7 @@ def fingerprint(job: Job) -> str:
     inputs = [(role, [(f.name, f.size, f.version) for f in c.files]) for role, c in job.checkpoints.items()]
     # How the bytes are moved (chunk size, reads in flight) does not change them: a rerun with
     # other I/O settings still keeps the shards already committed.
-    shards = [replace(s, settings=replace(s.settings, chunk_size=0, read_concurrency=0))
+    shards = [replace(s, settings=replace(s.settings, chunk_size=0, read_concurrency=0, report_every=0))
               for s in job.plan.shards]
     return hashlib.sha256(repr((shards, inputs)).encode()).hexdigest()
 
@@ -251,9 +270,10 @@ class OutputSession:
             if stat is False or stat.size != size:
                 dropped.append(name)
             elif verify_kept or version is None or stat.version != version:
-                self.unverified[name] = {"size": size, "sha256": sha256, "version": stat.version}
+                self.unverified[name] = {"size": size, "sha256": sha256, "version": stat.version,
+                                         "report": info.get("report")}
             else:
-                self.results[name] = ShardResult(name, size, sha256, 0, 0.0)
+                self.results[name] = ShardResult(name, size, sha256, 0, 0.0, _journaled_report(info))
         if dropped:
             self.mark.forget(dropped)
         self.resumed = tuple(sorted(self.results))
@@ -276,8 +296,9 @@ class OutputSession:
         for name, digest in zip(names, digests):
             info = self.unverified.pop(name)
             if digest == info["sha256"]:
-                self.results[name] = ShardResult(name, info["size"], digest, 0, 0.0)
-                self.mark.record(name, info["size"], digest, info["version"])
+                report = _journaled_report(info)
+                self.results[name] = ShardResult(name, info["size"], digest, 0, 0.0, report)
+                self.mark.record(name, info["size"], digest, info["version"], _journal_form(report))
             else:
                 bad.append(name)
         if bad:
@@ -296,14 +317,14 @@ class OutputSession:
         if self.state is not State.RUNNING:
             raise RuntimeError(f"output session: a shard recorded while {self.state.value}")
         version = self.storage.stat(result.file).version
-        self.mark.record(result.file, result.size, result.sha256, version)
+        self.mark.record(result.file, result.size, result.sha256, version, _journal_form(result.report))
         self.results[result.file] = result
 
     @staticmethod
     def _planned_names(job: Job) -> set[str]:
         plan = job.plan
         return ({s.file for s in plan.shards} | {f.name for f in plan.side_files}
-                | {INDEX_NAME, SUMS_NAME})
+                | {INDEX_NAME, SUMS_NAME, REPORT_NAME})
 
     def commit(self, executor: str, workers: int, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
         """Write side files, index, SHA256SUMS and the manifest (last); returns the manifest."""
@@ -335,6 +356,9 @@ class OutputSession:
             donated[side.donor].append({**entry, "size": copied.size, "sha256": copied.sha256})
         if plan.write_index:
             outputs.append(self._put(INDEX_NAME, json.dumps(plan.index_json(), indent=2).encode() + b"\n"))
+        report = self._report()
+        if report is not None:
+            outputs.append(self._put(REPORT_NAME, json.dumps(report, indent=1).encode() + b"\n"))
         # A worker killed mid-shard leaves its temporary (or on S3 its upload) behind; none may
         # outlive the commit.
         self._sweep(keep=set(self.results) | {f.name for f in outputs})
@@ -362,6 +386,9 @@ class OutputSession:
                      "formats": dict(plan.formats),
                      "vocab": dict(plan.vocab),
                      "warnings": list(plan.warnings)},
+            **({"report": {"file": REPORT_NAME, "mode": report["mode"],
+                           "flags": dict(Counter(f["kind"] for f in report["flags"])),
+                           "unmeasured": len(report["unmeasured"])}} if report is not None else {}),
             "run": {"executor": executor, "workers": workers, "resumed_shards": list(self.resumed),
                     "started": _utc(self.mark.started),
                     "finished": _utc(finished), "seconds": round(finished - self.mark.started, 3),
@@ -375,6 +402,16 @@ class OutputSession:
         self.mark.release()
         log(f"committed {out.display_uri} ({len(outputs)} files + {SUMS_NAME} + {MANIFEST_NAME})")
         return manifest
+
+    def _report(self) -> dict[str, Any] | None:
+        """The transfer report from every shard's measures (kept shards' from the journal); None
+        with ``report: off``."""
+        spec = self.job.spec
+        if spec.report == "off":
+            return None
+        alphas = {t.name: t.alpha for s in self.job.plan.shards for t in s.tensors if t.combine}
+        measured = [m for r in self.results.values() for m in r.report]
+        return build_report(measured, alphas, spec.report, spec.compute_dtype)
 
     def _put(self, name: str, data: bytes) -> OutputFile:
         self.storage.write_bytes(name, data)

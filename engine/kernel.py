@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .errors import NonFiniteError
+from .tasks import STATS
 
-__all__ = ["TORCH_DTYPES", "COMPUTE_DTYPES", "CPU_BLOCK", "ChunkKernel", "first_nonfinite", "check_finite"]
+__all__ = ["TORCH_DTYPES", "COMPUTE_DTYPES", "CPU_BLOCK", "STATS", "add_stats", "zeros_in", "ChunkKernel", "first_nonfinite", "check_finite",
+           "nonfinite_error"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
@@ -45,23 +48,58 @@ def first_nonfinite(values: torch.Tensor) -> int | None:
     return int((~finite).nonzero()[0, 0])
 
 
+_DIFFERS = STATS.index("differs")
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def zeros_in(diff: torch.Tensor) -> torch.Tensor | int:
+    """Elements of a difference that are +0 (``f == b``; a -0 difference would need f = -0, b = +0)."""
+    if diff.device.type == "cpu":  # count_nonzero on the bits: twice as fast as on the floats
+        return diff.numel() - int(torch.count_nonzero(diff.view(_INT_OF_SIZE[diff.dtype.itemsize])))
+    return (diff == 0).sum()
+
+
+def _unchanged(f: torch.Tensor, b: torch.Tensor, diff: torch.Tensor) -> torch.Tensor | int:
+    """Elements where the fine-tune kept the base's value: equal bits when both are stored alike
+    (numpy's integer compare: 4x faster here than torch's), else a zero difference."""
+    if f.dtype == b.dtype and f.device.type == "cpu":
+        ints = _INT_OF_SIZE[f.dtype.itemsize]
+        return int(np.count_nonzero(f.view(ints).numpy() == b.view(ints).numpy()))
+    return zeros_in(diff)
+
+
+def add_stats(stats: torch.Tensor, values: list[torch.Tensor | float | int]) -> None:
+    """Add one chunk's ``STATS`` (numbers, or 0-dim tensors on ``stats``' device) to ``stats``; on a
+    GPU without waiting for them."""
+    if stats.device.type == "cpu":
+        stats += torch.tensor([float(v) for v in values], dtype=torch.float64)
+    else:
+        stats += torch.stack([torch.as_tensor(v, device=stats.device).to(torch.float64) for v in values])
+
+
 class ChunkKernel:
-    """Combines 1-D chunks of up to ``capacity`` elements using two reusable compute buffers.
+    """Combines 1-D chunks of up to ``capacity`` elements using reusable compute buffers.
 
     Contract: ``combine(t, f, b, alpha, out)`` with equal-length 1-D tensors of any floating dtypes,
     all on the kernel's device, writes ``t + alpha * (f - b)`` (computed in the compute dtype) into
-    ``out`` (the target's dtype). No allocation happens per call; on CUDA the work is queued on the
-    current stream.
+    ``out`` (the target's dtype). No allocation happens per call on a CPU; on CUDA the work is queued
+    on the current stream. With ``stats`` (a float64 tensor of ``len(STATS)`` on the kernel's
+    device) it also adds the chunk's ``STATS`` to it: every element on a GPU; on a CPU, with the
+    chunk's first element at index ``start`` of its tensor, the elements of every ``every``-th block
+    of ``CPU_BLOCK`` elements of the tensor (its first block always; ``every=1``: all). With
+    ``check`` (CPU only) it returns the index of the first NaN/Inf it wrote, or None, checking each
+    block while in cache.
     """
 
     def __init__(self, compute_dtype: str, capacity: int, device: str | torch.device = "cpu"):
         self.dtype = COMPUTE_DTYPES[compute_dtype]
         # On a CPU the chunk goes through in cache-sized blocks: every pass of a block then reads
         # what the previous pass left in cache instead of streaming the whole chunk from memory.
-        on_cpu = torch.device(device).type == "cpu"
-        self.block = max(1, min(capacity, CPU_BLOCK) if on_cpu else capacity)
+        self.on_cpu = torch.device(device).type == "cpu"
+        self.block = max(1, min(capacity, CPU_BLOCK) if self.on_cpu else capacity)
         self._diff = torch.empty(self.block, dtype=self.dtype, device=device)
         self._tmp = torch.empty(self.block, dtype=self.dtype, device=device)
+        self._t: torch.Tensor | None = None  # the target in the compute dtype, kept for the stats
 
     def _as_compute(self, x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.dtype:
@@ -70,31 +108,94 @@ class ChunkKernel:
         return scratch
 
     def combine(self, t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, alpha: float,
-                out: torch.Tensor) -> None:
+                out: torch.Tensor, stats: torch.Tensor | None = None, check: bool = False,
+                start: int = 0, every: int = 1) -> int | None:
         n = t.numel()
-        for s in range(0, n, self.block):
+        if stats is not None and self._t is None:
+            self._t = torch.empty_like(self._diff)
+        sums = [0.0] * len(STATS) if stats is not None and self.on_cpu else None
+        known = sums is not None and bool(stats[_DIFFERS])  # touched already: no need to look again
+        if known:
+            sums[_DIFFERS] = 1.0  # type: ignore[index]
+        # Sampled: the blocks of a fixed grid over the tensor, so which elements are measured does
+        # not depend on the chunk size (a piece of the chunk never straddles two grid blocks).
+        grid = CPU_BLOCK if sums is not None and every > 1 else 0
+        s = 0
+        while s < n:
             e = min(n, s + self.block)
-            self._combine(t[s:e], f[s:e], b[s:e], alpha, out[s:e])
+            measure = stats is not None
+            if grid:
+                k = (start + s) // grid
+                e = min(e, (k + 1) * grid - start)
+                measure = k % every == 0
+            bad = self._combine(t[s:e], f[s:e], b[s:e], alpha, out[s:e], stats if measure else None,
+                                sums, check)
+            if bad is not None:
+                return s + bad
+            s = e
+        if sums is not None and stats is not None:
+            sums[0] += n
+            if known:
+                sums[_DIFFERS] = 0.0
+            stats += torch.tensor(sums, dtype=torch.float64)
+        return None
 
     def _combine(self, t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, alpha: float,
-                 out: torch.Tensor) -> None:
+                 out: torch.Tensor, stats: torch.Tensor | None, sums: list[float] | None,
+                 check: bool) -> int | None:
+        """One block; measured when ``stats`` is given. ``sums``: a CPU call's running STATS (its
+        ``differs`` is looked for in every block until found)."""
         n = t.numel()
         diff, tmp = self._diff[:n], self._tmp[:n]
         fc = self._as_compute(f, diff)
         bc = self._as_compute(b, tmp)
         torch.sub(fc, bc, out=diff)
+        if stats is None:
+            if sums is not None and not sums[_DIFFERS] and bool(diff.any()):
+                sums[_DIFFERS] = 1.0
+            if alpha != 1.0:
+                diff.mul_(alpha)
+            diff.add_(self._as_compute(t, tmp))
+            out.copy_(diff)  # the one rounding to the target's dtype (round-to-nearest-even)
+            return first_nonfinite(out) if check else None
+        assert self._t is not None
+        tc = self._as_compute(t, self._t[:n])
+        moved = torch.sub(tc, bc, out=tmp)
+        parts = [torch.dot(tc, tc), torch.dot(diff, diff), torch.dot(moved, moved), torch.dot(diff, moved),
+                 _unchanged(f, b, diff)]
         if alpha != 1.0:
             diff.mul_(alpha)
-        diff.add_(self._as_compute(t, tmp))
+        diff.add_(tc)
         out.copy_(diff)  # the one rounding to the target's dtype (round-to-nearest-even)
+        change = tmp  # out - t, from the rounded output
+        if out.dtype == self.dtype:
+            torch.sub(out, tc, out=change)
+        else:
+            change.copy_(out)
+            change.sub_(tc)
+        out_sq = torch.dot(change, change)
+        if sums is None:  # on a GPU: summed on the device, read once the shard is done
+            assert stats is not None
+            add_stats(stats, [n, n, parts[4] < n, parts[0], out_sq, *parts[1:]])
+            return None
+        values = (0, n, 0, float(parts[0]), float(out_sq), *(float(p) for p in parts[1:]))
+        for i, v in enumerate(values):
+            sums[i] += v
+        if parts[4] < n:
+            sums[_DIFFERS] = 1.0
+        # A NaN/Inf in out makes (out - t)^2 summed non-finite; a finite sum proves out finite.
+        if check and not math.isfinite(values[4]):
+            return first_nonfinite(out)
+        return None
 
 
 def check_finite(values: torch.Tensor, tensor: str, where: str, offset: int) -> None:
     """Raise ``NonFiniteError`` naming ``tensor`` if ``values`` (elements from ``offset``) hold NaN/Inf."""
     bad = first_nonfinite(values)
     if bad is not None:
-        v = values[bad].item()
-        raise NonFiniteError(
-            f"tensor {tensor!r} in {where}: {v} at element {offset + bad}; check the inputs, "
-            f"or set allow_nonfinite: true to write it anyway"
-        )
+        raise nonfinite_error(values[bad].item(), tensor, where, offset + bad)
+
+
+def nonfinite_error(value: float, tensor: str, where: str, element: int) -> NonFiniteError:
+    return NonFiniteError(f"tensor {tensor!r} in {where}: {value} at element {element}; check the "
+                          f"inputs, or set allow_nonfinite: true to write it anyway")

@@ -16,10 +16,11 @@ from typing import Any, Mapping
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, unsafe_name
 from .errors import PlanError, QuantizationError
 from .manifest import MANIFEST_NAME, SUMS_NAME
+from .report import REPORT_NAME
 from .quant import FP8_CODES, Layout, Stored, layout_for
 from .safetensors import FLOATING_DTYPES, build_header
 from .spec import DEFAULT_FILES, JobSpec
-from .tasks import ROLES, ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask
+from .tasks import REPORT_EVERY, ROLES, ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask
 from . import vocab as vocab_rows
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
     "make_plan",
 ]
 
-RESERVED_OUTPUT_NAMES = frozenset({MANIFEST_NAME, SUMS_NAME, INDEX_NAME})
+RESERVED_OUTPUT_NAMES = frozenset({MANIFEST_NAME, SUMS_NAME, INDEX_NAME, REPORT_NAME})
 # config.json fields that name the model family: the three checkpoints must agree on them (a
 # difference vector taken in one family means nothing in another) unless allow_family_mismatch.
 _FAMILY_FIELDS = ("model_type", "architectures")
@@ -258,7 +259,8 @@ def make_plan(
     fits = _tokenizer_fits(spec, checkpoints, tasks, pieces, vocabs)
     if fits:
         raise PlanError(fits[0], fits)
-    settings = ExecSettings(spec.compute_dtype, spec.chunk_size, spec.allow_nonfinite, spec.read_concurrency)
+    settings = ExecSettings(spec.compute_dtype, spec.chunk_size, spec.allow_nonfinite, spec.read_concurrency,
+                            REPORT_EVERY[spec.report])
     shards = _layout(spec, tgt, tasks, settings, pieces)
     warnings.extend(side_warnings)
     write_index = len(shards) > 1 or shards[0].file != SINGLE_NAME

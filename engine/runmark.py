@@ -288,12 +288,15 @@ class RunMark:
                 except Exception:  # noqa: BLE001 - the heartbeat must outlive any one failure
                     pass  # a missed heartbeat is harmless; the next one retries
 
-    def record(self, file: str, size: int, sha256: str, version: str | None) -> None:
-        """Journal a committed shard, so a resumed run can keep it without reading it again."""
+    def record(self, file: str, size: int, sha256: str, version: str | None,
+               report: dict[str, list[float]] | None = None) -> None:
+        """Journal a committed shard (and its transfer-report measures), so a resumed run can keep
+        it without reading it again."""
         with self._lock:
             if self.lost:
                 raise self._lost_error()
-            self.shards[file] = {"size": size, "sha256": sha256, "version": version}
+            self.shards[file] = {"size": size, "sha256": sha256, "version": version,
+                                 **({"report": report} if report else {})}
             self._write()
 
     def forget(self, files: list[str]) -> None:

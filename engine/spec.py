@@ -110,6 +110,7 @@ class JobSpec:
     max_side_file_size: int = DEFAULT_MAX_SIDE_FILE_SIZE
     chunk_size: int = 16 * 2**20
     read_concurrency: int = 4
+    report: str = "sampled"
     storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def alpha_for(self, tensor_name: str) -> float:
@@ -183,9 +184,15 @@ class _SpecModel(BaseModel):
     max_side_file_size: Any = DEFAULT_MAX_SIDE_FILE_SIZE
     chunk_size: Any = "16MiB"
     read_concurrency: int = Field(default=4, ge=1, le=64, strict=True)
+    report: Literal["sampled", "exact", "off"] = "sampled"
     storage_options: dict[str, dict[str, Any]] = {}
 
     _alpha_not_bool = field_validator("alpha", mode="before")(_no_bool)
+
+    @field_validator("report", mode="before")
+    @classmethod
+    def _off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
 
 
 _KEYS = tuple(_SpecModel.model_fields)
@@ -256,6 +263,7 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
         max_side_file_size=parse_size(m.max_side_file_size, f"{source}: key 'max_side_file_size'"),
         chunk_size=parse_size(m.chunk_size, f"{source}: key 'chunk_size'"),
         read_concurrency=m.read_concurrency,
+        report=m.report,
         storage_options={k: dict(v) for k, v in m.storage_options.items()},
     )
 

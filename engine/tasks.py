@@ -17,6 +17,8 @@ from .safetensors import DTYPE_SIZES
 
 __all__ = [
     "ROLES",
+    "REPORT_EVERY",
+    "STATS",
     "Scales",
     "OutScales",
     "Source",
@@ -31,6 +33,19 @@ __all__ = [
 ]
 
 ROLES = ("target", "finetuned", "base")
+# The spec's ``report`` key -> ``ExecSettings.report_every``. Sampled: every 32nd block of
+# ``kernel.CPU_BLOCK`` elements of a tensor, its first always (on the 1.1B bench measuring every
+# element costs this CPU-bound 2-core machine ~30% of the job's wall time; bench/NOTES.md section 9).
+REPORT_EVERY = {"sampled": 32, "exact": 1, "off": 0}
+# What the arithmetic measures of each combined tensor for the transfer report, summed over its
+# chunks (``kernel.py`` measures, ``report.py`` turns them into norms, cosines and flags): its
+# elements; the elements measured (all, or on a CPU by default one cache block in
+# ``ExecSettings.report_every``); whether any element of the fine-tune differs from the base
+# (checked on every element); then over the measured elements: sum of t^2, of (out - t)^2 with out
+# as written (rounded), of (f - b)^2, of (t - b)^2 (how far the new base moved), of (f - b)(t - b),
+# and the count of f == b.
+STATS = ("elements", "measured", "differs", "target_sq", "out_delta_sq", "delta_sq", "moved_sq", "dot",
+         "unchanged")
 _COMPUTE_SIZES = {"float32": 4, "float64": 8}
 
 
@@ -170,6 +185,9 @@ class ExecSettings:
     chunk_size: int
     allow_nonfinite: bool
     read_concurrency: int = 1
+    # The transfer report: 0 measures nothing; else the plain kernel on a CPU measures one cache
+    # block in ``report_every`` of each combined tensor (``REPORT_EVERY``), GPUs and the codec all.
+    report_every: int = 16
 
 
 @dataclass(frozen=True)
@@ -210,6 +228,8 @@ class ShardResult:
     sha256: str
     bytes_read: int
     seconds: float
+    # The transfer report's measures of this shard's combined tensors: (name, ``kernel.STATS``).
+    report: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -65,10 +65,20 @@ def poison(checkpoint: str, value: float, index: int = 0, last: bool = True) -> 
     return victim
 
 
+def comparable(files: dict[str, bytes]) -> dict[str, bytes]:
+    """Output files (name -> bytes) for bit-identity checks: all but the manifest (it records timing)
+    and the transfer report (its float32 sums follow torch's thread count; test_report.py checks
+    it), whose line is taken out of SHA256SUMS too."""
+    out = {n: data for n, data in sorted(files.items()) if n not in ("graft.manifest.json", "graft.report.json")}
+    if "SHA256SUMS" in out:
+        out["SHA256SUMS"] = b"".join(line for line in out["SHA256SUMS"].splitlines(keepends=True)
+                                     if not line.endswith(b"  graft.report.json\n"))
+    return out
+
+
 def shard_bytes(out: str) -> dict[str, bytes]:
-    """Every output file's bytes but the manifest's (which records timing), for bit-identity checks."""
-    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))
-            if n != "graft.manifest.json"}
+    """Every output file's bytes, as ``comparable`` keeps them."""
+    return comparable({n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)})
 
 
 def reference(t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:

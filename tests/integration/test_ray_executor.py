@@ -3,6 +3,7 @@ is survived, errors inside workers fail the job cleanly, workers the cluster can
 run instead of hanging it, and a slow worker slows nobody else."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -36,6 +37,13 @@ def test_ray_output_is_bit_identical_to_the_local_executor(tiny_checkpoints, tmp
     run_local(make_spec(tiny_checkpoints, local_out))
     result = run_ray(prepare_job(make_spec(tiny_checkpoints, ray_out)), RayOptions(workers=2))
     assert shard_bytes(ray_out) == shard_bytes(local_out)
+    # The transfer report, measured by the actors, is the local executor's (up to float32 summation
+    # order, which follows torch's thread count).
+    got, want = (json.load(open(os.path.join(d, "graft.report.json")))["tensors"] for d in (ray_out, local_out))
+    assert [t["name"] for t in got] == [t["name"] for t in want]
+    for g, w in zip(got, want):
+        assert g["measured"] == w["measured"] and g["touched"] == w["touched"]
+        assert g["ft_delta_norm"] == pytest.approx(w["ft_delta_norm"], rel=1e-5)
     assert result.manifest["run"]["executor"] == "ray" and result.manifest["run"]["workers"] == 2
     assert verify_output(ray_out).ok
     assert ray.is_initialized()  # a cluster graft did not start is left running

@@ -10,7 +10,7 @@ import fsspec
 import pytest
 import ray
 
-from conftest import new_bucket, shard_bytes, unfinished_uploads
+from conftest import comparable, new_bucket, shard_bytes, unfinished_uploads
 from graft.cluster.driver import RayOptions, run_ray
 from graft.engine.errors import NonFiniteError
 from graft.engine.job import prepare_job
@@ -43,8 +43,7 @@ def reference_output(tiny_checkpoints, tmp_path_factory):  # noqa: ANN201
 def s3_bytes(options: dict, uri: str) -> dict[str, bytes]:
     fs = fsspec.filesystem("s3", **options["s3"])
     root = uri.removeprefix("s3://")
-    return {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in sorted(fs.ls(root, detail=False, refresh=True))
-            if not p.endswith(MANIFEST_NAME)}
+    return comparable({p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in fs.ls(root, detail=False, refresh=True)})
 
 
 def job(inputs: dict[str, str], output: str, options: dict, **extra):  # noqa: ANN201
@@ -58,6 +57,7 @@ def test_s3_in_s3_out_on_the_local_executor(s3_server, s3_inputs, reference_outp
     assert verify_output(out, s3_server).ok
     assert unfinished_uploads(s3_server, out) == []
     manifest = result.manifest
+    assert manifest["report"]["file"] in {o["name"] for o in manifest["outputs"]}  # measured from S3 too
     assert all(f["version"] for f in manifest["inputs"]["target"]["files"] if f["name"].endswith(".safetensors"))
     assert manifest["spec"]["storage_options"]["s3"]["secret"] == "***"
     assert "testing" not in json.dumps(manifest)

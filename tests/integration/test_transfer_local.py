@@ -374,7 +374,8 @@ def test_memory_filesystem_runs_the_same_code_path_with_the_same_bytes(tiny_chec
         run_local(make_spec(tiny_checkpoints, local_out))
         assert verify_output(f"{root}/out").ok
         for name in os.listdir(local_out):
-            if name != MANIFEST_NAME:
+            # The report's float32 sums follow torch's thread count (workers differ): test_report.py.
+            if name not in (MANIFEST_NAME, "graft.report.json", "SHA256SUMS"):
                 assert fs.cat_file(f"{root}/out/{name}") == open(os.path.join(local_out, name), "rb").read(), name
         assert not [p for p in fs.ls(f"{root}/out", detail=False) if TEMP_MARK in p or RUN_MARK in p]
     finally:

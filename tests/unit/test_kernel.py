@@ -18,7 +18,7 @@ import torch
 
 from conftest import ulp, within_float32_contract
 from graft.engine.errors import NonFiniteError
-from graft.engine.kernel import CPU_BLOCK, ChunkKernel, check_finite, first_nonfinite
+from graft.engine.kernel import CPU_BLOCK, STATS, ChunkKernel, check_finite, first_nonfinite
 
 N = 20_000
 ALPHAS = (1.0, 0.5, -1.3)
@@ -226,3 +226,59 @@ def test_kernel_blocks_give_the_same_bits_as_one_pass():
     out = torch.empty(n, dtype=torch.bfloat16)
     ChunkKernel("float64", n).combine(t, f, b, -0.7, out)
     assert torch.equal(out, (t.double() + -0.7 * (f.double() - b.double())).to(torch.bfloat16))
+
+
+# --- the transfer report's measures ----------------------------------------------------------------
+
+
+def _stats(kernel: ChunkKernel, t, f, b, alpha, every: int, chunk: int) -> torch.Tensor:
+    """Run the tensor through ``kernel`` in chunks of ``chunk`` elements; its STATS."""
+    stats = torch.zeros(len(STATS), dtype=torch.float64)
+    out = torch.empty_like(t)
+    for s in range(0, t.numel(), chunk):
+        e = min(t.numel(), s + chunk)
+        assert kernel.combine(t[s:e], f[s:e], b[s:e], alpha, out[s:e], stats, True, s, every) is None
+    return stats
+
+
+def test_every_measure_matches_float64_sums_over_the_elements():
+    torch.manual_seed(21)
+    n = 2 * CPU_BLOCK + 999
+    t, b = torch.randn(n).to(torch.bfloat16), torch.randn(n).to(torch.bfloat16)
+    f = (b.double() + 0.01 * torch.randn(n, dtype=torch.float64)).to(torch.bfloat16)
+    f[:5000] = b[:5000]
+    got = dict(zip(STATS, _stats(ChunkKernel("float32", n), t, f, b, 0.5, 1, n).tolist()))
+    out = (t.double() + 0.5 * (f.double() - b.double())).to(torch.bfloat16).double()
+    T, F, B = t.double(), f.double(), b.double()
+    want = {"elements": n, "measured": n, "differs": 1, "target_sq": (T * T).sum(),
+            "out_delta_sq": ((out - T) ** 2).sum(), "delta_sq": ((F - B) ** 2).sum(),
+            "moved_sq": ((T - B) ** 2).sum(), "dot": ((F - B) * (T - B)).sum(), "unchanged": (F == B).sum()}
+    for key, value in want.items():
+        assert got[key] == pytest.approx(float(value), rel=1e-5), key
+
+
+def test_sampling_takes_the_same_grid_blocks_whatever_the_chunk_size():
+    torch.manual_seed(22)
+    n = 70 * CPU_BLOCK + 5  # blocks 0, 32 and 64 of 71 are measured
+    t, f, b = (torch.randn(n).to(torch.bfloat16) for _ in range(3))
+    runs = [_stats(ChunkKernel("float32", min(chunk, CPU_BLOCK)), t, f, b, 1.0, 32, chunk)
+            for chunk in (n, 4 * CPU_BLOCK, 100_003)]
+    for stats in runs:
+        got = dict(zip(STATS, stats.tolist()))
+        assert got["elements"] == n and got["measured"] == 3 * CPU_BLOCK
+        picked = torch.cat([torch.arange(k * CPU_BLOCK, (k + 1) * CPU_BLOCK) for k in (0, 32, 64)])
+        d = f.double()[picked] - b.double()[picked]
+        assert got["delta_sq"] == pytest.approx(float((d * d).sum()), rel=1e-5)
+    assert all(torch.allclose(r, runs[0], rtol=1e-5) for r in runs)
+
+
+def test_a_fine_tune_that_changed_only_unsampled_elements_still_counts_as_touched():
+    n = 40 * CPU_BLOCK
+    b = torch.randn(n).to(torch.bfloat16)
+    f = b.clone()
+    f[33 * CPU_BLOCK + 7] += 1  # in block 33: not sampled
+    stats = dict(zip(STATS, _stats(ChunkKernel("float32", CPU_BLOCK), b.clone(), f, b, 1.0, 32, CPU_BLOCK).tolist()))
+    assert stats["differs"] == 1 and stats["delta_sq"] == 0.0 and stats["unchanged"] == stats["measured"]
+    untouched = dict(zip(STATS, _stats(ChunkKernel("float32", CPU_BLOCK), b.clone(), b.clone(), b, 1.0, 32,
+                                       CPU_BLOCK).tolist()))
+    assert untouched["differs"] == 0

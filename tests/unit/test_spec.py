@@ -396,6 +396,8 @@ INVALID = {
               (True, "not a boolean")],
     "compute_dtype": [("bfloat16", "'float32' or 'float64'"), (32, "'float32' or 'float64'")],
     "vocab": [("resize", "'error', 'pad' or 'align'"), (True, "'error', 'pad' or 'align'")],
+    "report": [("full", "'sampled', 'exact' or 'off'"), (True, "'sampled', 'exact' or 'off'"),
+               (1, "'sampled', 'exact' or 'off'")],
     "output_format": [("fp8", "'target' or 'bf16'"), ("BF16", "'target' or 'bf16'"), (True, "'target' or 'bf16'")],
     "rules": [("x", "valid list"), ([5], "valid dictionary with keys match and alpha"),
               ([{"alpha": 0}], "Field required"), ([{"match": "x", "alpha": False}], "not a boolean"),
@@ -440,3 +442,10 @@ def test_every_invalid_value_of_every_key_is_one_line_naming_the_key_and_what_is
 def test_invalid_set_overrides_are_one_line_naming_the_key(tmp_path, key, value, allowed):
     msg = _error(MINIMAL, overrides=[f"{key}={value}"], tmp_path=tmp_path)
     assert f"'{key}'" in msg and allowed in msg
+
+
+def test_report_off_may_be_written_bare_although_yaml_reads_it_as_false(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("target: t\nfinetuned: f\nbase: b\noutput: o\nreport: off\n")
+    assert load_spec(str(path)).report == "off"
+    assert load_spec(str(path), ["report=exact"]).report == "exact"
