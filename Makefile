@@ -33,7 +33,8 @@ demo: install
 	$(VENV)/bin/graft verify demo/output >/dev/null
 	@echo
 	@echo "Output: $(CURDIR)/demo/output (verified against SHA256SUMS and graft.manifest.json)"
-	@echo "Next:   $(VENV)/bin/graft inspect demo/output"
+	@echo "Next:   $(VENV)/bin/graft report demo/output      # the transfer report, and a per-layer PNG"
+	@echo "        $(VENV)/bin/graft inspect demo/output"
 	@echo "        $(VENV)/bin/graft plan configs/demo.yaml --set alpha=0.5 --set output=demo/output-half"
 	@echo "        point a copy of configs/demo.yaml at your own checkpoints and run: graft run my.yaml"
 
