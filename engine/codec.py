@@ -27,8 +27,10 @@ from __future__ import annotations
 import torch
 
 from .errors import NonFiniteError
-from .kernel import COMPUTE_DTYPES, TORCH_DTYPES, add_stats, zeros_in
-from .tasks import Chunk
+from .kernel import COMPUTE_DTYPES, TORCH_DTYPES, add_stats, sampled_ranges, zeros_in
+from .tasks import STATS, Chunk
+
+_DIFFERS = STATS.index("differs")
 
 __all__ = ["FP8_MAX", "decode_into", "block_amax", "scales_from_amax", "encode_into", "Transcoder"]
 
@@ -175,12 +177,15 @@ class Transcoder:
                     index, table)
 
     def values(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
-               stats: list[torch.Tensor | float | int] | None = None) -> torch.Tensor:
+               ranges: list[tuple[int, int]] | None = None,
+               parts: list[list[torch.Tensor | float | int]] | None = None,
+               look: bool = True) -> torch.Tensor:
         """t + alpha * (f - b) over the chunk's rows (or t alone), in the compute dtype; the same
-        operation order as ``ChunkKernel``: difference, scale, add the target. With ``stats`` (a
-        combined tensor) the decoded values' target_sq, delta_sq, moved_sq, dot and unchanged are
-        appended to it, and the decoded target is left in ``self._c`` for ``run`` to measure the
-        output against."""
+        operation order as ``ChunkKernel``: difference, scale, add the target. With ``ranges`` (of
+        a combined tensor; ``kernel.sampled_ranges``) ``parts`` gets ``[differs]`` (whether any
+        element of the chunk differs, looked for only with ``look``), then each range's elements,
+        target_sq, delta_sq, moved_sq, dot and unchanged; the decoded target is left in ``self._c``
+        for ``run`` to measure the output against."""
         t = chunk.tensor
         rows, cols = chunk.rows[1], t.shape[1]
         acc = self._a[:rows * cols].view(rows, cols)
@@ -189,15 +194,18 @@ class Transcoder:
             self._decode(chunk, inputs, "finetuned", acc)
             self._decode(chunk, inputs, "base", tmp)
             acc.sub_(tmp)
-            if stats is not None:
+            if ranges is not None and parts is not None:
                 if self._c is None:
                     self._c = torch.empty_like(self._a)
                 target = self._c[:rows * cols].view(rows, cols)
                 self._decode(chunk, inputs, "target", target)
-                moved = torch.sub(target, tmp, out=tmp).view(-1)
-                d, tv = acc.view(-1), target.view(-1)
-                stats.extend([torch.dot(tv, tv), torch.dot(d, d), torch.dot(moved, moved), torch.dot(d, moved),
-                              zeros_in(d)])
+                d, tv, bv = acc.view(-1), target.view(-1), tmp.view(-1)
+                parts.append([d.any() if look else 0])
+                for lo, hi in ranges:
+                    moved = torch.sub(tv[lo:hi], bv[lo:hi], out=bv[lo:hi])  # the base is not needed after
+                    dr, tr = d[lo:hi], tv[lo:hi]
+                    parts.append([hi - lo, torch.dot(tr, tr), torch.dot(dr, dr), torch.dot(moved, moved),
+                                  torch.dot(dr, moved), zeros_in(dr)])
                 tmp = target
             else:
                 self._decode(chunk, inputs, "target", tmp)
@@ -208,25 +216,41 @@ class Transcoder:
             self._decode(chunk, inputs, "target", acc)
         return acc
 
+    def _add_measures(self, stats: torch.Tensor, parts: list[list[torch.Tensor | float | int]],
+                      ranges: list[tuple[int, int]], result: torch.Tensor | None) -> None:
+        """Add a chunk's measures to ``stats``: ``parts`` per measured range (from ``values``), plus
+        (out - t)^2 over those ranges from ``result`` (the rounded output, or an FP8 output's values
+        before encoding)."""
+        assert result is not None and self._c is not None
+        sums: list[torch.Tensor | float | int] = [0] * 7  # measured, tt, oo, dd, uu, du, unchanged
+        for (lo, hi), (count, tt, dd, uu, du, zeros) in zip(ranges, parts[1:]):
+            change = self._b[lo:hi]
+            change.copy_(result[lo:hi])
+            change.sub_(self._c[lo:hi])
+            for i, v in enumerate((count, tt, torch.dot(change, change), dd, uu, du, zeros)):
+                sums[i] = sums[i] + v
+        add_stats(stats, [result.numel(), sums[0], parts[0][0], *sums[1:]])
+
     def run(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
-            out: torch.Tensor | None, where: str, stats: torch.Tensor | None = None) -> torch.Tensor | None:
-        """One chunk; with ``stats`` (a combined tensor's float64 ``STATS`` on this device) its
-        measures are added there: for an FP8 output, (out - t) is measured before encoding."""
+            out: torch.Tensor | None, where: str, stats: torch.Tensor | None = None,
+            every: int = 1) -> torch.Tensor | None:
+        """One chunk; with ``stats`` (a combined tensor's float64 ``STATS`` on this device) the
+        chunk's measures are added there, over the blocks ``kernel.sampled_ranges(..., every)``
+        picks: for an FP8 output, (out - t) is measured before encoding."""
         t = chunk.tensor
-        parts: list[torch.Tensor | float | int] | None = (
-            [] if stats is not None and t.combine and not chunk.measure else None)
-        w = self.values(chunk, inputs, parts)
+        measuring = stats is not None and t.combine and not chunk.measure
+        ranges = sampled_ranges(chunk.start, chunk.count, every) if measuring else None
+        parts: list[list[torch.Tensor | float | int]] = []
+        # Whether the fine-tune touched the tensor is looked for until known (on a GPU: every chunk).
+        known = measuring and stats is not None and stats.device.type == "cpu" and bool(stats[_DIFFERS])
+        w = self.values(chunk, inputs, ranges, parts, look=not known)
         rows, cols = w.shape
         if t.scales is None:
             assert out is not None
             out.view(rows, cols).copy_(w)  # the one rounding to a plain output dtype
-        if parts:
-            assert stats is not None and self._c is not None
-            n = rows * cols
-            change = self._b[:n]  # out - t: the rounded output, or an FP8 output's values before encoding
-            change.copy_(w.view(-1) if out is None or t.scales is not None else out)
-            change.sub_(self._c[:n])
-            add_stats(stats, [n, n, parts[-1] < n, parts[0], torch.dot(change, change), *parts[1:]])
+        if measuring:
+            assert stats is not None
+            self._add_measures(stats, parts, ranges or [], w.view(-1) if t.scales is not None else out)
         if t.scales is None:
             return None
         scratch = self._b[:rows * cols].view(rows, cols)

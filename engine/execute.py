@@ -69,13 +69,13 @@ def _compute(kernel: ChunkKernel | None, codec: Transcoder | None, chunk: Chunk,
              check: bool = False, every: int = 1) -> None:
     """One chunk into ``out`` (its output bytes) on the inputs' device: the plain kernel, or the
     codec, whose output scale rows land in ``scales`` (the tensor's whole scale tensor, on the host).
-    ``stats``: the tensor's report measures, added to (the plain kernel on a CPU measures one block
-    in ``every``); ``check``: the plain kernel refuses NaN/Inf."""
+    ``stats``: the tensor's report measures, added to (on a CPU, of every ``every``-th block of the
+    tensor; ``kernel.sampled_ranges``); ``check``: the plain kernel refuses NaN/Inf."""
     t = chunk.tensor
     typed = out.view(TORCH_DTYPES[t.dtype])
     if t.transcodes:
         assert codec is not None
-        rows = codec.run(chunk, inputs, None if chunk.measure else typed, where, stats)
+        rows = codec.run(chunk, inputs, None if chunk.measure else typed, where, stats, every)
         if rows is not None and scales is not None and t.scales is not None:
             lo, hi = chunk.scale_rows(t.scales)
             scales[lo:hi].copy_(rows, non_blocking=non_blocking)

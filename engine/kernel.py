@@ -14,7 +14,7 @@ import torch
 from .errors import NonFiniteError
 from .tasks import STATS
 
-__all__ = ["TORCH_DTYPES", "COMPUTE_DTYPES", "CPU_BLOCK", "STATS", "add_stats", "zeros_in", "ChunkKernel", "first_nonfinite", "check_finite",
+__all__ = ["TORCH_DTYPES", "COMPUTE_DTYPES", "CPU_BLOCK", "STATS", "add_stats", "sampled_ranges", "zeros_in", "ChunkKernel", "first_nonfinite", "check_finite",
            "nonfinite_error"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -66,6 +66,21 @@ def _unchanged(f: torch.Tensor, b: torch.Tensor, diff: torch.Tensor) -> torch.Te
         ints = _INT_OF_SIZE[f.dtype.itemsize]
         return int(np.count_nonzero(f.view(ints).numpy() == b.view(ints).numpy()))
     return zeros_in(diff)
+
+
+def sampled_ranges(start: int, count: int, every: int) -> list[tuple[int, int]]:
+    """The parts of elements ``[start, start + count)`` of a tensor that the report measures, as
+    ranges relative to ``start``: the blocks ``k`` of ``CPU_BLOCK`` elements with ``k % every == 0``
+    (``every <= 1``: all of them), the same blocks ``ChunkKernel.combine`` measures."""
+    if every <= 1:
+        return [(0, count)] if count else []
+    end, out = start + count, []
+    k = start // CPU_BLOCK
+    k += -k % every
+    while k * CPU_BLOCK < end:
+        out.append((max(start, k * CPU_BLOCK) - start, min(end, (k + 1) * CPU_BLOCK) - start))
+        k += every
+    return out
 
 
 def add_stats(stats: torch.Tensor, values: list[torch.Tensor | float | int]) -> None:

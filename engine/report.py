@@ -97,7 +97,7 @@ def build(measured: Iterable[tuple[str, tuple[float, ...]]], alphas: Mapping[str
     return {"format": REPORT_FORMAT, "mode": mode, "compute_dtype": compute_dtype,
             "sampling": ("every element" if mode == "exact" else
                          "on a CPU every 32nd block of 256Ki elements of each tensor (its first always), every "
-                         "element on a GPU and for FP8; norms are estimates scaled to the whole tensor"),
+                         "element on a GPU; norms are estimates scaled to the whole tensor"),
             "model": model, "layers": layers, "tensors": tensors,
             "flags": _flags(tensors, layers, model), "unmeasured": sorted(n for n in alphas if n not in raw)}
 

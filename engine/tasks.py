@@ -185,9 +185,9 @@ class ExecSettings:
     chunk_size: int
     allow_nonfinite: bool
     read_concurrency: int = 1
-    # The transfer report: 0 measures nothing; else the plain kernel on a CPU measures one cache
-    # block in ``report_every`` of each combined tensor (``REPORT_EVERY``), GPUs and the codec all.
-    report_every: int = 16
+    # The transfer report: 0 measures nothing; else a CPU measures every ``report_every``-th block
+    # of each combined tensor (``kernel.sampled_ranges``), a GPU all of it.
+    report_every: int = REPORT_EVERY["sampled"]
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ def test_fp8_tensors_are_measured_on_their_real_values_every_element(fp8_trio, t
     from quantized import read_tensors, real_values
 
     out = str(tmp_path / "out")
-    run_local(make_spec(fp8_trio, out), workers=1)  # report: sampled, which the FP8 path measures whole
+    run_local(make_spec(fp8_trio, out), workers=1)  # sampled: these tensors are under 32 blocks, measured whole
     t, f, b = (real_values(fp8_trio[r]) for r in ("target", "finetuned", "base"))
     codes = {n for n, x in read_tensors(out).items() if x.dtype == torch.float8_e4m3fn}
     entries = {e["name"]: e for e in load_report(out)["tensors"]}

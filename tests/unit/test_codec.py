@@ -182,3 +182,37 @@ def test_reads_of_a_chunk_cover_exactly_its_codes_and_its_scale_rows():
     assert [(r.file, r.begin, r.end) for r in scale_reads] == [
         ("s.safetensors", 1000 + 12 * i, 1000 + 12 * (i + 1)) for i in range(4)]
     assert shard.read_bytes == 100 * 70 * (2 + 2 + 1) + 48
+
+
+def test_the_report_samples_the_same_grid_blocks_on_the_codec_path():
+    from graft.engine.kernel import CPU_BLOCK, STATS
+
+    rows, cols = 2048, 8192  # 64 blocks of CPU_BLOCK elements: blocks 0 and 32 are measured
+    torch.manual_seed(31)
+    codes, scales = quantize_blocks(torch.randn(rows, cols) * 0.02, (128, 128))
+    b = dequantize(codes, scales, (128, 128))
+    f = (b + 0.001 * torch.randn(rows, cols, dtype=torch.float64)).to(torch.bfloat16)
+    t = torch.randn(rows, cols).to(torch.bfloat16)
+    sc = Scales("w_scale_inv", "F32", tuple(scales.shape), (128, 128), file="s", begin=0, end=scales.numel() * 4)
+    task = TensorTask("w", "BF16", (rows, cols), 1.0, Source("target", "t", "BF16", 0, rows * cols * 2),
+                      Source("finetuned", "f", "BF16", 0, rows * cols * 2),
+                      Source("base", "b", "F8_E4M3", 0, rows * cols, None, sc))
+    shard = ShardTask(0, "o", (task,), (), 0, ExecSettings("float32", 16 * 2**20, False))
+    chunks = list(iter_chunks(shard))
+    tc = Transcoder("float32", max(c.count for c in chunks))
+    stats = torch.zeros(len(STATS), dtype=torch.float64)
+    out = torch.empty(rows * cols, dtype=torch.bfloat16)
+    for c in chunks:
+        lo, hi = c.scale_rows(sc)
+        part = slice(c.start, c.start + c.count)
+        inputs = {("target", "codes"): t.view(-1)[part], ("finetuned", "codes"): f.view(-1)[part],
+                  ("base", "codes"): codes.view(-1)[part], ("base", "scales"): scales[lo:hi].reshape(-1)}
+        assert tc.run(c, inputs, out[part], "o", stats, 32) is None
+    got = dict(zip(STATS, stats.tolist()))
+    assert got["elements"] == rows * cols and got["measured"] == 2 * CPU_BLOCK and got["differs"] == 1
+    picked = torch.cat([torch.arange(0, CPU_BLOCK), torch.arange(32 * CPU_BLOCK, 33 * CPU_BLOCK)])
+    tt, ff, bb, oo = (x.double().reshape(-1)[picked] for x in (t, f, b, out))
+    want = {"target_sq": tt @ tt, "out_delta_sq": (oo - tt) @ (oo - tt), "delta_sq": (ff - bb) @ (ff - bb),
+            "moved_sq": (tt - bb) @ (tt - bb), "dot": (ff - bb) @ (tt - bb), "unchanged": (ff == bb).sum()}
+    for key, value in want.items():
+        assert got[key] == pytest.approx(float(value), rel=1e-4, abs=1e-6), key

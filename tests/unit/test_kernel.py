@@ -18,7 +18,7 @@ import torch
 
 from conftest import ulp, within_float32_contract
 from graft.engine.errors import NonFiniteError
-from graft.engine.kernel import CPU_BLOCK, STATS, ChunkKernel, check_finite, first_nonfinite
+from graft.engine.kernel import CPU_BLOCK, STATS, ChunkKernel, check_finite, first_nonfinite, sampled_ranges
 
 N = 20_000
 ALPHAS = (1.0, 0.5, -1.3)
@@ -282,3 +282,17 @@ def test_a_fine_tune_that_changed_only_unsampled_elements_still_counts_as_touche
     untouched = dict(zip(STATS, _stats(ChunkKernel("float32", CPU_BLOCK), b.clone(), b.clone(), b, 1.0, 32,
                                        CPU_BLOCK).tolist()))
     assert untouched["differs"] == 0
+
+
+@pytest.mark.parametrize("start, count", [(0, 70 * CPU_BLOCK + 5), (5 * CPU_BLOCK + 3, 40 * CPU_BLOCK),
+                                          (32 * CPU_BLOCK - 7, 20), (CPU_BLOCK, 31 * CPU_BLOCK)])
+def test_sampled_ranges_are_the_blocks_the_kernel_measures(start, count):
+    ranges = sampled_ranges(start, count, 32)
+    for lo, hi in ranges:  # inside the chunk, inside one sampled grid block
+        assert 0 <= lo < hi <= count and (start + lo) // CPU_BLOCK == (start + hi - 1) // CPU_BLOCK
+        assert (start + lo) // CPU_BLOCK % 32 == 0
+    x = torch.ones(count, dtype=torch.bfloat16)
+    stats = torch.zeros(len(STATS), dtype=torch.float64)
+    ChunkKernel("float32", CPU_BLOCK).combine(x, x, x, 1.0, torch.empty_like(x), stats, False, start, 32)
+    assert dict(zip(STATS, stats.tolist()))["measured"] == sum(hi - lo for lo, hi in ranges)
+    assert sampled_ranges(start, count, 1) == [(0, count)]
