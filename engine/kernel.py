@@ -59,12 +59,14 @@ def zeros_in(diff: torch.Tensor) -> torch.Tensor | int:
     return (diff == 0).sum()
 
 
-def _unchanged(f: torch.Tensor, b: torch.Tensor, diff: torch.Tensor) -> torch.Tensor | int:
+def _unchanged(f: torch.Tensor, b: torch.Tensor, diff: torch.Tensor, scratch: np.ndarray | None) -> torch.Tensor | int:
     """Elements where the fine-tune kept the base's value: equal bits when both are stored alike
-    (numpy's integer compare: 4x faster here than torch's), else a zero difference."""
-    if f.dtype == b.dtype and f.device.type == "cpu":
+    (numpy's integer compare into ``scratch``, a reused bool buffer: 4x faster here than torch's,
+    and no fresh memory per block), else a zero difference."""
+    if f.dtype == b.dtype and scratch is not None:
         ints = _INT_OF_SIZE[f.dtype.itemsize]
-        return int(np.count_nonzero(f.view(ints).numpy() == b.view(ints).numpy()))
+        same = np.equal(f.view(ints).numpy(), b.view(ints).numpy(), out=scratch[:f.numel()])
+        return int(np.count_nonzero(same))
     return zeros_in(diff)
 
 
@@ -115,6 +117,7 @@ class ChunkKernel:
         self._diff = torch.empty(self.block, dtype=self.dtype, device=device)
         self._tmp = torch.empty(self.block, dtype=self.dtype, device=device)
         self._t: torch.Tensor | None = None  # the target in the compute dtype, kept for the stats
+        self._same: np.ndarray | None = None  # the stats' bit compare (CPU)
 
     def _as_compute(self, x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.dtype:
@@ -128,6 +131,7 @@ class ChunkKernel:
         n = t.numel()
         if stats is not None and self._t is None:
             self._t = torch.empty_like(self._diff)
+            self._same = np.empty(self.block, dtype=bool) if self.on_cpu else None
         sums = [0.0] * len(STATS) if stats is not None and self.on_cpu else None
         known = sums is not None and bool(stats[_DIFFERS])  # touched already: no need to look again
         if known:
@@ -177,7 +181,7 @@ class ChunkKernel:
         tc = self._as_compute(t, self._t[:n])
         moved = torch.sub(tc, bc, out=tmp)
         parts = [torch.dot(tc, tc), torch.dot(diff, diff), torch.dot(moved, moved), torch.dot(diff, moved),
-                 _unchanged(f, b, diff)]
+                 _unchanged(f, b, diff, self._same)]
         if alpha != 1.0:
             diff.mul_(alpha)
         diff.add_(tc)

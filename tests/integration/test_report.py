@@ -118,8 +118,8 @@ def test_a_difference_below_the_outputs_precision_is_flagged_as_lost_in_rounding
 
 
 def test_sampled_runs_measure_small_tensors_whole(tiny_checkpoints, exact_run, tmp_path):
-    """Sampling takes one block of 256Ki elements in 32 (tests/unit/test_kernel.py): the demo's
-    tensors are all smaller than 32 blocks, so a sampled run measures them whole, like exact."""
+    """Sampling takes every 32nd block of 256Ki elements (tests/unit/test_kernel.py), the first
+    always: the demo's tensors all fit one block, so a sampled run measures them whole, like exact."""
     out = str(tmp_path / "out")
     run_local(make_spec(tiny_checkpoints, out, chunk_size="64KiB"), workers=2)
     sampled = {e["name"]: e for e in load_report(out)["tensors"]}
@@ -178,7 +178,7 @@ def test_fp8_tensors_are_measured_on_their_real_values_every_element(fp8_trio, t
     from quantized import read_tensors, real_values
 
     out = str(tmp_path / "out")
-    run_local(make_spec(fp8_trio, out), workers=1)  # sampled: these tensors are under 32 blocks, measured whole
+    run_local(make_spec(fp8_trio, out), workers=1)  # sampled: these tensors fit one block, measured whole
     t, f, b = (real_values(fp8_trio[r]) for r in ("target", "finetuned", "base"))
     codes = {n for n, x in read_tensors(out).items() if x.dtype == torch.float8_e4m3fn}
     entries = {e["name"]: e for e in load_report(out)["tensors"]}
