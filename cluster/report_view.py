@@ -47,20 +47,33 @@ def plot_report(report: Mapping[str, Any], path: str, title: str = "") -> None:
     layers = report.get("layers") or []
     xs = [entry["layer"] for entry in layers]
 
-    def series(key: str) -> list[float]:
-        return [float("nan") if entry.get(key) is None else entry[key] for entry in layers]
+    def series(key: str, diff: int | None = None) -> list[float]:
+        out = []
+        for entry in layers:
+            if diff is not None:  # several diffs: that diff's entry in the layer, if it has one
+                entry = next((d for d in entry.get("diffs") or [] if d.get("diff") == diff), {})
+            out.append(float("nan") if entry.get(key) is None else entry[key])
+        return out
 
+    # One diff: its measures at the top level of each layer; several: a "diffs" list per layer.
+    diffs: list[int | None] = list(range(report["diffs"])) if report.get("diffs", 1) > 1 else [None]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 2]})
-    for key, label in (("ft_delta_norm", "||ft - base||  (the fine-tune's change)"),
-                       ("base_move_norm", "||target - base||  (how far the new base moved)"),
-                       ("out_delta_norm", "||out - target||  (what the transfer changed)")):
-        top.plot(xs, series(key), marker="o", markersize=3, label=label)
+    for diff in diffs:
+        tag = "" if diff is None else f"diff {diff}: "
+        for key, label in (("ft_delta_norm", "||ft - base||  (the fine-tune's change)"),
+                           ("base_move_norm", "||target - base||  (how far the new base moved)")):
+            top.plot(xs, series(key, diff), marker="o", markersize=3, label=tag + label)
+        bottom.plot(xs, series("cosine", diff), marker="o", markersize=3, label=tag.rstrip(": ") or None,
+                    color="tab:purple" if diff is None else None)
+    top.plot(xs, series("out_delta_norm"), marker="o", markersize=3,
+             label="||out - target||  (what the transfer changed)")
     top.set_yscale("log")
     top.set_ylabel("L2 norm per layer")
     top.legend(fontsize=8)
     top.grid(True, alpha=0.3)
-    bottom.plot(xs, series("cosine"), marker="o", markersize=3, color="tab:purple")
+    if diffs != [None]:
+        bottom.legend(fontsize=8)
     bottom.axhline(0.0, color="grey", linewidth=0.8)
     bottom.set_ylabel("cosine(ft - base, target - base)")
     bottom.set_xlabel("layer")

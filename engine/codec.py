@@ -27,10 +27,8 @@ from __future__ import annotations
 import torch
 
 from .errors import NonFiniteError
-from .kernel import COMPUTE_DTYPES, TORCH_DTYPES, add_stats, sampled_ranges, zeros_in
-from .tasks import STATS, Chunk
-
-_DIFFERS = STATS.index("differs")
+from .kernel import COMPUTE_DTYPES, TORCH_DTYPES, add_stats, differs_index, sampled_ranges, zeros_in
+from .tasks import STATS, Chunk, Source, stat_names
 
 __all__ = ["FP8_MAX", "decode_into", "block_amax", "scales_from_amax", "encode_into", "Transcoder"]
 
@@ -155,81 +153,117 @@ class Transcoder:
         self._a = torch.empty(capacity, dtype=self.dtype, device=self.device)
         self._b = torch.empty(capacity, dtype=self.dtype, device=self.device)
         self._c: torch.Tensor | None = None  # the decoded target, for the transfer report
+        self._d: torch.Tensor | None = None  # a further diff's difference
         self._index = torch.empty(capacity, dtype=torch.int32, device=self.device)
         self._tables = {code: _code_table(code, self.dtype, self.device) for code in _CODE_NAMES}
         self._amax: dict[str, torch.Tensor] = {}
         self._fixed: dict[str, torch.Tensor] = {}
 
-    def _decode(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor], role: str,
+    def _decode(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor], src: Source,
                 into: torch.Tensor) -> None:
         t = chunk.tensor
-        src = t.source(role)
+        if src.zero:  # a stored difference's base: zeros
+            into.zero_()
+            return
         rows, cols = chunk.rows[1], t.shape[1]
-        codes = inputs[(role, "codes")].view(rows, cols)
+        codes = inputs[(src.role, "codes")].view(rows, cols)
         index, table = self._index[:rows * cols], self._tables.get(codes.dtype)
         if src.scales is None:
             decode_into(into, codes, None, None, 0, index, table)
             return
         lo, _ = chunk.scale_rows(src.scales)
         grid_cols = src.scales.grid(*t.shape)[1]
-        scales = inputs[(role, "scales")].view(-1, grid_cols)
+        scales = inputs[(src.role, "scales")].view(-1, grid_cols)
         decode_into(into, codes, scales, src.scales.block, chunk.rows[0] - lo * src.scales.block[0],
                     index, table)
 
     def values(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
                ranges: list[tuple[int, int]] | None = None,
-               parts: list[list[torch.Tensor | float | int]] | None = None,
-               look: bool = True) -> torch.Tensor:
-        """t + alpha * (f - b) over the chunk's rows (or t alone), in the compute dtype; the same
-        operation order as ``ChunkKernel``: difference, scale, add the target. With ``ranges`` (of
-        a combined tensor; ``kernel.sampled_ranges``) ``parts`` gets ``[differs]`` (whether any
-        element of the chunk differs, looked for only with ``look``), then each range's elements,
-        target_sq, delta_sq, moved_sq, dot and unchanged; the decoded target is left in ``self._c``
-        for ``run`` to measure the output against."""
+               parts: dict[str, list] | None = None,
+               look: tuple[bool, ...] = ()) -> torch.Tensor:
+        """t + sum_i alpha_i * (f_i - b_i) over the chunk's rows (or t alone), in the compute dtype;
+        the same operation order as ``ChunkKernel``: each difference, scaled, summed left to right,
+        then the target added. With ``ranges`` (of a combined tensor; ``kernel.sampled_ranges``)
+        ``parts`` gets, per range, ``common`` [elements, target_sq, change_sq] and, per diff,
+        ``terms`` [delta_sq, moved_sq, dot, unchanged]; and ``differs``, whether any element of
+        each diff differs (looked for only where ``look`` says). The decoded target is left in
+        ``self._c`` for ``run`` to measure the output against."""
         t = chunk.tensor
         rows, cols = chunk.rows[1], t.shape[1]
         acc = self._a[:rows * cols].view(rows, cols)
         tmp = self._b[:rows * cols].view(rows, cols)
-        if t.combine:
-            self._decode(chunk, inputs, "finetuned", acc)
-            self._decode(chunk, inputs, "base", tmp)
-            acc.sub_(tmp)
-            if ranges is not None and parts is not None:
-                if self._c is None:
-                    self._c = torch.empty_like(self._a)
-                target = self._c[:rows * cols].view(rows, cols)
-                self._decode(chunk, inputs, "target", target)
-                d, tv, bv = acc.view(-1), target.view(-1), tmp.view(-1)
-                parts.append([d.any() if look else 0])
+        if not t.combine:
+            self._decode(chunk, inputs, t.target, acc)
+            return acc
+        measuring = ranges is not None and parts is not None
+        target = tmp
+        if measuring:
+            if self._c is None:
+                self._c = torch.empty_like(self._a)
+            target = self._c[:rows * cols].view(rows, cols)
+            self._decode(chunk, inputs, t.target, target)
+            parts.update(differs=[], terms=[], common=[])  # type: ignore[union-attr]
+        for i, term in enumerate(t.terms):
+            if i == 0:
+                d = acc
+            else:
+                if self._d is None:
+                    self._d = torch.empty_like(self._a)
+                d = self._d[:rows * cols].view(rows, cols)
+            self._decode(chunk, inputs, term.finetuned, d)
+            self._decode(chunk, inputs, term.base, tmp)
+            d.sub_(tmp)
+            if measuring:
+                assert parts is not None and ranges is not None
+                dv, tv, bv = d.view(-1), target.view(-1), tmp.view(-1)
+                parts["differs"].append(dv.any() if i < len(look) and look[i] else 0)
+                got = []
                 for lo, hi in ranges:
                     moved = torch.sub(tv[lo:hi], bv[lo:hi], out=bv[lo:hi])  # the base is not needed after
-                    dr, tr = d[lo:hi], tv[lo:hi]
-                    parts.append([hi - lo, torch.dot(tr, tr), torch.dot(dr, dr), torch.dot(moved, moved),
-                                  torch.dot(dr, moved), zeros_in(dr)])
-                tmp = target
-            else:
-                self._decode(chunk, inputs, "target", tmp)
-            if t.alpha != 1.0:
-                acc.mul_(t.alpha)
-            acc.add_(tmp)
+                    dr = dv[lo:hi]
+                    got.append([torch.dot(dr, dr), torch.dot(moved, moved), torch.dot(dr, moved), zeros_in(dr)])
+                parts["terms"].append(got)
+            if term.alpha != 1.0:
+                d.mul_(term.alpha)
+            if i:
+                acc.add_(d)
+        if measuring:
+            assert parts is not None and ranges is not None
+            av, tv = acc.view(-1), target.view(-1)
+            parts["common"] = [[hi - lo, torch.dot(tv[lo:hi], tv[lo:hi]),
+                                torch.dot(av[lo:hi], av[lo:hi]) if len(t.terms) > 1 else 0]
+                               for lo, hi in ranges]
         else:
-            self._decode(chunk, inputs, "target", acc)
+            self._decode(chunk, inputs, t.target, target)
+        acc.add_(target)
         return acc
 
-    def _add_measures(self, stats: torch.Tensor, parts: list[list[torch.Tensor | float | int]],
-                      ranges: list[tuple[int, int]], result: torch.Tensor | None) -> None:
-        """Add a chunk's measures to ``stats``: ``parts`` per measured range (from ``values``), plus
-        (out - t)^2 over those ranges from ``result`` (the rounded output, or an FP8 output's values
-        before encoding)."""
+    def _add_measures(self, stats: torch.Tensor, parts: dict[str, list], ranges: list[tuple[int, int]],
+                      terms: int, result: torch.Tensor | None) -> None:
+        """Add a chunk's measures to ``stats`` (laid out as ``tasks.stat_names(terms)``): ``parts``
+        per measured range (from ``values``), plus (out - t)^2 over those ranges from ``result``
+        (the rounded output, or an FP8 output's values before encoding)."""
         assert result is not None and self._c is not None
-        sums: list[torch.Tensor | float | int] = [0] * 7  # measured, tt, oo, dd, uu, du, unchanged
-        for (lo, hi), (count, tt, dd, uu, du, zeros) in zip(ranges, parts[1:]):
+        names = stat_names(terms)
+        sums: list[torch.Tensor | float | int] = [0] * len(names)
+        sums[0] = result.numel()
+        at = {k: names.index(k) for k in ("measured", "target_sq", "out_delta_sq")}
+        for r, (lo, hi) in enumerate(ranges):
+            count, tt, cc = parts["common"][r]
             change = self._b[lo:hi]
             change.copy_(result[lo:hi])
             change.sub_(self._c[lo:hi])
-            for i, v in enumerate((count, tt, torch.dot(change, change), dd, uu, du, zeros)):
-                sums[i] = sums[i] + v
-        add_stats(stats, [result.numel(), sums[0], parts[0][0], *sums[1:]])
+            for k, v in zip(("measured", "target_sq", "out_delta_sq"), (count, tt, torch.dot(change, change))):
+                sums[at[k]] = sums[at[k]] + v
+            if terms > 1:
+                sums[len(STATS)] = sums[len(STATS)] + cc
+            for i in range(terms):
+                first = STATS.index("delta_sq") if i == 0 else differs_index(i) + 1
+                for j, v in enumerate(parts["terms"][i][r]):
+                    sums[first + j] = sums[first + j] + v
+        for i in range(terms):
+            sums[differs_index(i)] = parts["differs"][i]
+        add_stats(stats, sums)
 
     def run(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
             out: torch.Tensor | None, where: str, stats: torch.Tensor | None = None,
@@ -240,17 +274,20 @@ class Transcoder:
         t = chunk.tensor
         measuring = stats is not None and t.combine and not chunk.measure
         ranges = sampled_ranges(chunk.start, chunk.count, every) if measuring else None
-        parts: list[list[torch.Tensor | float | int]] = []
-        # Whether the fine-tune touched the tensor is looked for until known (on a GPU: every chunk).
-        known = measuring and stats is not None and stats.device.type == "cpu" and bool(stats[_DIFFERS])
-        w = self.values(chunk, inputs, ranges, parts, look=not known)
+        parts: dict[str, list] = {}
+        # Whether each diff touched the tensor is looked for until known (on a GPU: every chunk).
+        on_cpu = stats is not None and stats.device.type == "cpu"
+        look = tuple(not (measuring and on_cpu and bool(stats[differs_index(i)]))  # type: ignore[index]
+                     for i in range(len(t.terms)))
+        w = self.values(chunk, inputs, ranges, parts, look)
         rows, cols = w.shape
         if t.scales is None:
             assert out is not None
             out.view(rows, cols).copy_(w)  # the one rounding to a plain output dtype
         if measuring:
             assert stats is not None
-            self._add_measures(stats, parts, ranges or [], w.view(-1) if t.scales is not None else out)
+            self._add_measures(stats, parts, ranges or [], len(t.terms),
+                               w.view(-1) if t.scales is not None else out)
         if t.scales is None:
             return None
         scratch = self._b[:rows * cols].view(rows, cols)

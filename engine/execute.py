@@ -29,10 +29,10 @@ import torch
 
 from .codec import Transcoder
 from .errors import GraftError, IntegrityError
-from .kernel import STATS, TORCH_DTYPES, ChunkKernel, check_finite, nonfinite_error
+from .kernel import TORCH_DTYPES, ChunkKernel, check_finite, nonfinite_error
 from .safetensors import FLOATING_DTYPES, ShardWriter
 from .storage import RangeReader, Storage
-from .tasks import Chunk, Read, ShardResult, ShardTask, TensorTask, iter_chunks
+from .tasks import Chunk, Read, ShardResult, ShardTask, Source, TensorTask, iter_chunks, stat_names
 
 __all__ = ["ShardResult", "Chunk", "Cancelled", "iter_chunks", "execute_shard"]
 
@@ -82,15 +82,17 @@ def _compute(kernel: ChunkKernel | None, codec: Transcoder | None, chunk: Chunk,
     else:
         assert kernel is not None
 
-        def rows_of(role: str) -> torch.Tensor:
-            got = inputs.get((role, "codes"))
-            if got is not None:
+        def rows_of(src: Source) -> torch.Tensor:
+            got = inputs.get((src.role, "codes"))
+            if got is not None and not src.zero:
                 return got
-            # Rows the checkpoint lacks count as zeros (a resized vocabulary, ``vocab: pad``).
-            return torch.zeros(chunk.count, dtype=TORCH_DTYPES[t.source(role).dtype], device=out.device)
+            # Rows the checkpoint lacks count as zeros (a resized vocabulary, ``vocab: pad``), and
+            # so does a stored difference's base.
+            return torch.zeros(chunk.count, dtype=TORCH_DTYPES[src.dtype], device=out.device)
 
-        bad = kernel.combine(rows_of("target"), rows_of("finetuned"), rows_of("base"), t.alpha, typed,
-                             stats, check, chunk.start, every)
+        bad = kernel.combine_terms(rows_of(t.target), tuple((rows_of(x.finetuned), rows_of(x.base), x.alpha)
+                                                            for x in t.terms),
+                                   typed, stats, check, chunk.start, every)
         if bad is not None:
             raise nonfinite_error(typed[bad].item(), t.name, where, chunk.start + bad)
 
@@ -241,8 +243,8 @@ def execute_shard(
         _CudaCompute(device, settings.compute_dtype, plain_elems, codec_elems, out_cap, capacity) if on_gpu
         else _CpuCompute(settings.compute_dtype, plain_elems, codec_elems, out_cap))
     readers: dict[tuple[str, str], RangeReader] = {}
-    # One thread per role keeps the three input streams moving while this thread computes/writes.
-    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix=f"graft-read-{task.index}")
+    # One thread per input keeps the input streams moving while this thread computes/writes.
+    pool = ThreadPoolExecutor(max_workers=max(3, len({r.role for rs in reads for r in rs})), thread_name_prefix=f"graft-read-{task.index}")
 
     def reader(role: str, file: str, version: str | None) -> RangeReader:
         key = (role, file)
@@ -273,7 +275,7 @@ def execute_shard(
         if not (settings.report_every and t.combine):
             return None
         if t.name not in measured:
-            measured[t.name] = torch.zeros(len(STATS), dtype=torch.float64, device=compute_device)
+            measured[t.name] = torch.zeros(len(stat_names(len(t.terms))), dtype=torch.float64, device=compute_device)
         return measured[t.name]
 
     writer = output.writer(task.file, task.size)

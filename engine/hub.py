@@ -93,10 +93,17 @@ def model_card(manifest: Mapping[str, Any]) -> str:
     """README.md for a pushed output: Hub metadata (YAML front matter) and a short description."""
     spec, inputs = manifest["spec"], manifest["inputs"]
     sources = {}
-    for role in ("target", "finetuned", "base"):
-        entry = inputs[role]
+    for role, entry in inputs.items():  # target, then each diff's finetuned and base
         sources[role] = {"location": entry["uri"], **({"commit": entry["commit"]} if "commit" in entry else {})}
-    hub_models = [r for r in (repo_id_of(inputs[role]["uri"]) for role in ("target", "finetuned", "base")) if r]
+    hub_models = [r for r in (repo_id_of(e["uri"]) for e in inputs.values()) if r]
+    diffs = spec.get("diffs")
+    if diffs:
+        formula, alphas = "target + sum_i alpha_i * (finetuned_i - base_i)", [d["alpha"] for d in diffs]
+        described = (f"`{formula}`, computed per tensor by graft with alphas {', '.join(map(str, alphas))} "
+                     f"(the diffs summed left to right, then added to the target; ")
+    else:
+        formula, alphas = "target + alpha * (finetuned - base)", spec["alpha"]
+        described = f"`{formula}`, computed per tensor by graft with alpha = {spec['alpha']} ("
     files = {o["name"] for o in manifest["outputs"]}
     formats = manifest.get("plan", {}).get("formats") or {}
     data = ModelCardData(
@@ -105,8 +112,8 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         library_name="transformers" if "config.json" in files else None,
         tags=["graft", "fine-tuning-transfer"],
         graft={
-            "formula": "target + alpha * (finetuned - base)",
-            "alpha": spec["alpha"],
+            "formula": formula,
+            "alpha": alphas,
             "rules": [{"match": r["match"], "alpha": r["alpha"]} for r in spec.get("rules", [])],
             "compute_dtype": spec["compute_dtype"],
             **({"output_format": spec["output_format"]} if "output_format" in spec else {}),
@@ -123,9 +130,8 @@ def model_card(manifest: Mapping[str, Any]) -> str:
     return (
         f"---\n{data.to_yaml()}\n---\n\n"
         f"# Fine-tuning transfer\n\n"
-        f"These weights are `target + alpha * (finetuned - base)`, computed per tensor by graft with "
-        f"alpha = {spec['alpha']} ({spec['compute_dtype']} arithmetic, rounded once to the target's "
-        f"dtype), following Lin et al. (2025), *Efficient Model Development through Fine-tuning "
+        f"These weights are {described}{spec['compute_dtype']} arithmetic, rounded once to the "
+        f"target's dtype), following Lin et al. (2025), *Efficient Model Development through Fine-tuning "
         f"Transfer*.{rule_table}\n\n"
         f"Sources:\n\n{lines}\n\n{stored}"
         f"`{MANIFEST_NAME}` records the run (every input file's version, every output file's "

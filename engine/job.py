@@ -34,8 +34,8 @@ from . import __version__, cas
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from .errors import IntegrityError, Interrupted, OutputError, Terminated
 from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, SUMS_NAME, OutputFile, format_sums, hash_file
-from .tasks import STATS
-from .planner import ROLES, Plan, ShardTask, make_plan
+from .tasks import STATS, TERM_STATS
+from .planner import Plan, ShardTask, make_plan
 from .report import REPORT_NAME, build as build_report
 from .runmark import RUN_MARK, Observed, RunAlive, RunMark, describe, observe, wait_until_stale
 from .redaction import redact_text
@@ -61,17 +61,20 @@ class Job:
 
 
 def prepare_job(spec: JobSpec) -> Job:
-    """Open the three checkpoints (headers only) and plan the job. Raises ``GraftError`` subclasses."""
-    def open_role(role: str) -> tuple[Checkpoint, Any]:
-        c = open_checkpoint(getattr(spec, role), spec.storage_options)
+    """Open the input checkpoints (headers only) and plan the job. Raises ``GraftError`` subclasses.
+    A location named by several roles (two diffs from one base) is opened, and read, once."""
+    def open_at(uri: str) -> tuple[Checkpoint, Any]:
+        c = open_checkpoint(uri, spec.storage_options)
         return c, c.read_json("config.json")
 
-    # The three are independent (listings, stats and headers: round trips on an object store), so
-    # they are opened at once; an error is reported for the first role in ROLES order that failed.
-    with ThreadPoolExecutor(max_workers=len(ROLES)) as pool:
-        opened = dict(zip(ROLES, pool.map(open_role, ROLES)))
-    checkpoints = {role: c for role, (c, _) in opened.items()}
-    configs = {role: config for role, (_, config) in opened.items()}
+    roles = spec.roles
+    uris = list(dict.fromkeys(roles.values()))
+    # They are independent (listings, stats and headers: round trips on an object store), so they
+    # are opened at once; an error is reported for the first role, in the spec's order, that failed.
+    with ThreadPoolExecutor(max_workers=min(len(uris), 8)) as pool:
+        opened = dict(zip(uris, pool.map(open_at, uris)))
+    checkpoints = {role: opened[uri][0] for role, uri in roles.items()}
+    configs = {role: opened[uri][1] for role, uri in roles.items()}
     return Job(spec, checkpoints, make_plan(spec, checkpoints, configs))
 
 
@@ -101,9 +104,11 @@ def _journal_form(report: tuple[tuple[str, tuple[float, ...]], ...]) -> dict[str
 def _journaled_report(info: dict[str, Any]) -> tuple[tuple[str, tuple[float, ...]], ...]:
     """A kept shard's report measures back from its journal entry; none if absent or malformed."""
     entries = info.get("report")
+    extra = len(STATS) + 1  # several diffs: the change, then TERM_STATS per further diff
     try:
         return tuple((str(n), tuple(float(v) for v in vs)) for n, vs in entries.items()
-                     if len(vs) == len(STATS)) if isinstance(entries, dict) else ()
+                     if len(vs) == len(STATS) or (len(vs) > extra and (len(vs) - extra) % len(TERM_STATS) == 0)
+                     ) if isinstance(entries, dict) else ()
     except (TypeError, ValueError):
         return ()
 
@@ -369,8 +374,10 @@ class OutputSession:
         manifest = {
             "format": MANIFEST_FORMAT,
             "graft_version": __version__,
-            "formula": "out = target + alpha * (finetuned - base), per tensor, rounded once to the "
-                       "target's dtype",
+            "formula": ("out = target + alpha * (finetuned - base), per tensor, rounded once to the "
+                        "target's dtype" if len(self.job.spec.diffs) == 1 else
+                        "out = target + sum_i alpha_i * (finetuned_i - base_i), the change summed left to "
+                        "right then added to the target, per tensor, rounded once to the target's dtype"),
             "spec": self.job.spec.to_dict(),
             "inputs": {
                 role: {"uri": c.uri, **({"commit": c.storage.commit} if c.storage.commit else {}),
@@ -409,9 +416,10 @@ class OutputSession:
         spec = self.job.spec
         if spec.report == "off":
             return None
-        alphas = {t.name: t.alpha for s in self.job.plan.shards for t in s.tensors if t.combine}
+        terms = {t.name: tuple((x.diff, x.alpha) for x in t.terms)
+                 for s in self.job.plan.shards for t in s.tensors if t.combine}
         measured = [m for r in self.results.values() for m in r.report]
-        return build_report(measured, alphas, spec.report, spec.compute_dtype)
+        return build_report(measured, terms, spec.report, spec.compute_dtype, len(spec.diffs))
 
     def _put(self, name: str, data: bytes) -> OutputFile:
         self.storage.write_bytes(name, data)

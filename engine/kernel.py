@@ -2,20 +2,24 @@
 
 The operation order is fixed (difference, scale, add target, one final cast) and never fused into
 an FMA (``torch.add(..., alpha=)`` may fuse on CPU), so a float64 run is bit-identical to the float64
-reference ``(t.double() + alpha * (f.double() - b.double())).to(dtype)``.
+reference ``(t.double() + alpha * (f.double() - b.double())).to(dtype)``. With several diffs the
+change is summed first, left to right, then added to the target:
+``c = a1 * (f1 - b1); c = c + a2 * (f2 - b2); ...; out = (c + t).to(dtype)`` (for one diff, the same
+operations as above).
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import NonFiniteError
-from .tasks import STATS
+from .tasks import STATS, TERM_STATS, stat_names
 
 __all__ = ["TORCH_DTYPES", "COMPUTE_DTYPES", "CPU_BLOCK", "STATS", "add_stats", "sampled_ranges", "zeros_in", "ChunkKernel", "first_nonfinite", "check_finite",
-           "nonfinite_error"]
+           "nonfinite_error", "differs_index"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
@@ -49,6 +53,12 @@ def first_nonfinite(values: torch.Tensor) -> int | None:
 
 
 _DIFFERS = STATS.index("differs")
+_CHANGE = len(STATS)  # with several diffs: the change's sum of squares, then each further diff's measures
+
+
+def differs_index(term: int) -> int:
+    """Where term ``term``'s ``differs`` flag sits in ``tasks.stat_names``."""
+    return _DIFFERS if term == 0 else _CHANGE + 1 + (term - 1) * len(TERM_STATS)
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -85,6 +95,16 @@ def sampled_ranges(start: int, count: int, every: int) -> list[tuple[int, int]]:
     return out
 
 
+def _out_delta_sq(out: torch.Tensor, tc: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """sum (out - t)^2 with ``out`` as written (rounded), ``tc`` the target in the compute dtype."""
+    if out.dtype == tc.dtype:
+        torch.sub(out, tc, out=scratch)
+    else:
+        scratch.copy_(out)
+        scratch.sub_(tc)
+    return torch.dot(scratch, scratch)
+
+
 def add_stats(stats: torch.Tensor, values: list[torch.Tensor | float | int]) -> None:
     """Add one chunk's ``STATS`` (numbers, or 0-dim tensors on ``stats``' device) to ``stats``; on a
     GPU without waiting for them."""
@@ -118,6 +138,7 @@ class ChunkKernel:
         self._tmp = torch.empty(self.block, dtype=self.dtype, device=device)
         self._t: torch.Tensor | None = None  # the target in the compute dtype, kept for the stats
         self._same: np.ndarray | None = None  # the stats' bit compare (CPU)
+        self._acc: torch.Tensor | None = None  # the summed change of several diffs
 
     def _as_compute(self, x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.dtype:
@@ -128,14 +149,27 @@ class ChunkKernel:
     def combine(self, t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, alpha: float,
                 out: torch.Tensor, stats: torch.Tensor | None = None, check: bool = False,
                 start: int = 0, every: int = 1) -> int | None:
+        return self.combine_terms(t, ((f, b, alpha),), out, stats, check, start, every)
+
+    def combine_terms(self, t: torch.Tensor, terms: tuple[tuple[torch.Tensor, torch.Tensor, float], ...],
+                      out: torch.Tensor, stats: torch.Tensor | None = None, check: bool = False,
+                      start: int = 0, every: int = 1) -> int | None:
+        """``t + sum_i alpha_i * (f_i - b_i)`` over ``terms`` of ``(f_i, b_i, alpha_i)``; ``stats``
+        then holds ``tasks.stat_names(len(terms))``."""
         n = t.numel()
+        many = len(terms) > 1
+        if many and self._acc is None:
+            self._acc = torch.empty_like(self._diff)
         if stats is not None and self._t is None:
             self._t = torch.empty_like(self._diff)
             self._same = np.empty(self.block, dtype=bool) if self.on_cpu else None
-        sums = [0.0] * len(STATS) if stats is not None and self.on_cpu else None
-        known = sums is not None and bool(stats[_DIFFERS])  # touched already: no need to look again
-        if known:
-            sums[_DIFFERS] = 1.0  # type: ignore[index]
+        sums = [0.0] * len(stat_names(len(terms))) if stats is not None and self.on_cpu else None
+        flags = [differs_index(i) for i in range(len(terms))]
+        # A diff found to touch the tensor already need not be looked at again.
+        known = [sums is not None and bool(stats[k]) for k in flags]  # type: ignore[index]
+        if sums is not None:
+            for k, was in zip(flags, known):
+                sums[k] = float(was)
         # Sampled: the blocks of a fixed grid over the tensor, so which elements are measured does
         # not depend on the chunk size (a piece of the chunk never straddles two grid blocks).
         grid = CPU_BLOCK if sums is not None and every > 1 else 0
@@ -147,15 +181,21 @@ class ChunkKernel:
                 k = (start + s) // grid
                 e = min(e, (k + 1) * grid - start)
                 measure = k % every == 0
-            bad = self._combine(t[s:e], f[s:e], b[s:e], alpha, out[s:e], stats if measure else None,
-                                sums, check)
+            if many:
+                bad = self._combine_many(t[s:e], tuple((f[s:e], b[s:e], a) for f, b, a in terms), out[s:e],
+                                         stats if measure else None, sums, check)
+            else:
+                f, b, alpha = terms[0]
+                bad = self._combine(t[s:e], f[s:e], b[s:e], alpha, out[s:e], stats if measure else None,
+                                    sums, check)
             if bad is not None:
                 return s + bad
             s = e
         if sums is not None and stats is not None:
             sums[0] += n
-            if known:
-                sums[_DIFFERS] = 0.0
+            for k, was in zip(flags, known):
+                if was:
+                    sums[k] = 0.0
             stats += torch.tensor(sums, dtype=torch.float64)
         return None
 
@@ -186,13 +226,7 @@ class ChunkKernel:
             diff.mul_(alpha)
         diff.add_(tc)
         out.copy_(diff)  # the one rounding to the target's dtype (round-to-nearest-even)
-        change = tmp  # out - t, from the rounded output
-        if out.dtype == self.dtype:
-            torch.sub(out, tc, out=change)
-        else:
-            change.copy_(out)
-            change.sub_(tc)
-        out_sq = torch.dot(change, change)
+        out_sq = _out_delta_sq(out, tc, tmp)
         if sums is None:  # on a GPU: summed on the device, read once the shard is done
             assert stats is not None
             add_stats(stats, [n, n, parts[4] < n, parts[0], out_sq, *parts[1:]])
@@ -204,6 +238,60 @@ class ChunkKernel:
             sums[_DIFFERS] = 1.0
         # A NaN/Inf in out makes (out - t)^2 summed non-finite; a finite sum proves out finite.
         if check and not math.isfinite(values[4]):
+            return first_nonfinite(out)
+        return None
+
+
+    def _combine_many(self, t: torch.Tensor, terms: tuple[tuple[torch.Tensor, torch.Tensor, float], ...],
+                      out: torch.Tensor, stats: torch.Tensor | None, sums: list[float] | None,
+                      check: bool) -> int | None:
+        """One block of several diffs: the change summed in ``_acc``, left to right, then the target
+        added and one rounding. Measured like ``_combine`` when ``stats`` is given."""
+        n = t.numel()
+        acc, diff, tmp = self._acc[:n], self._diff[:n], self._tmp[:n]  # type: ignore[index]
+        tc = self._as_compute(t, self._t[:n]) if stats is not None else None  # type: ignore[index]
+        values: list[Any] = [0.0] * len(stat_names(len(terms)))
+        for i, (f, b, alpha) in enumerate(terms):
+            d = acc if i == 0 else diff
+            fc = self._as_compute(f, d)
+            bc = self._as_compute(b, tmp)
+            torch.sub(fc, bc, out=d)
+            flag = differs_index(i)
+            if stats is not None:
+                assert tc is not None
+                moved = torch.sub(tc, bc, out=tmp)
+                unchanged = _unchanged(f, b, d, self._same)
+                at = (STATS.index("delta_sq") if i == 0 else flag + 1)
+                values[at:at + 4] = [torch.dot(d, d), torch.dot(moved, moved), torch.dot(d, moved), unchanged]
+                values[flag] = unchanged < n
+            elif sums is not None and not sums[flag] and bool(d.any()):
+                sums[flag] = 1.0
+            if alpha != 1.0:
+                d.mul_(alpha)
+            if i:
+                acc.add_(diff)
+        if stats is not None:
+            values[_CHANGE] = torch.dot(acc, acc)
+        if tc is None:
+            tc = self._as_compute(t, tmp)
+        acc.add_(tc)
+        out.copy_(acc)  # the one rounding to the target's dtype (round-to-nearest-even)
+        if stats is None:
+            return first_nonfinite(out) if check else None
+        values[STATS.index("target_sq")] = torch.dot(tc, tc)
+        values[STATS.index("out_delta_sq")] = _out_delta_sq(out, tc, tmp)
+        values[0] = values[1] = n
+        if sums is None:  # on a GPU: summed on the device, read once the shard is done
+            add_stats(stats, values)
+            return None
+        values[0] = 0
+        for i, v in enumerate(values):
+            if i in (_DIFFERS, *(differs_index(k) for k in range(1, len(terms)))):
+                if v:
+                    sums[i] = 1.0
+            else:
+                sums[i] += float(v)
+        if check and not math.isfinite(float(values[STATS.index("out_delta_sq")])):
             return first_nonfinite(out)
         return None
 

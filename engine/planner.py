@@ -20,7 +20,7 @@ from .report import REPORT_NAME
 from .quant import FP8_CODES, Layout, Stored, layout_for
 from .safetensors import FLOATING_DTYPES, build_header
 from .spec import DEFAULT_FILES, JobSpec
-from .tasks import REPORT_EVERY, ROLES, ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask
+from .tasks import REPORT_EVERY, ROLES, ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask, Term
 from . import vocab as vocab_rows
 
 __all__ = [
@@ -114,12 +114,15 @@ def _output_encoding(spec: JobSpec, t: Stored, pow2: bool) -> tuple[str, OutScal
     return t.codes.dtype, None
 
 
-def _layouts(checkpoints: Mapping[str, Checkpoint],
-             configs: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Layout]:
-    """Each checkpoint's logical tensors; every refused quantization is listed at once."""
+def _layouts(checkpoints: Mapping[str, Checkpoint], configs: Mapping[str, Mapping[str, Any] | None],
+             canon: Mapping[str, str]) -> dict[str, Layout]:
+    """Each checkpoint's logical tensors (once per checkpoint, whatever roles it plays); every
+    refused quantization is listed at once."""
     layouts: dict[str, Layout] = {}
     problems: list[str] = []
-    for role in ROLES:
+    for role, first in canon.items():
+        if first != role:
+            continue
         c = checkpoints[role]
         try:
             layouts[role] = layout_for(c, configs.get(role), role)
@@ -128,7 +131,7 @@ def _layouts(checkpoints: Mapping[str, Checkpoint],
     if problems:
         more = f" (and {len(problems) - 1} more problem(s); run graft plan to list them)" if len(problems) > 1 else ""
         raise QuantizationError(problems[0] + more, problems)
-    return layouts
+    return {role: layouts[first] for role, first in canon.items()}
 
 
 def _examples(names: list[str], n: int = 3) -> str:
@@ -136,77 +139,101 @@ def _examples(names: list[str], n: int = 3) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def _canonical(spec: JobSpec, checkpoints: Mapping[str, Checkpoint]) -> dict[str, str]:
+    """Each role -> the first role (in the spec's order) opened as the same checkpoint: the name its
+    sources are read under, so bytes two roles share (two diffs from one base) are read once."""
+    roles = list(spec.roles)
+    return {r: next(q for q in roles if checkpoints[q] is checkpoints[r]) for r in roles}
+
+
 def make_plan(
     spec: JobSpec,
     checkpoints: Mapping[str, Checkpoint],
     configs: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> Plan:
-    """Plan the job. ``checkpoints`` maps each role of ``ROLES`` to its opened checkpoint; ``configs``
-    their parsed config.json (None where absent), which also declare how each stores its weights."""
+    """Plan the job. ``checkpoints`` maps each role of ``spec.roles`` (``ROLES`` for one diff) to its
+    opened checkpoint (one object for roles at the same location); ``configs`` their parsed
+    config.json (None where absent), which also declare how each stores its weights."""
     configs = configs or {}
-    tgt, ft, bs = (checkpoints[r] for r in ROLES)
+    canon = _canonical(spec, checkpoints)
+    roles = list(canon)
+    tgt = checkpoints["target"]
+    n_diffs = len(spec.diffs)
     problems: list[str] = []
     warnings: list[str] = []
     tasks: dict[str, TensorTask] = {}
     carried_missing: list[str] = []
+    missing: dict[str, list[str]] = {role: [] for role in roles[1:]}
     combined = copied = 0
     resized: dict[str, tuple[Stored, Stored, Stored, float, str, OutScales | None]] = {}
 
-    family = _family_problems(configs, {r: checkpoints[r].uri for r in ROLES})
+    family = _family_problems(configs, {r: checkpoints[r].uri for r in roles})
     if spec.allow_family_mismatch:
         warnings.extend(family)
     else:
         problems.extend(f"{p}; set allow_family_mismatch: true if this is really intended" for p in family)
     if problems:  # another family: its quantization or tensor names would only add noise
         raise PlanError(problems[0], problems)
-    layouts = _layouts(checkpoints, configs)
-    logical, tie_notes = vocab_rows.untie({role: layouts[role].tensors for role in ROLES}, configs)
+    layouts = _layouts(checkpoints, configs, canon)
+    logical, tie_notes = vocab_rows.untie({role: layouts[role].tensors for role in roles}, configs)
     warnings.extend(tie_notes)
     problems.extend(_overlap_problems(spec, checkpoints, logical))
-    missing = {role: [n for n in logical["target"] if n not in logical[role]] for role in ("finetuned", "base")}
-    extra = sorted({n for role in ("finetuned", "base") for n in logical[role] if n not in logical["target"]})
+    extra = sorted({n for role in roles[1:] for n in logical[role] if n not in logical["target"]})
 
     scheme = layouts["target"].scheme
     pow2 = scheme is not None and scheme.pow2
     for name, t in logical["target"].items():
-        alpha = spec.alpha_for(name)
-        f, b = logical["finetuned"].get(name), logical["base"].get(name)
         dtype, scales = _output_encoding(spec, t, pow2)
         shape = t.codes.shape
         target_source = _source(tgt, "target", t, pow2)
-        if t.codes.dtype not in FLOATING_DTYPES or alpha == 0.0:
-            tasks[name] = TensorTask(name, dtype, shape, 0.0, target_source, scales=scales)
+        alphas = [spec.alpha_for(name, i) for i in range(n_diffs)]
+        active = [i for i, a in enumerate(alphas) if a != 0.0]  # a diff with alpha 0 is not read
+        if t.codes.dtype not in FLOATING_DTYPES or not active:
+            tasks[name] = TensorTask(name, dtype, shape, target_source, scales=scales)
             copied += 1
             continue
-        if f is None or b is None:
+        pairs = {i: tuple(logical[r].get(name) for r in spec.diff_roles(i)) for i in active}
+        absent = [r for i in active for r, st in zip(spec.diff_roles(i), pairs[i]) if st is None]
+        if absent:
             if spec.on_missing == "carry_target":
-                tasks[name] = TensorTask(name, dtype, shape, 0.0, target_source, scales=scales)
+                tasks[name] = TensorTask(name, dtype, shape, target_source, scales=scales)
                 carried_missing.append(name)
                 copied += 1
-            continue  # reported below, once for all tensors
-        if (len(shape) == 2 and shape[1:] == f.codes.shape[1:] == b.codes.shape[1:]
-                and (shape != f.codes.shape or shape != b.codes.shape
-                     or (spec.vocab == "align" and vocab_rows.VOCAB_TENSOR.search(name)))
-                and vocab_rows.is_vocab_tensor(name, {"target": shape[0], "finetuned": f.codes.shape[0],
-                                                      "base": b.codes.shape[0]}, configs)):
-            resized[name] = (t, f, b, alpha, dtype, scales)
+            else:
+                for r in absent:
+                    missing[r].append(name)  # reported below, once for all tensors
             continue
-        if not (shape == f.codes.shape == b.codes.shape):
+        stored = {"target": t, **{r: st for i in active for r, st in zip(spec.diff_roles(i), pairs[i])}}
+        shapes = {r: st.codes.shape for r, st in stored.items()}  # type: ignore[union-attr]
+        if (len(shape) == 2 and all(s[1:] == shape[1:] for s in shapes.values())
+                and (len(set(shapes.values())) > 1
+                     or (spec.vocab == "align" and vocab_rows.VOCAB_TENSOR.search(name)))
+                and vocab_rows.is_vocab_tensor(name, {r: s[0] for r, s in shapes.items()}, configs)):
+            if n_diffs == 1:
+                f, b = pairs[0]
+                resized[name] = (t, f, b, alphas[0], dtype, scales)  # type: ignore[assignment]
+            else:
+                problems.append(f"tensor {name!r} has shape {_where(shapes, checkpoints)}: a resized "
+                                f"vocabulary, which graft transfers for one diff only; transfer the diffs "
+                                f"one at a time, or carry the target's rows with a rule alpha: 0")
+            continue
+        if len(set(shapes.values())) > 1:
             problems.append(
-                f"tensor {name!r} has shape {list(shape)} in target ({tgt.uri}), {list(f.codes.shape)} in "
-                f"finetuned ({ft.uri}), {list(b.codes.shape)} in base ({bs.uri}); the checkpoints are not "
+                f"tensor {name!r} has shape {_where(shapes, checkpoints)}; the checkpoints are not "
                 f"the same architecture (exclude it with a rule alpha: 0 to carry the target's)"
             )
             continue
-        for role, ref in (("finetuned", f.codes), ("base", b.codes)):
-            if ref.dtype not in FLOATING_DTYPES:
-                problems.append(f"tensor {name!r} is {ref.dtype} in {role} ({checkpoints[role].uri}) "
-                                f"but {t.codes.dtype} in target; cannot compute a float difference from it")
-        tasks[name] = TensorTask(name, dtype, shape, alpha, target_source,
-                                 _source(ft, "finetuned", f), _source(bs, "base", b), scales)
+        odd = [r for r, st in stored.items() if r != "target" and st.codes.dtype not in FLOATING_DTYPES]  # type: ignore[union-attr]
+        for r in odd:
+            problems.append(f"tensor {name!r} is {stored[r].codes.dtype} in {r} ({checkpoints[r].uri}) "  # type: ignore[union-attr]
+                            f"but {t.codes.dtype} in target; cannot compute a float difference from it")
+        terms = tuple(Term(_source(checkpoints[fr], canon[fr], f), _source(checkpoints[br], canon[br], b),  # type: ignore[arg-type]
+                           alphas[i], i)
+                      for i in active for (fr, br), (f, b) in ((spec.diff_roles(i), pairs[i]),))
+        tasks[name] = TensorTask(name, dtype, shape, target_source, terms, scales)
         combined += 1
 
-    pieces, vocab_report, vocab_problems, vocabs = _resized(spec, checkpoints, resized)
+    pieces, vocab_report, vocab_problems, vocabs = _resized(spec, checkpoints, resized, canon)
     problems.extend(vocab_problems)
     for name, parts in pieces.items():
         tasks[name] = parts[0]
@@ -215,13 +242,14 @@ def make_plan(
     activations = layouts["target"].activation_scales
     if activations and spec.output_format == "target":
         for name, ref in activations.items():
-            tasks[name] = TensorTask(name, ref.dtype, ref.shape, 0.0, _source(tgt, "target", Stored(ref)))
+            tasks[name] = TensorTask(name, ref.dtype, ref.shape, _source(tgt, "target", Stored(ref)))
             copied += 1
         warnings.append(f"{len(activations)} calibrated activation scale(s) of the target are carried "
                         f"unchanged ({_examples(list(activations), 2)}): they were calibrated on the "
                         f"target, not on the output; recalibrate them if that matters, or write "
                         f"output_format: bf16")
 
+    inputs = "finetuned/base" if n_diffs == 1 else "the diffs' checkpoints"
     if spec.on_missing == "error":
         for role, names in missing.items():
             names = [n for n in names if n not in tasks]
@@ -233,26 +261,32 @@ def make_plan(
                 )
         if extra:
             problems.append(
-                f"{len(extra)} tensor(s) of finetuned/base are not in the target ({tgt.uri}): "
+                f"{len(extra)} tensor(s) of {inputs} are not in the target ({tgt.uri}): "
                 f"{_examples(extra)}; set on_missing: carry_target to leave them out"
             )
     else:
         if carried_missing:
-            warnings.append(f"{len(carried_missing)} tensor(s) missing from finetuned or base are "
+            warnings.append(f"{len(carried_missing)} tensor(s) missing from {inputs} are "
                             f"carried from the target unchanged: {_examples(carried_missing)}")
         if extra:
-            warnings.append(f"{len(extra)} tensor(s) only in finetuned/base are left out: "
+            warnings.append(f"{len(extra)} tensor(s) only in {inputs} are left out: "
                             f"{_examples(extra)}")
     if problems:
         more = f" (and {len(problems) - 1} more problem(s); run graft plan to list them)" if len(problems) > 1 else ""
         raise PlanError(problems[0] + more, problems)
 
-    stored = {role: sorted({getattr(t, role).dtype for t in tasks.values() if t.combine})
-              for role in ROLES}
-    if len({tuple(d) for d in stored.values()}) > 1:
-        warnings.append("input dtypes differ (" + ", ".join(f"{r} {'/'.join(d)}" for r, d in stored.items())
+    dtypes: dict[str, set[str]] = {role: set() for role in roles}
+    for t in tasks.values():
+        if t.combine:
+            dtypes["target"].add(t.target.dtype)
+            for x in t.terms:
+                for r, src in zip(spec.diff_roles(x.diff), (x.finetuned, x.base)):
+                    dtypes[r].add(src.dtype)
+    stored_dtypes = {r: sorted(d) for r, d in dtypes.items() if d}
+    if len({tuple(d) for d in stored_dtypes.values()}) > 1:
+        warnings.append("input dtypes differ (" + ", ".join(f"{r} {'/'.join(d)}" for r, d in stored_dtypes.items())
                         + f"): computed in {spec.compute_dtype}, written in the target's dtypes")
-    warnings.extend(_config_warnings(configs))
+    warnings.extend(_config_warnings(spec, configs))
 
     config_patch = _quant_patch(spec, layouts, configs) + _vocab_patch(spec, configs, pieces)
     side_files, side_warnings = _side_files(spec, checkpoints, config_patch)  # sizes checked first
@@ -265,15 +299,19 @@ def make_plan(
     warnings.extend(side_warnings)
     write_index = len(shards) > 1 or shards[0].file != SINGLE_NAME
     left_out = tuple(extra) + (tuple(activations) if spec.output_format == "bf16" else ())
-    formats = tuple((role, layouts[role].describe()) for role in ROLES) + (
+    formats = tuple((role, layouts[role].describe()) for role in roles) + (
         ("output", _describe_output(tasks.values())),)
     return Plan(shards, side_files, write_index, tuple(warnings), combined, copied, left_out, formats,
                 tuple(vocab_report))
 
 
+def _where(shapes: Mapping[str, tuple[int, ...]], checkpoints: Mapping[str, Checkpoint]) -> str:
+    return ", ".join(f"{list(s)} in {r} ({checkpoints[r].uri})" for r, s in shapes.items())
+
+
 def _resized(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
              resized: Mapping[str, tuple[Stored, Stored, Stored, float, str, OutScales | None]],
-             ) -> tuple[dict[str, tuple[TensorTask, ...]], list[tuple[str, str]], list[str],
+             canon: Mapping[str, str]) -> tuple[dict[str, tuple[TensorTask, ...]], list[tuple[str, str]], list[str],
                         dict[str, dict[str, int]] | None]:
     """The pieces of each embedding / LM head whose vocabulary differs between the checkpoints (as
     ``spec.vocab`` says), what the plan reports about their rows, the problems, and the three
@@ -325,9 +363,7 @@ def _resized(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
                     problems.append(str(e))
                     break
             rowmap = vocab_rows.align_map(vocabs, rows, out_role)
-        sources = {"target": _source(checkpoints["target"], "target", t),
-                   "finetuned": _source(checkpoints["finetuned"], "finetuned", f),
-                   "base": _source(checkpoints["base"], "base", b)}
+        sources = {r: _source(checkpoints[r], canon[r], st) for r, st in stored.items()}
         pieces[name] = vocab_rows.pieces(name, dtype, t.codes.shape[1], alpha, sources, rowmap)
         report.append((name, rowmap.describe()))
     return pieces, report, problems, vocabs
@@ -487,7 +523,7 @@ def _check_side_file_size(spec: JobSpec, donor: Checkpoint, name: str) -> None:
 
 def _family_problems(configs: Mapping[str, Mapping[str, Any] | None], uris: Mapping[str, str]) -> list[str]:
     """One line per config.json family field on which the checkpoints that have one disagree."""
-    have = {r: c for r in ROLES if isinstance(c := configs.get(r), Mapping)}
+    have = {r: c for r in uris if isinstance(c := configs.get(r), Mapping)}
     out = []
     for key in _FAMILY_FIELDS:
         values = {r: c[key] for r, c in have.items() if c.get(key) is not None}  # absent: unknown
@@ -504,29 +540,38 @@ def _overlap_problems(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
                       logical: Mapping[str, Mapping[str, Stored]]) -> list[str]:
     """A finetuned or base that holds few of the target's tensors is another architecture: say so
     plainly instead of listing hundreds of missing tensors (or carrying them all)."""
-    tgt = checkpoints["target"]
-    wanted = [n for n, t in logical["target"].items()
-              if t.codes.dtype in FLOATING_DTYPES and spec.alpha_for(n) != 0.0]
     out = []
-    for role in ("finetuned", "base"):
-        have = logical[role]
-        found = sum(n in have for n in wanted)
-        if wanted and found < _MIN_OVERLAP * len(wanted):
-            lacking = _examples([n for n in wanted if n not in have], 2)
-            out.append(f"{role} ({checkpoints[role].uri}) holds only {found} of the {len(wanted)} tensors "
-                       f"of the target ({tgt.uri}) to combine, e.g. not {lacking}; it is not the "
-                       f"target's architecture: check the path (a rule with alpha: 0 carries the "
-                       f"tensors it lacks, if that is really intended)")
+    for i in range(len(spec.diffs)):
+        wanted = [n for n, t in logical["target"].items()
+                  if t.codes.dtype in FLOATING_DTYPES and spec.alpha_for(n, i) != 0.0]
+        for role in spec.diff_roles(i):
+            out.extend(_overlap(role, checkpoints, logical[role], wanted))
     return out
 
 
-def _config_warnings(configs: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
-    tc, fc = configs.get("target"), configs.get("finetuned")
-    if not tc or not fc:
+def _overlap(role: str, checkpoints: Mapping[str, Checkpoint], have: Mapping[str, Stored],
+             wanted: list[str]) -> list[str]:
+    found = sum(n in have for n in wanted)
+    if not wanted or found >= _MIN_OVERLAP * len(wanted):
         return []
-    diffs = [f"{k}: target {tc.get(k)!r} vs finetuned {fc.get(k)!r}"
-             for k in _CONFIG_FIELDS if tc.get(k) != fc.get(k)]
-    if not diffs:
-        return []
-    return [f"config.json differs between target and finetuned in {'; '.join(diffs)}; the output "
-            f"takes the target's config.json"]
+    lacking = _examples([n for n in wanted if n not in have], 2)
+    return [f"{role} ({checkpoints[role].uri}) holds only {found} of the {len(wanted)} tensors of the "
+            f"target ({checkpoints['target'].uri}) to combine, e.g. not {lacking}; it is not the target's "
+            f"architecture: check the path (a rule with alpha: 0 carries the tensors it lacks, if that "
+            f"is really intended)"]
+
+
+def _config_warnings(spec: JobSpec, configs: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
+    out = []
+    tc = configs.get("target")
+    for i in range(len(spec.diffs)):
+        ft = spec.diff_roles(i)[0]
+        fc = configs.get(ft)
+        if not tc or not fc:
+            continue
+        diffs = [f"{k}: target {tc.get(k)!r} vs {ft} {fc.get(k)!r}"
+                 for k in _CONFIG_FIELDS if tc.get(k) != fc.get(k)]
+        if diffs:
+            out.append(f"config.json differs between target and {ft} in {'; '.join(diffs)}; the output "
+                       f"takes the target's config.json")
+    return out

@@ -17,7 +17,7 @@ import math
 import re
 from typing import Any, Iterable, Mapping
 
-from .tasks import STATS
+from .tasks import STATS, TERM_STATS, stat_names
 
 __all__ = ["REPORT_NAME", "REPORT_FORMAT", "LARGE_CHANGE", "ROUNDING_LOSS", "build", "summary", "layer_of"]
 
@@ -75,11 +75,21 @@ def _sum(vectors: Iterable[Mapping[str, float]]) -> dict[str, float]:
     return total
 
 
-def build(measured: Iterable[tuple[str, tuple[float, ...]]], alphas: Mapping[str, float],
-          mode: str, compute_dtype: str) -> dict[str, Any]:
-    """The report's JSON from ``(tensor, STATS)`` pairs (every shard's ``ShardResult.report``);
-    ``alphas``: every combined tensor's alpha. A combined tensor without measures (a shard kept
-    from a run with ``report: off``, or from an older graft) is listed as ``unmeasured``."""
+def _sampling(mode: str) -> str:
+    return ("every element" if mode == "exact" else
+            "on a CPU every 32nd block of 256Ki elements of each tensor (its first always), every "
+            "element on a GPU; norms are estimates scaled to the whole tensor")
+
+
+def build(measured: Iterable[tuple[str, tuple[float, ...]]], terms: Mapping[str, tuple[tuple[int, float], ...]],
+          mode: str, compute_dtype: str, diffs: int = 1) -> dict[str, Any]:
+    """The report's JSON from ``(tensor, measures)`` pairs (every shard's ``ShardResult.report``,
+    laid out as ``tasks.stat_names``); ``terms``: every combined tensor's (diff index, alpha) per
+    diff it takes, of the job's ``diffs``. A combined tensor without measures (a shard kept from a
+    run with ``report: off``, or from an older graft) is listed as ``unmeasured``."""
+    if diffs > 1:
+        return _build_many(dict(measured), terms, mode, compute_dtype, diffs)
+    alphas = {name: ts[0][1] for name, ts in terms.items() if ts}
     raw = {name: dict(zip(STATS, values)) for name, values in measured}
     tensors = []
     for name in sorted(raw, key=lambda n: (layer_of(n) is None, layer_of(n) or 0, n)):
@@ -94,12 +104,139 @@ def build(measured: Iterable[tuple[str, tuple[float, ...]]], alphas: Mapping[str
             by_layer.setdefault(layer, []).append(v)
     layers = [{"layer": i, "tensors": len(vs), **_measures(_sum(vs))} for i, vs in sorted(by_layer.items())]
     model = _measures(_sum(raw.values())) if raw else {}
-    return {"format": REPORT_FORMAT, "mode": mode, "compute_dtype": compute_dtype,
-            "sampling": ("every element" if mode == "exact" else
-                         "on a CPU every 32nd block of 256Ki elements of each tensor (its first always), every "
-                         "element on a GPU; norms are estimates scaled to the whole tensor"),
+    return {"format": REPORT_FORMAT, "mode": mode, "compute_dtype": compute_dtype, "sampling": _sampling(mode),
             "model": model, "layers": layers, "tensors": tensors,
             "flags": _flags(tensors, layers, model), "unmeasured": sorted(n for n in alphas if n not in raw)}
+
+
+# --- several diffs: the output's measures, then each diff's -------------------------------------
+
+_COMMON = ("elements", "measured", "target_sq", "out_delta_sq", "change_sq")
+_PER_DIFF = ("ft_delta_norm", "base_move_norm", "cosine", "unchanged_fraction")
+
+
+def _split(values: tuple[float, ...], terms: tuple[tuple[int, float], ...]) -> list[dict[str, float]]:
+    """A tensor's measures of several diffs as one STATS-like dict per diff it takes (the common
+    measures repeated in each, plus ``change_sq``)."""
+    v = dict(zip(stat_names(len(terms)), values))
+    common = {k: v.get(k, 0.0) for k in _COMMON}
+    out = []
+    for i in range(len(terms)):
+        own = {k: v[k if i == 0 else f"{k}.{i}"] for k in TERM_STATS}
+        out.append({**common, **own})
+    return out
+
+
+def _sum_many(vectors: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Like ``_sum``, with the change's sum of squares too."""
+    keys = (*STATS, "change_sq")
+    total = dict.fromkeys(keys, 0.0)
+    for v in vectors:
+        s = v["elements"] / v["measured"] if v["measured"] else 0.0
+        for k in keys:
+            if k in ("elements", "differs"):
+                total[k] += v[k]
+            elif k == "measured":
+                total[k] += v["elements"] if v["measured"] else 0.0
+            else:
+                total[k] += v.get(k, 0.0) * s
+    return total
+
+
+def _entry(per: list[tuple[int, float, Mapping[str, float]]]) -> dict[str, Any]:
+    """The output's measures and each diff's, from (diff, alpha, STATS-like dict) per diff."""
+    first = per[0][2]
+    m = _measures(first)
+    scale = first["elements"] / first["measured"] if first["measured"] else float("nan")
+    return {"out_delta_norm": m["out_delta_norm"], "target_norm": m["target_norm"],
+            "change_norm": _num(math.sqrt(first["change_sq"] * scale)) if first["measured"] else None,
+            "diffs": [{"diff": i, **({"alpha": a} if a is not None else {}),
+                       **{k: v for k, v in _measures(d).items() if k in _PER_DIFF}} for i, a, d in per]}
+
+
+def _build_many(raw: Mapping[str, tuple[float, ...]], terms: Mapping[str, tuple[tuple[int, float], ...]],
+                mode: str, compute_dtype: str, diffs: int) -> dict[str, Any]:
+    split = {name: list(zip(terms[name], _split(values, terms[name]))) for name, values in raw.items()
+             if name in terms}
+    tensors = []
+    for name in sorted(split, key=lambda n: (layer_of(n) is None, layer_of(n) or 0, n)):
+        per = split[name]
+        first = per[0][1]
+        entry = _entry([(i, a, d) for (i, a), d in per])
+        for x, ((_, _), d) in zip(entry["diffs"], per):
+            x["touched"] = d["differs"] > 0
+        tensors.append({"name": name, "layer": layer_of(name), "elements": int(first["elements"]),
+                        "measured": int(first["measured"]), "touched": any(d["differs"] > 0 for _, d in per),
+                        **entry})
+
+    def grouped(names: Iterable[str]) -> dict[str, Any]:
+        names = list(names)
+        per = []
+        for i in range(diffs):
+            having = [d for n in names for (j, _), d in split[n] if j == i]
+            if having:
+                per.append((i, None, _sum_many(having)))
+        out = _entry(per) if per else {}
+        # The output's own measures count every tensor once.
+        common = _sum_many([split[n][0][1] for n in names])
+        m = _measures(common)
+        out.update(out_delta_norm=m["out_delta_norm"], target_norm=m["target_norm"],
+                   change_norm=_num(math.sqrt(common["change_sq"])))
+        return out
+
+    by_layer: dict[int, list[str]] = {}
+    for name in split:
+        layer = layer_of(name)
+        if layer is not None:
+            by_layer.setdefault(layer, []).append(name)
+    layers = [{"layer": i, "tensors": len(ns), **grouped(ns)} for i, ns in sorted(by_layer.items())]
+    model = grouped(split) if split else {}
+    return {"format": REPORT_FORMAT, "mode": mode, "compute_dtype": compute_dtype, "sampling": _sampling(mode),
+            "diffs": diffs, "model": model, "layers": layers, "tensors": tensors,
+            "flags": _flags_many(tensors, layers, model),
+            "unmeasured": sorted(n for n in terms if n not in raw)}
+
+
+def _flags_many(tensors: list[dict[str, Any]], layers: list[dict[str, Any]],
+                model: Mapping[str, Any]) -> list[dict[str, Any]]:
+    flags: list[dict[str, Any]] = []
+
+    def flag(kind: str, where: dict[str, Any], message: str) -> None:
+        flags.append({"kind": kind, **where, "message": message})
+
+    for t in tensors:
+        name = t["name"]
+        values = [t["out_delta_norm"], t["target_norm"], t["change_norm"],
+                  *(d[k] for d in t["diffs"] for k in ("ft_delta_norm", "base_move_norm"))]
+        if t["measured"] and any(x is None for x in values):
+            flag("nonfinite", {"tensor": name}, f"{name}: NaN or Inf in its measures (non-finite inputs "
+                 f"or values that overflow): check the inputs before shipping")
+            continue
+        for d in t["diffs"]:
+            if not d["touched"]:
+                flag("untouched", {"tensor": name, "diff": d["diff"]}, f"{name}: diff {d['diff']}'s fine-tune "
+                     f"left it bit-identical to its base, so that diff adds nothing to it (frozen during "
+                     f"fine-tuning?)")
+        out_delta, target, change = t["out_delta_norm"], t["target_norm"], t["change_norm"]
+        if target and out_delta is not None and out_delta > LARGE_CHANGE * target:
+            flag("large_change", {"tensor": name}, f"{name}: the transfer changed it by "
+                 f"{out_delta / target:.2f}x its own norm (||out - target|| {out_delta:.4g}, ||target|| "
+                 f"{target:.4g}): an exploding difference or a wrong alpha")
+        if change and out_delta is not None and out_delta < ROUNDING_LOSS * change and t["touched"]:
+            flag("lost_in_rounding", {"tensor": name}, f"{name}: rounding to the output's dtype kept "
+                 f"{out_delta / change:.0%} of the diffs' summed change (||out - target|| {out_delta:.4g} vs "
+                 f"||sum alpha_i (ft_i - base_i)|| {change:.4g})")
+    for scope, entries in (("layer", layers), ("model", [model] if model else [])):
+        for e in entries:
+            for d in e.get("diffs", []):
+                moved, delta = d["base_move_norm"], d["ft_delta_norm"]
+                if moved is None or delta is None or moved <= delta:
+                    continue
+                where = f"layer {e['layer']}" if scope == "layer" else "the whole model"
+                flag("base_moved_more", {scope: e["layer"] if scope == "layer" else True, "diff": d["diff"]},
+                     f"{where}: the new base moved {moved:.4g} from diff {d['diff']}'s base, more than its "
+                     f"fine-tune's change {delta:.4g}: that difference is applied far from where it was learned")
+    return flags
 
 
 def _flags(tensors: list[dict[str, Any]], layers: list[dict[str, Any]], model: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -151,12 +288,18 @@ def summary(report: Mapping[str, Any], limit: int = 5) -> list[str]:
         return "n/a" if x is None else format(x, spec)
 
     lines = [f"{len(tensors)} combined tensors, {len(report.get('layers') or [])} layers; measured "
-             f"{report.get('mode')} ({report.get('compute_dtype')})",
-             f"  ||ft - base||      {fmt(model.get('ft_delta_norm'))}   (the fine-tune's change)",
-             f"  ||target - base||  {fmt(model.get('base_move_norm'))}   (how far the new base moved)",
-             f"  cosine             {fmt(model.get('cosine'), '.3f')}",
-             f"  unchanged elements {fmt(model.get('unchanged_fraction'), '.2%')}",
-             f"  ||out - target||   {fmt(model.get('out_delta_norm'))}   (what the transfer changed)"]
+             f"{report.get('mode')} ({report.get('compute_dtype')})"]
+    per_diff = model.get("diffs") if isinstance(model.get("diffs"), list) else [model]
+    for d in per_diff:
+        if "diff" in d:
+            lines.append(f"  diff {d['diff']}:")
+        lines += [f"  ||ft - base||      {fmt(d.get('ft_delta_norm'))}   (the fine-tune's change)",
+                  f"  ||target - base||  {fmt(d.get('base_move_norm'))}   (how far the new base moved)",
+                  f"  cosine             {fmt(d.get('cosine'), '.3f')}",
+                  f"  unchanged elements {fmt(d.get('unchanged_fraction'), '.2%')}"]
+    if "change_norm" in model:
+        lines.append(f"  ||sum of the diffs|| {fmt(model.get('change_norm'))}   (the change to apply)")
+    lines.append(f"  ||out - target||   {fmt(model.get('out_delta_norm'))}   (what the transfer changed)")
     flags = report.get("flags") or []
     if not flags:
         lines.append("no flags")

@@ -22,6 +22,7 @@ from .redaction import redact, redact_uri
 
 __all__ = [
     "DONORS",
+    "Diff",
     "DEFAULT_FILES",
     "DEFAULT_MAX_SIDE_FILE_SIZE",
     "Rule",
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 DONORS = ("target", "finetuned", "base", "none")
+# A donor or role of a spec with several diffs: ``diffs[1].finetuned``.
+_DIFF_ROLE = re.compile(r"diffs\[(\d+)\]\.(finetuned|base)")
 
 # Which checkpoint donates each non-weight file (fnmatch patterns, first match wins). The output
 # behaves like the fine-tuned model (its tokenizer, chat template and generation defaults) on the
@@ -90,14 +93,23 @@ class Rule:
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """A validated transfer job: out = target + alpha * (finetuned - base), per tensor."""
+class Diff:
+    """One diff vector ``alpha * (finetuned - base)``; its own ``rules`` come before the job's."""
 
-    target: str
     finetuned: str
     base: str
-    output: str
     alpha: float = 1.0
+    rules: tuple[Rule, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated transfer job: out = target + sum_i alpha_i * (finetuned_i - base_i), per tensor;
+    one diff (the ``finetuned``/``base``/``alpha`` keys) or several (``diffs``)."""
+
+    target: str
+    diffs: tuple[Diff, ...]
+    output: str
     compute_dtype: str = "float32"
     output_format: str = "target"
     vocab: str = "error"
@@ -113,12 +125,42 @@ class JobSpec:
     report: str = "sampled"
     storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def alpha_for(self, tensor_name: str) -> float:
-        """The alpha of the first rule that matches ``tensor_name``, else the global alpha."""
-        for rule in self.rules:
+    # The first diff's locations and alpha: the only diff of a spec written with finetuned/base.
+    @property
+    def finetuned(self) -> str:
+        return self.diffs[0].finetuned
+
+    @property
+    def base(self) -> str:
+        return self.diffs[0].base
+
+    @property
+    def alpha(self) -> float:
+        return self.diffs[0].alpha
+
+    def diff_roles(self, i: int) -> tuple[str, str]:
+        """The role names of diff ``i``'s fine-tune and base: ``finetuned``/``base`` for a job with one
+        diff, ``diffs[i].finetuned``/``diffs[i].base`` for several."""
+        if len(self.diffs) == 1:
+            return "finetuned", "base"
+        return f"diffs[{i}].finetuned", f"diffs[{i}].base"
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Every input checkpoint's role -> location, target first, then each diff's fine-tune and base."""
+        out = {"target": self.target}
+        for i, d in enumerate(self.diffs):
+            ft, bs = self.diff_roles(i)
+            out[ft], out[bs] = d.finetuned, d.base
+        return out
+
+    def alpha_for(self, tensor_name: str, diff: int = 0) -> float:
+        """Diff ``diff``'s alpha for ``tensor_name``: the first of its own rules that matches, else
+        the first of the job's rules, else its alpha."""
+        for rule in (*self.diffs[diff].rules, *self.rules):
             if re.search(rule.match, tensor_name):
                 return rule.alpha
-        return self.alpha
+        return self.diffs[diff].alpha
 
     def donor_for(self, file_name: str) -> str | None:
         """Which checkpoint donates ``file_name`` (None: the file is not copied)."""
@@ -133,9 +175,16 @@ class JobSpec:
         d = asdict(self)
         d["rules"] = [asdict(r) for r in self.rules]
         d["files"] = {p: donor for p, donor in self.files}
+        d.pop("diffs")
+        hide = redact_uri if redact_secrets else (lambda u: u)
+        if len(self.diffs) == 1:  # the form it was written in (the manifests of earlier runs too)
+            d["finetuned"], d["base"], d["alpha"] = hide(self.finetuned), hide(self.base), self.alpha
+        else:
+            d["diffs"] = [{"finetuned": hide(x.finetuned), "base": hide(x.base), "alpha": x.alpha,
+                           "rules": [asdict(r) for r in x.rules]} for x in self.diffs]
         if redact_secrets:
             d["storage_options"] = redact(self.storage_options)
-            for role in ("target", "finetuned", "base", "output"):
+            for role in ("target", "output"):
                 d[role] = redact_uri(d[role])
         return d
 
@@ -164,11 +213,22 @@ class _RuleModel(BaseModel):
         return v
 
 
+class _DiffModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    finetuned: str = Field(min_length=1)
+    base: str = Field(min_length=1)
+    alpha: float = 1.0
+    rules: list[_RuleModel] = []
+
+    _alpha_not_bool = field_validator("alpha", mode="before")(_no_bool)
+
+
 class _SpecModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     target: str = Field(min_length=1)
-    finetuned: str = Field(min_length=1)
-    base: str = Field(min_length=1)
+    finetuned: str | None = Field(default=None, min_length=1)
+    base: str | None = Field(default=None, min_length=1)
+    diffs: list[_DiffModel] | None = Field(default=None, min_length=1)
     output: str = Field(min_length=1)
     alpha: float = 1.0
     compute_dtype: Literal["float32", "float64"] = "float32"
@@ -178,7 +238,7 @@ class _SpecModel(BaseModel):
     on_missing: Literal["error", "carry_target"] = "error"
     allow_nonfinite: bool = False
     allow_family_mismatch: bool = False
-    files: dict[str, Literal["target", "finetuned", "base", "none"]] = {}
+    files: dict[str, str] = {}
     # Validated by parse_size: pydantic's int|str would turn YAML `true` into 1 first.
     max_shard_size: Any = None
     max_side_file_size: Any = DEFAULT_MAX_SIDE_FILE_SIZE
@@ -197,6 +257,7 @@ class _SpecModel(BaseModel):
 
 _KEYS = tuple(_SpecModel.model_fields)
 _RULE_KEYS = tuple(_RuleModel.model_fields)
+_DIFF_KEYS = tuple(_DiffModel.model_fields)
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
@@ -222,6 +283,22 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
     for i, rule in enumerate(data.get("rules") or []):
         if isinstance(rule, Mapping):
             _check_keys(rule, _RULE_KEYS, f"{source}: rules[{i}]")
+    diffs = data.get("diffs")
+    if diffs is not None:
+        if any(k in data for k in ("finetuned", "base", "alpha")):
+            raise SpecError(f"{source}: key 'diffs': give either diffs or finetuned/base/alpha, not both "
+                            f"(each diff has its own finetuned, base and alpha)")
+        for i, d in enumerate(diffs if isinstance(diffs, list) else []):
+            if isinstance(d, Mapping):
+                _check_keys(d, _DIFF_KEYS, f"{source}: diffs[{i}]")
+                for j, rule in enumerate(d.get("rules") or []):
+                    if isinstance(rule, Mapping):
+                        _check_keys(rule, _RULE_KEYS, f"{source}: diffs[{i}].rules[{j}]")
+    else:
+        for key in ("finetuned", "base"):
+            if key not in data:
+                raise SpecError(f"{source}: key '{key}': field required (or give diffs: a list of "
+                                f"{{finetuned, base, alpha}})")
     try:
         m = _SpecModel.model_validate(dict(data))
     except ValidationError as e:
@@ -231,31 +308,46 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
         msg = err["msg"].removeprefix("Value error, ").replace(" or instance of _RuleModel",
                                                                 " with keys match and alpha")
         raise SpecError(f"{source}: key '{loc}': {msg}{given}") from None
-    if not math.isfinite(m.alpha):
-        raise SpecError(f"{source}: key 'alpha' must be finite, got {m.alpha}")
+    if m.diffs is None:
+        assert m.finetuned is not None and m.base is not None
+        diff_models = [_DiffModel(finetuned=m.finetuned, base=m.base, alpha=m.alpha)]
+    else:
+        diff_models = m.diffs
+    for i, dm in enumerate(diff_models):
+        where = "alpha" if m.diffs is None else f"diffs.{i}.alpha"
+        if not math.isfinite(dm.alpha):
+            raise SpecError(f"{source}: key '{where}' must be finite, got {dm.alpha}")
+        for j, r in enumerate(dm.rules):
+            if not math.isfinite(r.alpha):
+                raise SpecError(f"{source}: key 'diffs.{i}.rules.{j}.alpha' must be finite, got {r.alpha}")
     for i, r in enumerate(m.rules):
         if not math.isfinite(r.alpha):
             raise SpecError(f"{source}: key 'rules.{i}.alpha' must be finite, got {r.alpha}")
+    diffs_out = tuple(Diff(_normalize_location(dm.finetuned), _normalize_location(dm.base), float(dm.alpha),
+                           tuple(Rule(r.match, float(r.alpha)) for r in dm.rules)) for dm in diff_models)
+    rules = tuple(Rule(r.match, float(r.alpha)) for r in m.rules)
+    if len(diffs_out) == 1:  # one diff is the plain form: its own rules simply come first
+        rules = diffs_out[0].rules + rules
+        diffs_out = (Diff(diffs_out[0].finetuned, diffs_out[0].base, diffs_out[0].alpha),)
+    files = tuple((p, _donor(donor, len(diffs_out), f"{source}: key 'files.{p}'")) for p, donor in m.files.items())
     if m.output.startswith("hf://"):
         raise SpecError(f"{source}: key 'output': the Hub is not a job output ({m.output}); write to a "
                         f"local path or an object store, then publish the committed result with "
                         f"`graft push OUTPUT {m.output}`")
-    user_files = tuple(m.files.items())
+    defaults = tuple((p, _donor(d, len(diffs_out), "")) for p, d in DEFAULT_FILES if p not in m.files)
     return JobSpec(
         target=_normalize_location(m.target),
-        finetuned=_normalize_location(m.finetuned),
-        base=_normalize_location(m.base),
+        diffs=diffs_out,
         output=_normalize_location(m.output),
-        alpha=float(m.alpha),
         compute_dtype=m.compute_dtype,
         output_format=m.output_format,
         vocab=m.vocab,
-        rules=tuple(Rule(r.match, float(r.alpha)) for r in m.rules),
+        rules=rules,
         on_missing=m.on_missing,
         allow_nonfinite=m.allow_nonfinite,
         allow_family_mismatch=m.allow_family_mismatch,
         # User entries come first, so they win over the defaults for the same file.
-        files=user_files + tuple(d for d in DEFAULT_FILES if d[0] not in m.files),
+        files=files + defaults,
         max_shard_size=(
             None if m.max_shard_size is None
             else parse_size(m.max_shard_size, f"{source}: key 'max_shard_size'")
@@ -266,6 +358,22 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
         report=m.report,
         storage_options={k: dict(v) for k, v in m.storage_options.items()},
     )
+
+
+def _donor(value: str, diffs: int, where: str) -> str:
+    """A ``files`` donor as the role it names: ``finetuned``/``base`` are the first diff's, and with
+    several diffs ``diffs[i].finetuned``/``diffs[i].base`` name diff ``i``'s (in a one-diff spec
+    ``diffs[0].finetuned`` is ``finetuned``)."""
+    m = _DIFF_ROLE.fullmatch(value)
+    if value in DONORS or m:
+        i, kind = (int(m.group(1)), m.group(2)) if m else (0, value)
+        if kind in ("target", "none"):
+            return kind
+        if i >= diffs:
+            raise SpecError(f"{where}: {value!r} names diff {i}, but the job has {diffs} diff(s)")
+        return kind if diffs == 1 else f"diffs[{i}].{kind}"
+    more = ", diffs[i].finetuned, diffs[i].base" if diffs > 1 else ""
+    raise SpecError(f"{where}: unknown donor {value!r}; use one of {', '.join(DONORS)}{more}")
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -283,12 +391,20 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         _check_keys({parts[0]: None}, _KEYS, f"--set {item!r}")
         if parts[0] == "files" and len(parts) > 2:
             parts = ["files", ".".join(parts[1:])]  # file names have dots: files.config.json=base
-        node = out
-        for p in parts[:-1]:
-            child = node.get(p)
-            node[p] = dict(child) if isinstance(child, Mapping) else {}
+        node: Any = out
+        for i, p in enumerate(parts):
+            if isinstance(node, list):  # diffs.1.alpha=0.5: an entry of a list, by its index
+                if not (p.isdigit() and int(p) < len(node)):
+                    raise SpecError(f"--set {item!r}: {'.'.join(parts[:i])} has {len(node)} entries; "
+                                    f"{p!r} is not one of their indexes")
+                p = int(p)  # type: ignore[assignment]
+            if i == len(parts) - 1:
+                node[p] = value
+                break
+            child = node[p] if isinstance(node, list) else node.get(p)
+            node[p] = (dict(child) if isinstance(child, Mapping) else list(child) if isinstance(child, list)
+                       else {})
             node = node[p]
-        node[parts[-1]] = value
     return out
 
 

@@ -23,7 +23,10 @@ __all__ = [
     "OutScales",
     "Source",
     "zero_source",
+    "Term",
     "TensorTask",
+    "TERM_STATS",
+    "stat_names",
     "ExecSettings",
     "ShardTask",
     "ShardResult",
@@ -46,6 +49,18 @@ REPORT_EVERY = {"sampled": 32, "exact": 1, "off": 0}
 # and the count of f == b.
 STATS = ("elements", "measured", "differs", "target_sq", "out_delta_sq", "delta_sq", "moved_sq", "dot",
          "unchanged")
+# A tensor combined from several diffs measures the first diff in ``STATS`` (its ``differs``
+# included), then the sum of squares of the whole change sum_i alpha_i (f_i - b_i) before the target
+# is added, then these for each further diff (``stat_names``).
+TERM_STATS = ("differs", "delta_sq", "moved_sq", "dot", "unchanged")
+
+
+def stat_names(terms: int) -> tuple[str, ...]:
+    """The measures of a tensor combined from ``terms`` diffs, in the order the arithmetic adds them."""
+    if terms <= 1:
+        return STATS
+    return STATS + ("change_sq",) + tuple(f"{k}.{i}" for i in range(1, terms) for k in TERM_STATS)
+
 _COMPUTE_SIZES = {"float32": 4, "float64": 8}
 
 
@@ -111,17 +126,28 @@ def zero_source(role: str, dtype: str) -> Source:
 
 
 @dataclass(frozen=True)
+class Term:
+    """One diff applied to a tensor: ``alpha * (finetuned - base)``; ``diff`` is its index in the
+    spec's diffs (0 for a single-diff job). A ``base`` with no file (``Source.zero``) is zeros: the
+    ``finetuned`` source is then a stored difference (a ``graft diff`` artifact)."""
+
+    finetuned: Source
+    base: Source
+    alpha: float
+    diff: int = 0
+
+
+@dataclass(frozen=True)
 class TensorTask:
-    """One logical output tensor. With ``finetuned``/``base`` set it is combined, else it comes from
-    the target alone. ``scales``: the output is FP8 codes followed by this scale tensor."""
+    """One logical output tensor: ``target + sum_i alpha_i * (finetuned_i - base_i)`` over its
+    ``terms`` (in order), or the target alone when it has none. ``scales``: the output is FP8 codes
+    followed by this scale tensor."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
-    alpha: float
     target: Source
-    finetuned: Source | None = None
-    base: Source | None = None
+    terms: tuple[Term, ...] = ()
     scales: OutScales | None = None
     # Rows [first, first + shape[0]) of a tensor of ``rows`` rows whose rows come from different
     # places (a resized vocabulary): its pieces follow each other in the shard, the first carries
@@ -130,7 +156,7 @@ class TensorTask:
 
     @property
     def combine(self) -> bool:
-        return self.finetuned is not None
+        return bool(self.terms)
 
     @property
     def continues(self) -> bool:
@@ -139,12 +165,13 @@ class TensorTask:
 
     @property
     def sources(self) -> tuple[Source, ...]:
-        return tuple(s for s in (self.target, self.finetuned, self.base) if s is not None)
-
-    def source(self, role: str) -> Source:
-        src = {"target": self.target, "finetuned": self.finetuned, "base": self.base}[role]
-        assert src is not None, role
-        return src
+        """Every source the tensor reads, each once (diffs may share a base, or a checkpoint)."""
+        out = [self.target]
+        for term in self.terms:
+            for s in (term.finetuned, term.base):
+                if s not in out:
+                    out.append(s)
+        return tuple(out)
 
     @property
     def copies_raw(self) -> bool:

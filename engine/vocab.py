@@ -27,7 +27,7 @@ from typing import Any, Mapping
 from .checkpoint import Checkpoint
 from .errors import PlanError
 from .safetensors import DTYPE_SIZES
-from .tasks import ROLES, Source, TensorTask, zero_source
+from .tasks import ROLES, Source, TensorTask, Term, zero_source
 
 __all__ = ["VOCAB_TENSOR", "Run", "RowMap", "is_vocab_tensor", "untie", "pad_map", "align_map",
            "read_vocab", "tokenizer_size", "pieces", "load_vocabs"]
@@ -83,7 +83,7 @@ def is_vocab_tensor(name: str, rows: Mapping[str, int], configs: Mapping[str, Ma
     if VOCAB_TENSOR.search(name):
         return True
     sizes = {r: c.get("vocab_size") for r, c in configs.items() if isinstance(c, Mapping)}
-    return len(sizes) == len(ROLES) and all(sizes[r] == rows[r] for r in ROLES)
+    return all(r in sizes and sizes[r] == n for r, n in rows.items())
 
 
 _HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
@@ -108,7 +108,7 @@ def untie(logical: Mapping[str, Mapping[str, Any]], configs: Mapping[str, Mappin
     target = out["target"]
     embedding = next((n for n in target if _EMBEDDING.search(n)), None)
     for head in _HEADS:
-        for role in ("finetuned", "base"):
+        for role in (r for r in out if r != "target"):
             mine = out[role]
             if head in target and head not in mine and embedding in mine and _tied(configs.get(role)):
                 mine[head] = mine[embedding]
@@ -215,8 +215,8 @@ def pieces(name: str, dtype: str, cols: int, alpha: float, sources: Mapping[str,
     out = []
     for run in rowmap.runs:
         by_role = {k: _rows_of(sources[k], run.of(k), run.count, cols) for k in ROLES}
-        out.append(TensorTask(name, dtype, (run.count, cols), alpha, by_role["target"], by_role["finetuned"],
-                              by_role["base"], piece=(run.out, rowmap.rows)))
+        out.append(TensorTask(name, dtype, (run.count, cols), by_role["target"],
+                              (Term(by_role["finetuned"], by_role["base"], alpha),), piece=(run.out, rowmap.rows)))
     return tuple(out)
 
 

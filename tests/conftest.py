@@ -86,6 +86,18 @@ def reference(t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, alpha: float = 
     return (t.double() + alpha * (f.double() - b.double())).to(t.dtype)
 
 
+def reference_terms(t: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """The float64 reference of several diffs: the change summed left to right in float64, then the
+    target added, one cast to the target dtype (a diff with alpha 0 is left out)."""
+    change = None
+    for f, b, alpha in terms:
+        if alpha == 0.0:
+            continue
+        d = alpha * (f.double() - b.double())
+        change = d if change is None else change + d
+    return t if change is None else (change + t.double()).to(t.dtype)
+
+
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of ``dtype`` at each value of ``x`` (float64 result; subnormal spacing near 0)."""
     fi = torch.finfo(dtype)
@@ -179,6 +191,42 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]
 
     root = tmp_path_factory.mktemp("ckpts")
     return make_checkpoints(str(root), size="tiny")
+
+
+SECOND_FROZEN = "model.layers.1.self_attn.v_proj.weight"
+
+
+@pytest.fixture(scope="session")
+def second_diff(tiny_checkpoints: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A second fine-tune of the tiny model from a base of its own: ``base2`` (bf16, sharded by
+    huggingface_hub) and ``finetuned2`` (float16 but for ``SECOND_FROZEN``, one file), with its own generation_config.json
+    (temperature 0.3) and ``SECOND_FROZEN`` left equal to its base. Read-only."""
+    import json
+
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("second")
+    gen = torch.Generator().manual_seed(2)
+    base = load_all(tiny_checkpoints["base"])
+    base2 = {n: (x.double() + 0.01 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).to(x.dtype)
+             for n, x in base.items()}
+    ft2 = {n: x.clone() if n == SECOND_FROZEN else
+           (x.double() + 0.02 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).to(torch.float16)
+           for n, x in base2.items()}
+    out = {"base2": str(root / "base2"), "finetuned2": str(root / "finetuned2")}
+    os.makedirs(out["base2"])
+    save_torch_state_dict(base2, out["base2"], max_shard_size="20KB")
+    os.makedirs(out["finetuned2"])
+    save_file(ft2, os.path.join(out["finetuned2"], "model.safetensors"), metadata={"format": "pt"})
+    for role, mine in (("base", "base2"), ("finetuned", "finetuned2")):
+        for name in os.listdir(tiny_checkpoints[role]):
+            if not name.endswith((".safetensors", ".index.json")):
+                shutil.copy(os.path.join(tiny_checkpoints[role], name), out[mine])
+    path = os.path.join(out["finetuned2"], "generation_config.json")
+    config = json.load(open(path))
+    json.dump({**config, "temperature": 0.3}, open(path, "w"))
+    return out
 
 
 @pytest.fixture

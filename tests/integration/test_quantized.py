@@ -34,13 +34,14 @@ def expected(paths: dict[str, str], alpha: float) -> dict[str, torch.Tensor]:
     return {name: tt + alpha * (f[name] - b[name]) for name, tt in t.items()}
 
 
-def assert_follows_the_rule(paths: dict[str, str], out: str, alpha: float) -> int:
+def assert_follows_the_rule(paths: dict[str, str], out: str, alpha: float,
+                            want: dict[str, torch.Tensor] | None = None) -> int:
     """float64 contract: FP8 outputs are the reference rule's codes and scales bit for bit, plain
-    outputs the reference cast. Returns how many tensors were FP8."""
+    outputs the reference cast (of ``want``, else of ``expected``). Returns how many tensors were FP8."""
     got = read_tensors(out)
     qc, suffix = quant_config(out), scale_suffix(out)
     quantized = 0
-    for name, w in expected(paths, alpha).items():
+    for name, w in (want if want is not None else expected(paths, alpha)).items():
         if qc and name + suffix in got:
             scales = got[name + suffix]
             codes, want = quantize_blocks(w, block_of(got[name], scales, qc), got[name].dtype, scales.dtype)
@@ -68,6 +69,22 @@ def test_block_fp8_target_and_base_with_a_bf16_finetune_is_bit_identical_to_the_
     manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
     formats = manifest["plan"]["formats"]
     assert "F8_E4M3 codes, F32 scales 32x32 block" in formats["target"] and formats["finetuned"].startswith("plain")
+
+
+def test_two_diffs_over_fp8_checkpoints_follow_the_rule_and_read_each_input_once(fp8_trio, tmp_path):
+    # The second diff swaps the first's checkpoints: FP8 codes as its fine-tune, bf16 as its base.
+    out = str(tmp_path / "out")
+    diffs = [{"finetuned": fp8_trio["finetuned"], "base": fp8_trio["base"], "alpha": 0.7},
+             {"finetuned": fp8_trio["base"], "base": fp8_trio["finetuned"], "alpha": 0.25}]
+    job = prepare_job(spec_from_mapping({"target": fp8_trio["target"], "diffs": diffs, "output": out,
+                                         "compute_dtype": "float64", "chunk_size": 96 * 8 * 40}))
+    result = run_local(job, workers=2)
+    t, f, b = (real_values(fp8_trio[r]) for r in ROLES)
+    want = {n: (0.7 * (f[n] - b[n]) + 0.25 * (b[n] - f[n])) + tt for n, tt in t.items()}
+    assert assert_follows_the_rule(fp8_trio, out, 0.0, want) == 14
+    inputs = sum(t.nbytes for c in {id(c): c for c in job.checkpoints.values()}.values() for t in c.tensors.values())
+    assert sum(r.bytes_read for r in result.results) == job.plan.read_bytes == inputs
+    assert verify_output(out).ok
 
 
 def test_a_ue8m0_target_gets_power_of_two_scales_by_the_rule(fp8_trio, tmp_path):

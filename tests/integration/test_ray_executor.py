@@ -49,6 +49,21 @@ def test_ray_output_is_bit_identical_to_the_local_executor(tiny_checkpoints, tmp
     assert ray.is_initialized()  # a cluster graft did not start is left running
 
 
+def test_ray_runs_several_diffs_bit_identically_to_the_local_executor(tiny_checkpoints, second_diff, tmp_path):
+    from test_diffs import two_diffs
+
+    local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
+    run_local(two_diffs(tiny_checkpoints, second_diff, local_out, chunk_size=4096))
+    job = prepare_job(two_diffs(tiny_checkpoints, second_diff, ray_out, chunk_size=4096))
+    seen: list[int] = []
+    run_ray(job, RayOptions(workers=2), on_progress=seen.append)
+    assert shard_bytes(ray_out) == shard_bytes(local_out)
+    assert sum(seen) == job.plan.read_bytes
+    got, want = (json.load(open(os.path.join(d, "graft.report.json"))) for d in (ray_out, local_out))
+    assert got["flags"] == want["flags"] and got["diffs"] == 2
+    assert verify_output(ray_out).ok
+
+
 @pytest.mark.parametrize("trio", ["fp8_trio", "FP8"])
 def test_ray_transfers_fp8_trios_bit_identically_to_the_local_executor(request, ct_trio, tmp_path, trio):
     paths = request.getfixturevalue(trio) if trio == "fp8_trio" else ct_trio(trio)

@@ -63,6 +63,28 @@ def test_s3_in_s3_out_on_the_local_executor(s3_server, s3_inputs, reference_outp
     assert "testing" not in json.dumps(manifest)
 
 
+def test_several_diffs_from_s3_with_a_shared_base_into_s3(s3_server, s3_inputs, second_diff, tiny_checkpoints,
+                                                          tmp_path):
+    bucket = s3_inputs["target"].rsplit("/", 1)[0]
+    fs = fsspec.filesystem("s3", **s3_server["s3"])
+    for name in os.listdir(second_diff["finetuned2"]):
+        fs.pipe_file(f"{bucket.removeprefix('s3://')}/finetuned2/{name}",
+                     open(os.path.join(second_diff["finetuned2"], name), "rb").read())
+    diffs = [{"finetuned": s3_inputs["finetuned"], "base": s3_inputs["base"]},
+             {"finetuned": f"{bucket}/finetuned2", "base": s3_inputs["base"], "alpha": 0.5}]
+    local_out, out = str(tmp_path / "local"), f"{new_bucket(s3_server)}/two"
+    run_local(spec_from_mapping({"target": tiny_checkpoints["target"], "output": local_out, "diffs": [
+        {"finetuned": tiny_checkpoints["finetuned"], "base": tiny_checkpoints["base"]},
+        {"finetuned": second_diff["finetuned2"], "base": tiny_checkpoints["base"], "alpha": 0.5}]}))
+    planned = prepare_job(spec_from_mapping({"target": s3_inputs["target"], "diffs": diffs, "output": out,
+                                             "storage_options": s3_server}))
+    result = run_local(planned, workers=2)
+    assert s3_bytes(s3_server, out) == shard_bytes(local_out)
+    assert sum(r.bytes_read for r in result.results) == planned.plan.read_bytes  # the base once
+    assert verify_output(out, s3_server).ok
+    assert unfinished_uploads(s3_server, out) == []
+
+
 def test_no_secret_reaches_the_manifest(s3_server, s3_inputs, tiny_checkpoints, tmp_path, reference_output):
     """Auth headers in the storage options and a password in an input's location are redacted in
     the manifest's spec and inputs (uri, files[].uri); the run itself used the real values."""
@@ -217,7 +239,7 @@ def test_an_s3_input_rewritten_after_planning_is_refused_at_its_first_read(s3_se
     inputs = {**s3_inputs, "base": f"{bucket}/base"}
     out = str(tmp_path / "out")
     planned = job(inputs, out, s3_server)
-    shard = planned.plan.shards[0].tensors[0].base.file
+    shard = planned.plan.shards[0].tensors[0].terms[0].base.file
     key = f"{bucket.removeprefix('s3://')}/base/{shard}"
     data = bytearray(fs.cat_file(key))
     data[-1] ^= 0xFF

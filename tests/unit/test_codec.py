@@ -11,7 +11,7 @@ import torch
 from quantized import FMAX, TORCH, dequantize, quantize_blocks
 from graft.engine.codec import Transcoder, decode_into
 from graft.engine.errors import NonFiniteError
-from graft.engine.tasks import ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask, iter_chunks
+from graft.engine.tasks import ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask, Term, iter_chunks
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -33,7 +33,7 @@ def _encode(w: torch.Tensor, block: tuple[int, int], code: str, scale: str, comp
     rows, cols = w.shape
     grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
     out_scales = OutScales("w_scale", scale, scale_shape or grid, block, pow2)
-    task = TensorTask("w", code, (rows, cols), 0.0, Source("target", "f", "F64", 0, w.numel() * 8),
+    task = TensorTask("w", code, (rows, cols), Source("target", "f", "F64", 0, w.numel() * 8),
                       scales=out_scales)
     shard = ShardTask(0, "f", (task,), (), 0, ExecSettings(compute, chunk_size, False))
     tc = Transcoder(compute, rows * cols)
@@ -173,8 +173,8 @@ def test_reads_of_a_chunk_cover_exactly_its_codes_and_its_scale_rows():
     sc = Scales("w_scale_inv", "F32", (4, 3), (32, 32), file="s.safetensors", begin=1000, end=1000 + 48)
     src = Source("base", "c.safetensors", "F8_E4M3", 500, 500 + 100 * 70, None, sc)
     plain = Source("target", "t.safetensors", "BF16", 0, 100 * 70 * 2)
-    task = TensorTask("w", "BF16", (100, 70), 1.0, plain, plain.__class__(**{**plain.__dict__, "role": "finetuned"}),
-                      src)
+    task = TensorTask("w", "BF16", (100, 70), plain,
+                      (Term(plain.__class__(**{**plain.__dict__, "role": "finetuned"}), src, 1.0),))
     shard = ShardTask(0, "o", (task,), (), 0, ExecSettings("float32", 70 * 4 * 40, False))
     chunks = list(iter_chunks(shard))
     assert [c.rows for c in chunks] == [(0, 32), (32, 32), (64, 32), (96, 4)]  # base's blocks matched
@@ -194,9 +194,9 @@ def test_the_report_samples_the_same_grid_blocks_on_the_codec_path():
     f = (b + 0.001 * torch.randn(rows, cols, dtype=torch.float64)).to(torch.bfloat16)
     t = torch.randn(rows, cols).to(torch.bfloat16)
     sc = Scales("w_scale_inv", "F32", tuple(scales.shape), (128, 128), file="s", begin=0, end=scales.numel() * 4)
-    task = TensorTask("w", "BF16", (rows, cols), 1.0, Source("target", "t", "BF16", 0, rows * cols * 2),
-                      Source("finetuned", "f", "BF16", 0, rows * cols * 2),
-                      Source("base", "b", "F8_E4M3", 0, rows * cols, None, sc))
+    task = TensorTask("w", "BF16", (rows, cols), Source("target", "t", "BF16", 0, rows * cols * 2),
+                      (Term(Source("finetuned", "f", "BF16", 0, rows * cols * 2),
+                            Source("base", "b", "F8_E4M3", 0, rows * cols, None, sc), 1.0),))
     shard = ShardTask(0, "o", (task,), (), 0, ExecSettings("float32", 16 * 2**20, False))
     chunks = list(iter_chunks(shard))
     tc = Transcoder("float32", max(c.count for c in chunks))

@@ -19,6 +19,7 @@ import torch
 from conftest import ulp, within_float32_contract
 from graft.engine.errors import NonFiniteError
 from graft.engine.kernel import CPU_BLOCK, STATS, ChunkKernel, check_finite, first_nonfinite, sampled_ranges
+from graft.engine.tasks import stat_names
 
 N = 20_000
 ALPHAS = (1.0, 0.5, -1.3)
@@ -296,3 +297,57 @@ def test_sampled_ranges_are_the_blocks_the_kernel_measures(start, count):
     ChunkKernel("float32", CPU_BLOCK).combine(x, x, x, 1.0, torch.empty_like(x), stats, False, start, 32)
     assert dict(zip(STATS, stats.tolist()))["measured"] == sum(hi - lo for lo, hi in ranges)
     assert sampled_ranges(start, count, 1) == [(0, count)]
+
+
+# --- several diffs ---------------------------------------------------------------------------------
+
+
+def test_several_diffs_sum_the_change_left_to_right_then_add_the_target_in_any_chunking():
+    torch.manual_seed(23)
+    n = 2 * CPU_BLOCK + 777
+    t = torch.randn(n).to(torch.bfloat16)
+    terms = [(torch.randn(n, dtype=torch.float32), torch.randn(n).to(torch.bfloat16), 0.7),
+             (torch.randn(n).to(torch.float16), torch.randn(n).to(torch.bfloat16), -1.3),
+             (torch.randn(n).to(torch.bfloat16), torch.zeros(n, dtype=torch.float32), 1.0)]  # a stored diff
+    change = 0.7 * (terms[0][0].double() - terms[0][1].double())
+    change = change + -1.3 * (terms[1][0].double() - terms[1][1].double())
+    change = change + (terms[2][0].double() - terms[2][1].double())
+    want = (change + t.double()).to(torch.bfloat16)
+    for chunk in (n, 100_003):
+        kernel = ChunkKernel("float64", min(chunk, n))
+        out = torch.empty_like(t)
+        stats = torch.zeros(len(stat_names(3)), dtype=torch.float64)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            assert kernel.combine_terms(t[s:e], tuple((f[s:e], b[s:e], a) for f, b, a in terms), out[s:e],
+                                        stats, True, s, 1) is None
+        assert torch.equal(out, want)
+        got = dict(zip(stat_names(3), stats.tolist()))
+        T = t.double()
+        assert got["elements"] == got["measured"] == n
+        assert got["change_sq"] == pytest.approx(float((change ** 2).sum()), rel=1e-9)
+        assert got["out_delta_sq"] == pytest.approx(float(((want.double() - T) ** 2).sum()), rel=1e-9)
+        for i, (f, b, _) in enumerate(terms):
+            key = (lambda k: k) if i == 0 else (lambda k, i=i: f"{k}.{i}")
+            d, m = f.double() - b.double(), T - b.double()
+            assert got[key("differs")] == 1
+            assert got[key("delta_sq")] == pytest.approx(float((d * d).sum()), rel=1e-9)
+            assert got[key("moved_sq")] == pytest.approx(float((m * m).sum()), rel=1e-9)
+            assert got[key("dot")] == pytest.approx(float((d * m).sum()), rel=1e-9)
+
+
+def test_each_diff_is_known_touched_or_untouched_when_sampled():
+    n = 40 * CPU_BLOCK
+    b = torch.randn(n).to(torch.bfloat16)
+    touched = b.clone()
+    touched[33 * CPU_BLOCK + 7] += 1  # in block 33: not sampled
+    kernel = ChunkKernel("float32", CPU_BLOCK)
+    stats = torch.zeros(len(stat_names(2)), dtype=torch.float64)
+    out = torch.empty_like(b)
+    for s in range(0, n, CPU_BLOCK):
+        e = s + CPU_BLOCK
+        kernel.combine_terms(b[s:e], ((b[s:e], b[s:e], 1.0), (touched[s:e], b[s:e], 1.0)), out[s:e], stats, True,
+                             s, 32)
+    got = dict(zip(stat_names(2), stats.tolist()))
+    assert got["differs"] == 0 and got["differs.1"] == 1 and got["measured"] == 2 * CPU_BLOCK
+    assert torch.equal(out, touched)

@@ -201,7 +201,8 @@ def test_an_fp8_target_and_base_with_a_bf16_finetune_plan_one_task_per_logical_t
     (shard,) = p.shards
     w = next(t for t in shard.tensors if t.name.endswith("up_proj.weight"))
     assert w.combine and w.transcodes and w.dtype == "F8_E4M3"
-    assert w.target.scales and w.base.scales and w.finetuned.scales is None and w.finetuned.dtype == "BF16"
+    (term,) = w.terms
+    assert w.target.scales and term.base.scales and term.finetuned.scales is None and term.finetuned.dtype == "BF16"
     assert w.scales.name == "model.layers.0.mlp.up_proj.weight_scale_inv" and w.scales.block == (16, 16)
     # The scale tensor is written right after its codes and is in the index.
     names = [n for n, _, _ in shard.header_tensors()]

@@ -49,8 +49,9 @@ def test_pieces_are_contiguous_byte_ranges_of_each_checkpoint():
     parts = pieces("model.embed_tokens.weight", "BF16", 4, 1.0, src, m)
     assert [p.piece for p in parts] == [(0, 6), (4, 6)]
     assert parts[0].target.begin == 100 and parts[0].target.end == 100 + 4 * 8
-    assert parts[1].finetuned.begin == 100 + 4 * 8 and parts[1].finetuned.end == 100 + 6 * 8
-    assert parts[1].target.zero and parts[1].base.zero and not parts[1].finetuned.zero
+    (term,) = parts[1].terms
+    assert term.finetuned.begin == 100 + 4 * 8 and term.finetuned.end == 100 + 6 * 8
+    assert parts[1].target.zero and term.base.zero and not term.finetuned.zero
     assert parts[0].stored() == [("model.embed_tokens.weight", "BF16", (6, 4))] and parts[1].stored() == []
     assert sum(p.nbytes for p in parts) == 6 * 4 * 2
 
