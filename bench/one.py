@@ -3,7 +3,7 @@
 Each measurement runs in a fresh process so that its peak RSS (``ru_maxrss``) and the bytes it read
 through system calls (``rchar`` in ``/proc/self/io``) belong to that run alone.
 
-    python -m bench.one graft SPEC.yaml [--workers 2]     # graft's local executor, in-process
+    python -m bench.one graft SPEC.yaml [--workers 2] [--kind diff]   # graft's local executor
     python -m bench.one naive TARGET FINETUNED BASE OUT   # all three state dicts in memory, float64
     python -m bench.one s3raw JOB.json                    # raw s3fs range reads of the objects
 """
@@ -42,11 +42,11 @@ def _report(seconds: float, read: int, **extra: object) -> None:
           flush=True)
 
 
-def run_graft(spec_path: str, workers: int) -> None:
+def run_graft(spec_path: str, workers: int, kind: str = "transfer") -> None:
     from graft.engine.local import run_local
     from graft.engine.spec import load_spec
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, kind=kind)
     if spec.storage_options.get("s3"):
         import s3fs  # noqa: F401 # imports stay outside the timed region, as in the s3raw row
     r0, t0 = _start()
@@ -142,6 +142,7 @@ def main() -> None:
     g = sub.add_parser("graft")
     g.add_argument("spec")
     g.add_argument("--workers", type=int, default=2)  # the CLI's default for --executor local
+    g.add_argument("--kind", default="transfer", choices=["transfer", "diff"])  # graft run / graft diff
     n = sub.add_parser("naive")
     for role in ("target", "finetuned", "base", "out"):
         n.add_argument(role)
@@ -149,7 +150,7 @@ def main() -> None:
     r.add_argument("job")
     args = ap.parse_args()
     if args.what == "graft":
-        run_graft(args.spec, args.workers)
+        run_graft(args.spec, args.workers, args.kind)
     elif args.what == "s3raw":
         run_s3raw(args.job)
     else:

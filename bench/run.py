@@ -118,15 +118,73 @@ def spec_file(paths: dict[str, str], out: str, scratch: str, **extra: object) ->
     return path
 
 
-def graft_local(row: Row, paths: dict[str, str], out: str, scratch: str, **extra: object) -> None:
+def graft_local(row: Row, paths: dict[str, str], out: str, scratch: str, kind: str = "transfer",
+                add: bool = False, **extra: object) -> None:
+    """One measured run of graft's local executor; ``add``: add its numbers to the row's last run
+    (a job made of several runs)."""
     clear(out)
-    r = subprocess.run([PY, "-m", "bench.one", "graft", spec_file(paths, out, scratch, **extra)],
+    r = subprocess.run([PY, "-m", "bench.one", "graft", spec_file(paths, out, scratch, **extra), "--kind", kind],
                        capture_output=True, text=True, env=ENV, check=True)
     m = json.loads(r.stdout.strip().splitlines()[-1])
+    if add:
+        row.seconds[-1] += m["seconds"]
+        row.peak_rss[-1] = max(row.peak_rss[-1], m["peak_rss"])
+        row.bytes_read[-1] += m["rchar"]
+        row.cpu[-1] += m["cpu"]
+        return
     row.seconds.append(m["seconds"])
     row.peak_rss.append(m["peak_rss"])
     row.bytes_read.append(m["rchar"])
     row.cpu.append(m["cpu"])
+
+
+RECIPES = ("graft, 2 diffs in one pass (5 checkpoints)", "graft, the same 2 diffs as 2 passes",
+           "graft diff (float32)", "graft, target + float32 diff (2 checkpoints)",
+           "graft, target + finetuned - base (3 checkpoints)")
+
+
+def recipe_rows(llama: dict[str, str], scratch: str, runs: int) -> list[Row]:
+    """Release-pipeline recipes on the 1.1B checkpoints: two diffs in one pass against two passes,
+    writing a diff, and a transfer from it against the three-checkpoint one. The second diff's
+    fine-tune and base are the first's files under other paths (links), so graft reads them as
+    other checkpoints, as it would two real fine-tunes. What a recipe writes and the next step
+    reads (the first pass's output, the diff) is read warm, like every input here."""
+    links = {}
+    for role in ("finetuned", "base"):
+        links[role] = os.path.join(scratch, f"{role}2")
+        if not os.path.exists(links[role]):
+            os.symlink(llama[role], links[role])
+    one, two, make, from_diff, three = (Row(name, "recipes") for name in RECIPES)
+    out, mid, delta = (os.path.join(scratch, n) for n in ("r-out", "r-mid", "r-delta"))
+    second = {"finetuned": links["finetuned"], "base": links["base"], "alpha": 0.5}
+    for _ in range(runs):
+        graft_local(one, {"target": llama["target"]}, out, scratch,
+                    diffs=[{"finetuned": llama["finetuned"], "base": llama["base"]}, second])
+        graft_local(two, llama, mid, scratch)
+        warm({"mid": mid})  # written past the page cache; read warm, like every input here
+        graft_local(two, {"target": mid, **{k: second[k] for k in ("finetuned", "base")}}, out, scratch,
+                    add=True, alpha=0.5)
+        graft_local(make, {"finetuned": llama["finetuned"], "base": llama["base"]}, delta, scratch, kind="diff")
+        warm({"delta": delta})
+        graft_local(from_diff, {"target": llama["target"], "diff": delta}, out, scratch)
+        graft_local(three, llama, out, scratch)
+    for d in (out, mid, delta):
+        clear(d)
+    return [one, two, make, from_diff, three]
+
+
+def recipe_lines(rows: list[Row], in_llama: int) -> list[str]:
+    one, two, make, from_diff, three = rows
+    lines = ["", "Release recipes on the 1.1B checkpoints (graft local; CPU-s per GB of the three-checkpoint "
+             "job's input):", "", "| recipe | wall (s) | CPU-s per GB | peak RSS (MB) | vs |",
+             "|---|---:|---:|---:|---|"]
+    for r, vs in ((one, f"{paired(one.seconds, two.seconds):.2f} of 2 passes (CPU {paired(one.cpu, two.cpu):.2f})"),
+                  (two, ""), (make, ""),
+                  (from_diff, f"{paired(from_diff.seconds, three.seconds):.2f} of 3 checkpoints (CPU "
+                              f"{paired(from_diff.cpu, three.cpu):.2f})"), (three, "")):
+        lines.append(f"| {r.name} | {r.median:.2f} | {statistics.median(r.cpu) / (in_llama / 1e9):.2f} "
+                     f"| {statistics.median(r.peak_rss) / 1e6:.0f} | {vs} |")
+    return lines
 
 
 def graft_ray(row: Row, paths: dict[str, str], out: str, scratch: str, workers: int) -> None:
@@ -328,6 +386,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one run each; no mergekit, naive or S3")
     ap.add_argument("--s3-only", action="store_true", help="only the S3 rows; printed, results not written")
     ap.add_argument("--frontier-only", action="store_true", help="only the 671B-shaped planning figures, printed")
+    ap.add_argument("--recipes-only", action="store_true", help="only the release-recipe rows, printed")
     args = ap.parse_args()
     runs = 1 if args.quick else args.runs
     if args.frontier_only:
@@ -345,6 +404,12 @@ def main() -> None:
     if args.s3_only:
         for r in s3_rows(data["s3"], scratch, runs):
             print(r.name, "wall", [f"{x:.2f}" for x in r.seconds], "cpu", [f"{x:.2f}" for x in r.cpu])
+        shutil.rmtree(scratch, ignore_errors=True)
+        return
+    if args.recipes_only:
+        warm(data["llama"])
+        llama_in = sum(os.path.getsize(f) for f in input_files(data["llama"]))
+        print("\n".join(recipe_lines(recipe_rows(data["llama"], scratch, runs), llama_in)))
         shutil.rmtree(scratch, ignore_errors=True)
         return
     out = os.path.join(scratch, "out")
@@ -398,6 +463,8 @@ def main() -> None:
         graft_local(fp8_local, fp8, out, scratch)
     rows = ([floor_row, direct_floor, local, no_report, rays[1], rays[2], startup[1], startup[2]]
             + ([] if args.quick else [merge, naive]) + [big_local, fp8_floor, fp8_local])
+    warm(llama)
+    rows += recipe_rows(llama, scratch, runs)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "runs": runs,
                "input_bytes": {"1.1B": in_llama, "768MiB": in_big, "FP8": in_fp8}, "output_bytes": out_llama,
                "rows": [r.__dict__ for r in rows], "frontier": frontier(scratch, runs)}
@@ -447,7 +514,7 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int, in
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        if r.job in ("s3", "s3s3"):
+        if r.job in ("s3", "s3s3", "recipes"):
             continue
         if "--workers" in r.name:
             w = r.name.rsplit(" ", 1)[1]
@@ -479,6 +546,9 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int, in
         lines += ["", f"FP8 job: graft used {statistics.median(fp8.cpu) / (in_fp8 / 1e9):.1f} CPU-seconds per GB "
                   f"of input (median), on {os.cpu_count()} cores; the plain 1.1B job "
                   f"{statistics.median(by['graft --executor local (2 shards at once, the default)'].cpu) / (in_llama / 1e9):.1f}."]
+    recipes = [r for r in rows if r.job == "recipes"]
+    if recipes:
+        lines += recipe_lines(recipes, in_llama)
     s3 = [r for r in rows if r.job in ("s3", "s3s3")]
     if s3:
         raw, job, raw_rw, job_rw = s3

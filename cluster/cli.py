@@ -1,4 +1,4 @@
-"""``graft``: run | plan | verify | inspect | push | clean.
+"""``graft``: run | diff | plan | verify | report | inspect | push | clean.
 
 Every failure graft anticipates is a ``GraftError``: it is printed as one line on stderr naming the
 file or tensor and what to do, with the traceback only under ``--debug``.
@@ -102,7 +102,7 @@ def _log(msg: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    spec = load_spec(args.config, args.set)
+    spec = load_spec(args.config, args.set, kind=args.kind)
     job = prepare_job(spec)
     plan = job.plan
     for w in plan.warnings:
@@ -166,7 +166,7 @@ def _plan_summary(job: Any) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    spec = load_spec(args.config, args.set)
+    spec = load_spec(args.config, args.set, kind="diff" if args.diff else "transfer")
     try:
         job = prepare_job(spec)
     except PlanError as e:
@@ -324,17 +324,18 @@ def _location(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="graft", description="Fine-tuning transfer for safetensors "
-                                "checkpoints: out = target + alpha * (finetuned - base).")
-    p.add_argument("--version", action="version", version=f"graft {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+def common(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    r = sub.add_parser("run", help="run a transfer job and commit its output")
-    r.add_argument("config", help="YAML job spec")
+def storage_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("-o", "--storage-option", action="append", default=[], metavar="PROTO.KEY=VALUE",
+                    help="fsspec option, e.g. -o s3.endpoint_url=http://minio:9000 (credentials "
+                         "come from the environment's standard chain)")
+
+
+def run_options(r: argparse.ArgumentParser) -> None:
+    """The options of the commands that run a job (run, diff): executor, workers, device, ..."""
     r.add_argument("--executor", choices=["ray", "local"], default="ray",
                    help="ray (default): shard actors on a Ray cluster; local: threads in this process")
     r.add_argument("--address", default=None,
@@ -358,19 +359,33 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     r.add_argument("-v", "--verbose", action="store_true", help="log each shard")
     common(r)
-    r.set_defaults(func=cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graft", description="Fine-tuning transfer for safetensors "
+                                "checkpoints: out = target + alpha * (finetuned - base).")
+    p.add_argument("--version", action="version", version=f"graft {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a transfer job and commit its output")
+    r.add_argument("config", help="YAML job spec")
+    run_options(r)
+    r.set_defaults(func=cmd_run, kind="transfer")
+
+    d = sub.add_parser("diff", help="write finetuned - base as a diff checkpoint (float32 by default) that "
+                                    "a transfer can read as diff: instead of finetuned and base")
+    d.add_argument("config", help="YAML spec: finetuned, base, output, diff_dtype (float32 | bf16), ...")
+    run_options(d)
+    d.set_defaults(func=cmd_run, kind="diff")
 
     pl = sub.add_parser("plan", help="read headers only and show what a run would do")
     pl.add_argument("config")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pl.add_argument("--json", action="store_true")
+    pl.add_argument("--diff", action="store_true", help="the config is a graft diff spec")
     common(pl)
     pl.set_defaults(func=cmd_plan)
 
-    def storage_option(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("-o", "--storage-option", action="append", default=[], metavar="PROTO.KEY=VALUE",
-                        help="fsspec option, e.g. -o s3.endpoint_url=http://minio:9000 (credentials "
-                             "come from the environment's standard chain)")
 
     v = sub.add_parser("verify", help="re-hash an output against SHA256SUMS and its manifest")
     v.add_argument("output")

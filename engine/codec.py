@@ -233,9 +233,10 @@ class Transcoder:
             parts["common"] = [[hi - lo, torch.dot(tv[lo:hi], tv[lo:hi]),
                                 torch.dot(av[lo:hi], av[lo:hi]) if len(t.terms) > 1 else 0]
                                for lo, hi in ranges]
-        else:
+        elif t.adds_target:
             self._decode(chunk, inputs, t.target, target)
-        acc.add_(target)
+        if t.adds_target:  # (graft diff writes the difference alone)
+            acc.add_(target)
         return acc
 
     def _add_measures(self, stats: torch.Tensor, parts: dict[str, list], ranges: list[tuple[int, int]],
@@ -272,7 +273,7 @@ class Transcoder:
         chunk's measures are added there, over the blocks ``kernel.sampled_ranges(..., every)``
         picks: for an FP8 output, (out - t) is measured before encoding."""
         t = chunk.tensor
-        measuring = stats is not None and t.combine and not chunk.measure
+        measuring = stats is not None and t.combine and t.adds_target and not chunk.measure
         ranges = sampled_ranges(chunk.start, chunk.count, every) if measuring else None
         parts: dict[str, list] = {}
         # Whether each diff touched the tensor is looked for until known (on a GPU: every chunk).

@@ -20,19 +20,20 @@ becomes visible only when every byte is written and accounted for; on any error 
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from .codec import Transcoder
 from .errors import GraftError, IntegrityError
 from .kernel import TORCH_DTYPES, ChunkKernel, check_finite, nonfinite_error
-from .safetensors import FLOATING_DTYPES, ShardWriter
+from .safetensors import DTYPE_SIZES, FLOATING_DTYPES, ShardWriter
 from .storage import RangeReader, Storage
-from .tasks import Chunk, Read, ShardResult, ShardTask, Source, TensorTask, iter_chunks, stat_names
+from .tasks import DIFF_STATS, Chunk, Read, ShardResult, ShardTask, Source, TensorTask, iter_chunks, stat_names
 
 __all__ = ["ShardResult", "Chunk", "Cancelled", "iter_chunks", "execute_shard"]
 
@@ -88,11 +89,15 @@ def _compute(kernel: ChunkKernel | None, codec: Transcoder | None, chunk: Chunk,
                 return got
             # Rows the checkpoint lacks count as zeros (a resized vocabulary, ``vocab: pad``), and
             # so does a stored difference's base.
-            return torch.zeros(chunk.count, dtype=TORCH_DTYPES[src.dtype], device=out.device)
+            return kernel.zeros(chunk.count, TORCH_DTYPES[src.dtype])
 
-        bad = kernel.combine_terms(rows_of(t.target), tuple((rows_of(x.finetuned), rows_of(x.base), x.alpha)
-                                                            for x in t.terms),
-                                   typed, stats, check, chunk.start, every)
+        if not t.adds_target:  # graft diff: the difference alone
+            (term,) = t.terms
+            bad = kernel.difference(rows_of(term.finetuned), rows_of(term.base), typed, stats, check)
+        else:
+            bad = kernel.combine_terms(rows_of(t.target), tuple((rows_of(x.finetuned), rows_of(x.base), x.alpha)
+                                                                for x in t.terms),
+                                       typed, stats, check, chunk.start, every)
         if bad is not None:
             raise nonfinite_error(typed[bad].item(), t.name, where, chunk.start + bad)
 
@@ -274,9 +279,28 @@ def execute_shard(
     def stats_of(t: TensorTask) -> torch.Tensor | None:
         if not (settings.report_every and t.combine):
             return None
+        if not t.adds_target and t.transcodes:
+            return None  # graft diff measures the plain kernel's differences only
         if t.name not in measured:
-            measured[t.name] = torch.zeros(len(stat_names(len(t.terms))), dtype=torch.float64, device=compute_device)
+            n = len(stat_names(len(t.terms)) if t.adds_target else DIFF_STATS)
+            measured[t.name] = torch.zeros(n, dtype=torch.float64, device=compute_device)
         return measured[t.name]
+
+    # graft diff: sha256 of every input tensor's bytes as they stream by (codes: in order, chunk by
+    # chunk; scale tensors, whose rows two chunks may both read, whole at the end).
+    hashers: dict[str, Any] = {}
+
+    def hash_reads(i: int, slot: _Slot) -> None:
+        chunk = chunks[i]
+        if chunk.measure:
+            return
+        for r in reads[i]:
+            if r.kind == "codes" and r.role in settings.hash_roles:
+                begin = r.begin - chunk.start * DTYPE_SIZES[r.dtype]
+                key = f"{r.role}\t{r.file}\t{begin}"
+                if key not in hashers:
+                    hashers[key] = hashlib.sha256()
+                hashers[key].update(memoryview(slot.view(r).numpy()))
 
     writer = output.writer(task.file, task.size)
     try:
@@ -310,6 +334,8 @@ def execute_shard(
             read_ahead(i + 1)
             slot = slots[i % _SLOTS]
             slot.wait()
+            if settings.hash_roles:
+                hash_reads(i, slot)
             t = chunk.tensor
             if t.copies_raw:
                 raw = {(r.role, r.kind): slot.view(r) for r in reads[i]}
@@ -326,6 +352,8 @@ def execute_shard(
             written.append(write_pool.submit(write_chunk, i, handle))
         for fut in written:
             fut.result()
+        if settings.hash_roles:
+            _hash_scales(task, reader, hashers, settings.hash_roles)
         size, digest = shard.finish()
         _check_inputs_unchanged(task, inputs)
         writer.commit()
@@ -342,4 +370,21 @@ def execute_shard(
             r.close()
     bytes_read = sum(r.bytes_read for r in readers.values())
     report = tuple((name, tuple(v.tolist())) for name, v in measured.items())
-    return ShardResult(task.file, size, digest, bytes_read, time.monotonic() - t0, report)
+    digests = tuple((key, h.hexdigest()) for key, h in hashers.items())
+    return ShardResult(task.file, size, digest, bytes_read, time.monotonic() - t0, report, digests)
+
+
+def _hash_scales(task: ShardTask, reader: Callable[[str, str, str | None], RangeReader],
+                 hashers: dict[str, Any], roles: tuple[str, ...]) -> None:
+    """sha256 of each input scale tensor the shard read, read again whole (1/16384 of its codes)."""
+    for t in task.tensors:
+        for s in t.sources:
+            sc = s.scales
+            if sc is None or s.zero or s.role not in roles:
+                continue
+            key = f"{s.role}\t{sc.file}\t{sc.begin}"
+            if key in hashers:
+                continue
+            buf = bytearray(sc.end - sc.begin)
+            reader(s.role, sc.file, sc.version).read_into(sc.begin, memoryview(buf))
+            hashers[key] = hashlib.sha256(buf)

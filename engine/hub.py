@@ -97,7 +97,11 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         sources[role] = {"location": entry["uri"], **({"commit": entry["commit"]} if "commit" in entry else {})}
     hub_models = [r for r in (repo_id_of(e["uri"]) for e in inputs.values()) if r]
     diffs = spec.get("diffs")
-    if diffs:
+    if manifest.get("kind") == "diff":
+        formula, alphas = "finetuned - base", None
+        described = (f"a diff checkpoint, `{formula}` per tensor, written as {spec.get('diff_dtype')} by graft "
+                     f"diff (apply it with a graft transfer's `diff:` key; ")
+    elif diffs:
         formula, alphas = "target + sum_i alpha_i * (finetuned_i - base_i)", [d["alpha"] for d in diffs]
         described = (f"`{formula}`, computed per tensor by graft with alphas {', '.join(map(str, alphas))} "
                      f"(the diffs summed left to right, then added to the target; ")
@@ -115,7 +119,7 @@ def model_card(manifest: Mapping[str, Any]) -> str:
             "formula": formula,
             "alpha": alphas,
             "rules": [{"match": r["match"], "alpha": r["alpha"]} for r in spec.get("rules", [])],
-            "compute_dtype": spec["compute_dtype"],
+            "compute_dtype": spec.get("compute_dtype", "float32"),
             **({"output_format": spec["output_format"]} if "output_format" in spec else {}),
             **({"formats": formats} if formats else {}),
             **sources,
@@ -130,8 +134,8 @@ def model_card(manifest: Mapping[str, Any]) -> str:
     return (
         f"---\n{data.to_yaml()}\n---\n\n"
         f"# Fine-tuning transfer\n\n"
-        f"These weights are {described}{spec['compute_dtype']} arithmetic, rounded once to the "
-        f"target's dtype), following Lin et al. (2025), *Efficient Model Development through Fine-tuning "
+        f"These weights are {described}{spec.get('compute_dtype', 'float32')} arithmetic, rounded once to the "
+        f"output's dtype), following Lin et al. (2025), *Efficient Model Development through Fine-tuning "
         f"Transfer*.{rule_table}\n\n"
         f"Sources:\n\n{lines}\n\n{stored}"
         f"`{MANIFEST_NAME}` records the run (every input file's version, every output file's "

@@ -34,8 +34,9 @@ from . import __version__, cas
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from .errors import IntegrityError, Interrupted, OutputError, Terminated
 from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, SUMS_NAME, OutputFile, format_sums, hash_file
-from .tasks import STATS, TERM_STATS
-from .planner import Plan, ShardTask, make_plan
+from .tasks import DIFF_STATS, STATS, TERM_STATS
+from .planner import Plan, ShardTask, make_diff_plan, make_plan
+from .provenance import DIFF_KIND, content_digests, stored_diff
 from .report import REPORT_NAME, build as build_report
 from .runmark import RUN_MARK, Observed, RunAlive, RunMark, describe, observe, wait_until_stale
 from .redaction import redact_text
@@ -55,6 +56,8 @@ class Job:
     spec: JobSpec
     checkpoints: dict[str, Checkpoint] = field(compare=False)
     plan: Plan
+    # Each stored diff's role -> what its manifest says (``provenance.stored_diff``).
+    stored_diffs: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
 
     def input_storages(self) -> dict[str, Storage]:
         return {role: c.storage for role, c in self.checkpoints.items()}
@@ -75,7 +78,11 @@ def prepare_job(spec: JobSpec) -> Job:
         opened = dict(zip(uris, pool.map(open_at, uris)))
     checkpoints = {role: opened[uri][0] for role, uri in roles.items()}
     configs = {role: opened[uri][1] for role, uri in roles.items()}
-    return Job(spec, checkpoints, make_plan(spec, checkpoints, configs))
+    if spec.kind == DIFF_KIND:
+        return Job(spec, checkpoints, make_diff_plan(spec, checkpoints, configs))
+    stored = {roles[0]: stored_diff(checkpoints[roles[0]], roles[0])
+              for i, d in enumerate(spec.diffs) if d.stored for roles in (spec.diff_roles(i),)}
+    return Job(spec, checkpoints, make_plan(spec, checkpoints, configs), stored)
 
 
 def _patched(data: bytes, patch: tuple[tuple[str, str | None], ...], where: str) -> bytes:
@@ -96,9 +103,22 @@ def _patched(data: bytes, patch: tuple[tuple[str, str | None], ...], where: str)
     return json.dumps(obj, indent=2).encode() + b"\n"
 
 
-def _journal_form(report: tuple[tuple[str, tuple[float, ...]], ...]) -> dict[str, list[float]]:
-    """A shard's report measures as the journal keeps them (JSON: NaN/Inf as strings)."""
-    return {name: [v if math.isfinite(v) else repr(v) for v in values] for name, values in report}
+def _journal_form(result: ShardResult) -> dict[str, Any]:
+    """What a shard measured, as the journal keeps it: its report measures (JSON: NaN/Inf as
+    strings) and the digests of the inputs it read."""
+    out: dict[str, Any] = {}
+    if result.report:
+        out["report"] = {name: [v if math.isfinite(v) else repr(v) for v in values] for name, values in result.report}
+    if result.digests:
+        out["digests"] = dict(result.digests)
+    return out
+
+
+def _kept(name: str, size: int, sha256: str, info: dict[str, Any]) -> ShardResult:
+    """A kept shard's result, with what its journal entry says it measured."""
+    digests = info.get("digests")
+    digests = tuple((str(k), str(v)) for k, v in digests.items()) if isinstance(digests, dict) else ()
+    return ShardResult(name, size, sha256, 0, 0.0, _journaled_report(info), digests)
 
 
 def _journaled_report(info: dict[str, Any]) -> tuple[tuple[str, tuple[float, ...]], ...]:
@@ -107,10 +127,21 @@ def _journaled_report(info: dict[str, Any]) -> tuple[tuple[str, tuple[float, ...
     extra = len(STATS) + 1  # several diffs: the change, then TERM_STATS per further diff
     try:
         return tuple((str(n), tuple(float(v) for v in vs)) for n, vs in entries.items()
-                     if len(vs) == len(STATS) or (len(vs) > extra and (len(vs) - extra) % len(TERM_STATS) == 0)
+                     if len(vs) in (len(STATS), len(DIFF_STATS))
+                     or (len(vs) > extra and (len(vs) - extra) % len(TERM_STATS) == 0)
                      ) if isinstance(entries, dict) else ()
     except (TypeError, ValueError):
         return ()
+
+
+def _formula(spec: JobSpec) -> str:
+    if spec.kind == DIFF_KIND:
+        return (f"out = finetuned - base, per tensor, computed in float32 (the difference a float32 "
+                f"transfer computes), written as {spec.diff_dtype}")
+    if len(spec.diffs) == 1:
+        return "out = target + alpha * (finetuned - base), per tensor, rounded once to the target's dtype"
+    return ("out = target + sum_i alpha_i * (finetuned_i - base_i), the change summed left to right then "
+            "added to the target, per tensor, rounded once to the target's dtype")
 
 
 def _utc(ts: float) -> str:
@@ -275,10 +306,9 @@ class OutputSession:
             if stat is False or stat.size != size:
                 dropped.append(name)
             elif verify_kept or version is None or stat.version != version:
-                self.unverified[name] = {"size": size, "sha256": sha256, "version": stat.version,
-                                         "report": info.get("report")}
+                self.unverified[name] = {**info, "size": size, "sha256": sha256, "version": stat.version}
             else:
-                self.results[name] = ShardResult(name, size, sha256, 0, 0.0, _journaled_report(info))
+                self.results[name] = _kept(name, size, sha256, info)
         if dropped:
             self.mark.forget(dropped)
         self.resumed = tuple(sorted(self.results))
@@ -301,9 +331,8 @@ class OutputSession:
         for name, digest in zip(names, digests):
             info = self.unverified.pop(name)
             if digest == info["sha256"]:
-                report = _journaled_report(info)
-                self.results[name] = ShardResult(name, info["size"], digest, 0, 0.0, report)
-                self.mark.record(name, info["size"], digest, info["version"], _journal_form(report))
+                result = self.results[name] = _kept(name, info["size"], digest, info)
+                self.mark.record(name, info["size"], digest, info["version"], _journal_form(result))
             else:
                 bad.append(name)
         if bad:
@@ -322,7 +351,7 @@ class OutputSession:
         if self.state is not State.RUNNING:
             raise RuntimeError(f"output session: a shard recorded while {self.state.value}")
         version = self.storage.stat(result.file).version
-        self.mark.record(result.file, result.size, result.sha256, version, _journal_form(result.report))
+        self.mark.record(result.file, result.size, result.sha256, version, _journal_form(result))
         self.results[result.file] = result
 
     @staticmethod
@@ -371,18 +400,21 @@ class OutputSession:
         sums = self._put(SUMS_NAME, format_sums(outputs))
         finished = time.time()
         read = sum(r.bytes_read for r in results)
+        spec = self.job.spec
+        contents = self._input_contents() if spec.kind == DIFF_KIND else {}
         manifest = {
             "format": MANIFEST_FORMAT,
             "graft_version": __version__,
-            "formula": ("out = target + alpha * (finetuned - base), per tensor, rounded once to the "
-                        "target's dtype" if len(self.job.spec.diffs) == 1 else
-                        "out = target + sum_i alpha_i * (finetuned_i - base_i), the change summed left to "
-                        "right then added to the target, per tensor, rounded once to the target's dtype"),
-            "spec": self.job.spec.to_dict(),
+            "kind": spec.kind,
+            "formula": _formula(spec),
+            "spec": spec.to_dict(),
             "inputs": {
                 role: {"uri": c.uri, **({"commit": c.storage.commit} if c.storage.commit else {}),
+                       **self.job.stored_diffs.get(role, {}),
                        "files": [{"name": f.name, "uri": c.storage.url(f.name), "size": f.size,
-                                  "version": f.version} for f in c.files] + donated[role]}
+                                  "version": f.version,
+                                  **({"content_sha256": contents[role][f.name]} if role in contents else {})}
+                                 for f in c.files] + donated[role]}
                 for role, c in self.job.checkpoints.items()
             },
             "outputs": [{"name": f.name, "size": f.size, "sha256": f.sha256}
@@ -393,6 +425,7 @@ class OutputSession:
                      "formats": dict(plan.formats),
                      "vocab": dict(plan.vocab),
                      "warnings": list(plan.warnings)},
+            **({"diff": self._diff_summary()} if spec.kind == DIFF_KIND else {}),
             **({"report": {"file": REPORT_NAME, "mode": report["mode"],
                            "flags": dict(Counter(f["kind"] for f in report["flags"])),
                            "unmeasured": len(report["unmeasured"])}} if report is not None else {}),
@@ -410,6 +443,38 @@ class OutputSession:
         log(f"committed {out.display_uri} ({len(outputs)} files + {SUMS_NAME} + {MANIFEST_NAME})")
         return manifest
 
+    def _input_contents(self) -> dict[str, dict[str, str]]:
+        """graft diff: each input file's ``content_sha256`` (``provenance``), from the digests the
+        shards computed while streaming (kept shards' from the journal)."""
+        digests = {k: v for r in self.results.values() for k, v in r.digests}
+        hashed = self.job.plan.shards[0].settings.hash_roles if self.job.plan.shards else ()
+        seen: dict[int, dict[str, str]] = {}
+        out = {}
+        for role, c in self.job.checkpoints.items():
+            if not any(c is self.job.checkpoints[r] for r in hashed):
+                continue  # on the Hub: each file's version is its sha256
+            if id(c) not in seen:  # a checkpoint both roles name was read under the first
+                seen[id(c)] = content_digests(c, role, digests)
+            out[role] = seen[id(c)]
+        return out
+
+    def _diff_summary(self) -> dict[str, Any]:
+        """graft diff: what the written differences measured (``tasks.DIFF_STATS``, every element)."""
+        measured = {name: dict(zip(DIFF_STATS, values)) for r in self.results.values() for name, values in r.report}
+        names = [t.name for s in self.job.plan.shards for t in s.tensors]
+        inexact = {n: int(v["inexact"]) for n, v in sorted(measured.items()) if v["inexact"]}
+        unmeasured = sorted(n for n in names if n not in measured)
+        return {
+            "dtype": self.job.spec.diff_dtype, "tensors": len(names),
+            "norm": math.sqrt(sum(v["delta_sq"] for v in measured.values())),
+            "untouched": sorted(n for n, v in measured.items() if not v["differs"]),
+            # Elements whose written difference is not the float64 one: where a float64 transfer
+            # from this diff would not give the three-checkpoint float64 run's bits.
+            "inexact_elements": sum(inexact.values()), "inexact_tensors": inexact,
+            "unmeasured": unmeasured,
+            "float64_exact": not inexact and not unmeasured,
+        }
+
     def _report(self) -> dict[str, Any] | None:
         """The transfer report from every shard's measures (kept shards' from the journal); None
         with ``report: off``."""
@@ -419,7 +484,8 @@ class OutputSession:
         terms = {t.name: tuple((x.diff, x.alpha) for x in t.terms)
                  for s in self.job.plan.shards for t in s.tensors if t.combine}
         measured = [m for r in self.results.values() for m in r.report]
-        return build_report(measured, terms, spec.report, spec.compute_dtype, len(spec.diffs))
+        stored = frozenset(i for i, d in enumerate(spec.diffs) if d.stored)
+        return build_report(measured, terms, spec.report, spec.compute_dtype, len(spec.diffs), stored)
 
     def _put(self, name: str, data: bytes) -> OutputFile:
         self.storage.write_bytes(name, data)

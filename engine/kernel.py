@@ -95,6 +95,21 @@ def sampled_ranges(start: int, count: int, every: int) -> list[tuple[int, int]]:
     return out
 
 
+def _np(x: torch.Tensor, scratch: torch.Tensor) -> np.ndarray:
+    """``x`` as a numpy array of its own values: a view, or (bf16, FP8) widened into ``scratch``
+    (a float32 buffer, exact for every narrower float)."""
+    if x.dtype in (torch.float32, torch.float64, torch.float16):
+        return x.numpy()
+    return scratch.copy_(x).numpy()
+
+
+def _sq(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """sum x^2 in ``scratch``'s dtype (``x`` itself when it has that dtype)."""
+    if x.dtype != scratch.dtype:
+        x = scratch.copy_(x)
+    return torch.dot(x, x)
+
+
 def _out_delta_sq(out: torch.Tensor, tc: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """sum (out - t)^2 with ``out`` as written (rounded), ``tc`` the target in the compute dtype."""
     if out.dtype == tc.dtype:
@@ -139,6 +154,17 @@ class ChunkKernel:
         self._t: torch.Tensor | None = None  # the target in the compute dtype, kept for the stats
         self._same: np.ndarray | None = None  # the stats' bit compare (CPU)
         self._acc: torch.Tensor | None = None  # the summed change of several diffs
+        self._wide: torch.Tensor | None = None  # graft diff's float64 check of each difference
+        self._zeros: dict[torch.dtype, torch.Tensor] = {}
+        self._capacity = capacity
+
+    def zeros(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """``n`` zeros of ``dtype`` on the kernel's device, from a buffer kept for the next chunk (rows
+        a checkpoint lacks, a stored difference's base)."""
+        have = self._zeros.get(dtype)
+        if have is None or have.numel() < n:
+            have = self._zeros[dtype] = torch.zeros(max(n, self._capacity), dtype=dtype, device=self._diff.device)
+        return have[:n]
 
     def _as_compute(self, x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.dtype:
@@ -198,6 +224,50 @@ class ChunkKernel:
                     sums[k] = 0.0
             stats += torch.tensor(sums, dtype=torch.float64)
         return None
+
+    def difference(self, f: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                   stats: torch.Tensor | None = None, check: bool = False) -> int | None:
+        """``f - b`` computed in the compute dtype into ``out`` (``graft diff``: no target, no alpha:
+        exactly the difference a transfer in that dtype computes). With ``stats`` (a float64 tensor
+        of ``len(DIFF_STATS)``) every element is measured; ``inexact`` compares ``out`` as written
+        with the float64 difference. Returns the first NaN/Inf's index with ``check``, else None."""
+        n = f.numel()
+        if stats is not None and self._wide is None:
+            self._wide = torch.empty(self.block, dtype=torch.float64, device=self._diff.device)
+            self._same = np.empty(self.block, dtype=bool) if self.on_cpu else None
+        for s in range(0, n, self.block):
+            e = min(n, s + self.block)
+            m = e - s
+            fb, bb, ob = f[s:e], b[s:e], out[s:e]
+            d, tmp = self._diff[:m], self._tmp[:m]
+            torch.sub(self._as_compute(fb, d), self._as_compute(bb, tmp), out=d)
+            ob.copy_(d)  # one rounding, where the output dtype is narrower (bf16)
+            if stats is not None:
+                unchanged = _unchanged(fb, bb, d, self._same)
+                add_stats(stats, [m, unchanged < m, _sq(ob, tmp), unchanged, self._inexact(fb, bb, ob)])
+            if check:
+                bad = first_nonfinite(ob)
+                if bad is not None:
+                    return s + bad
+        return None
+
+    def _inexact(self, f: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor | int:
+        """Elements of ``out`` (a difference as written) that are not the float64 f - b: where a
+        float64 transfer from it would not compute what the three-checkpoint one does. Uses
+        ``_diff`` and ``_tmp`` as scratch (after ``out`` is written)."""
+        assert self._wide is not None
+        m = f.numel()
+        exact = self._wide[:m]
+        if not self.on_cpu:  # same-dtype operands: torch's mixed-dtype compare is 8x slower
+            exact.copy_(f)
+            exact.sub_(b.to(torch.float64))
+            return torch.ne(exact, out.to(torch.float64)).sum()
+        # numpy: a float64 subtract and a widening compare in one pass each (4x faster here than
+        # torch's copies and mixed-dtype ops); bf16 has no numpy dtype: widened exactly to float32.
+        x = exact.numpy()
+        np.subtract(_np(f, self._diff[:m]), _np(b, self._tmp[:m]), out=x, dtype=np.float64)
+        assert self._same is not None
+        return int(np.count_nonzero(np.not_equal(x, _np(out, self._tmp[:m]), out=self._same[:m])))
 
     def _combine(self, t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, alpha: float,
                  out: torch.Tensor, stats: torch.Tensor | None, sums: list[float] | None,

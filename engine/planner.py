@@ -20,7 +20,8 @@ from .report import REPORT_NAME
 from .quant import FP8_CODES, Layout, Stored, layout_for
 from .safetensors import FLOATING_DTYPES, build_header
 from .spec import DEFAULT_FILES, JobSpec
-from .tasks import REPORT_EVERY, ROLES, ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask, Term
+from .tasks import (REPORT_EVERY, ROLES, ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask, Term,
+                    zero_source)
 from . import vocab as vocab_rows
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "SideFile",
     "Plan",
     "make_plan",
+    "make_diff_plan",
 ]
 
 RESERVED_OUTPUT_NAMES = frozenset({MANIFEST_NAME, SUMS_NAME, INDEX_NAME, REPORT_NAME})
@@ -209,7 +211,11 @@ def make_plan(
                 and (len(set(shapes.values())) > 1
                      or (spec.vocab == "align" and vocab_rows.VOCAB_TENSOR.search(name)))
                 and vocab_rows.is_vocab_tensor(name, {r: s[0] for r, s in shapes.items()}, configs)):
-            if n_diffs == 1:
+            if spec.diffs[0].stored:
+                problems.append(f"tensor {name!r} has shape {_where(shapes, checkpoints)}: a resized "
+                                f"vocabulary, which graft transfers from a fine-tune and its base, not from "
+                                f"a stored diff; run the job with finetuned and base (and vocab: pad)")
+            elif n_diffs == 1:
                 f, b = pairs[0]
                 resized[name] = (t, f, b, alphas[0], dtype, scales)  # type: ignore[assignment]
             else:
@@ -227,9 +233,7 @@ def make_plan(
         for r in odd:
             problems.append(f"tensor {name!r} is {stored[r].codes.dtype} in {r} ({checkpoints[r].uri}) "  # type: ignore[union-attr]
                             f"but {t.codes.dtype} in target; cannot compute a float difference from it")
-        terms = tuple(Term(_source(checkpoints[fr], canon[fr], f), _source(checkpoints[br], canon[br], b),  # type: ignore[arg-type]
-                           alphas[i], i)
-                      for i in active for (fr, br), (f, b) in ((spec.diff_roles(i), pairs[i]),))
+        terms = tuple(_term(checkpoints, canon, spec.diff_roles(i), pairs[i], alphas[i], i) for i in active)  # type: ignore[arg-type]
         tasks[name] = TensorTask(name, dtype, shape, target_source, terms, scales)
         combined += 1
 
@@ -303,6 +307,95 @@ def make_plan(
         ("output", _describe_output(tasks.values())),)
     return Plan(shards, side_files, write_index, tuple(warnings), combined, copied, left_out, formats,
                 tuple(vocab_report))
+
+
+def _term(checkpoints: Mapping[str, Checkpoint], canon: Mapping[str, str], roles: tuple[str, ...],
+          stored: tuple[Stored, ...], alpha: float, diff: int) -> Term:
+    """A diff's term of one tensor: its fine-tune and base, or a stored difference over a zero base."""
+    f = _source(checkpoints[roles[0]], canon[roles[0]], stored[0])
+    if len(roles) == 1:
+        return Term(f, zero_source("", f.dtype), alpha, diff)
+    return Term(f, _source(checkpoints[roles[1]], canon[roles[1]], stored[1]), alpha, diff)
+
+
+def make_diff_plan(
+    spec: JobSpec,
+    checkpoints: Mapping[str, Checkpoint],
+    configs: Mapping[str, Mapping[str, Any] | None] | None = None,
+) -> Plan:
+    """Plan ``graft diff``: every floating tensor of the fine-tune, minus the base's, written as
+    ``spec.diff_dtype`` in the fine-tune's shard layout (or re-laid by ``max_shard_size``). Integer
+    tensors and activation scales are left out (a transfer takes them from its target)."""
+    configs = configs or {}
+    canon = _canonical(spec, checkpoints)
+    ft, bs = checkpoints["finetuned"], checkpoints["base"]
+    problems: list[str] = []
+    warnings: list[str] = []
+    family = _family_problems(configs, {r: checkpoints[r].uri for r in canon})
+    if spec.allow_family_mismatch:
+        warnings.extend(family)
+    elif family:
+        raise PlanError(family[0] + "; set allow_family_mismatch: true if this is really intended")
+    layouts = _layouts(checkpoints, configs, canon)
+    logical, notes = vocab_rows.untie({"target": layouts["finetuned"].tensors, "base": layouts["base"].tensors},
+                                      {"target": configs.get("finetuned"), "base": configs.get("base")})
+    warnings.extend(n.replace("the target", "the fine-tune") for n in notes)
+    mine, theirs = logical["target"], logical["base"]
+    dtype = "F32" if spec.diff_dtype == "float32" else "BF16"
+    tasks: dict[str, TensorTask] = {}
+    left_out = [n for n, st in mine.items() if st.codes.dtype not in FLOATING_DTYPES]
+    left_out += list(layouts["finetuned"].activation_scales)
+    missing = []
+    for name, f in mine.items():
+        if f.codes.dtype not in FLOATING_DTYPES:
+            continue
+        b = theirs.get(name)
+        if b is None:
+            missing.append(name)
+            continue
+        if f.codes.shape != b.codes.shape:
+            vocab = " (a resized vocabulary: run the transfer from the fine-tune and its base, with vocab: pad)"
+            problems.append(f"tensor {name!r} has shape {list(f.codes.shape)} in finetuned ({ft.uri}) but "
+                            f"{list(b.codes.shape)} in base ({bs.uri}); graft diff needs equal shapes"
+                            + (vocab if vocab_rows.VOCAB_TENSOR.search(name) else ""))
+            continue
+        if b.codes.dtype not in FLOATING_DTYPES:
+            problems.append(f"tensor {name!r} is {b.codes.dtype} in base ({bs.uri}) but {f.codes.dtype} in "
+                            f"finetuned; cannot compute a float difference from it")
+            continue
+        term = _term(checkpoints, canon, ("finetuned", "base"), (f, b), 1.0, 0)
+        tasks[name] = TensorTask(name, dtype, f.codes.shape, Source("", "", dtype, 0, 0), (term,))
+    extra = sorted(n for n, st in theirs.items() if n not in mine and st.codes.dtype in FLOATING_DTYPES)
+    for what, names, where in (("missing from base", missing, bs.uri), ("only in base", extra, bs.uri)):
+        if not names:
+            continue
+        if spec.on_missing == "error":
+            problems.append(f"{len(names)} tensor(s) of the fine-tune are {what} ({where}): {_examples(names)}; "
+                            f"set on_missing: carry_target to leave them out of the diff")
+        else:
+            warnings.append(f"{len(names)} tensor(s) {what} are left out of the diff: {_examples(names)}")
+            left_out += names if what == "missing from base" else []
+    if not tasks and not problems:
+        problems.append(f"finetuned ({ft.uri}) has no floating tensor the base also has: nothing to diff")
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s); run graft plan to list them)" if len(problems) > 1 else ""
+        raise PlanError(problems[0] + more, problems)
+    # The diff holds its fine-tune's side files; its config.json no longer describes FP8 weights.
+    config = configs.get(spec.donor_for("config.json") or "")
+    patch = ((QUANT_KEY, None),) if isinstance(config, Mapping) and QUANT_KEY in config else ()
+    side_files, side_warnings = _side_files(spec, checkpoints, patch)
+    # The Hub vouches for each file's sha256 (its LFS id, the file's version in the manifest): the
+    # others' bytes are hashed as they stream.
+    hashed = tuple(sorted({canon[r] for r in canon if not all((f.version or "").startswith("sha256:")
+                                                              for f in checkpoints[r].files)}))
+    settings = ExecSettings("float32", spec.chunk_size, spec.allow_nonfinite, spec.read_concurrency,
+                            report_every=1, hash_roles=hashed)
+    shards = _layout(spec, ft, tasks, settings)
+    write_index = len(shards) > 1 or shards[0].file != SINGLE_NAME
+    formats = tuple((role, layouts[role].describe()) for role in ("finetuned", "base")) + (
+        ("output", f"plain ({dtype}): finetuned - base"),)
+    return Plan(shards, side_files, write_index, tuple(warnings + side_warnings), len(tasks), 0, tuple(left_out),
+                formats)
 
 
 def _where(shapes: Mapping[str, tuple[int, ...]], checkpoints: Mapping[str, Checkpoint]) -> str:

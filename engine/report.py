@@ -43,8 +43,11 @@ def _num(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _measures(v: Mapping[str, float]) -> dict[str, Any]:
-    """Norms and ratios from summed STATS (sums of squares scaled up to the whole tensor)."""
+def _measures(v: Mapping[str, float], stored: bool = False) -> dict[str, Any]:
+    """Norms and ratios from summed STATS (sums of squares scaled up to the whole tensor). A
+    ``stored`` diff (``graft diff``) has no base here: how far the new base moved is unknown."""
+    if stored:
+        return {**_measures(v), "base_move_norm": None, "cosine": None}
     measured = v["measured"]
     scale = v["elements"] / measured if measured else float("nan")
     delta, moved = v["delta_sq"], v["moved_sq"]
@@ -82,13 +85,15 @@ def _sampling(mode: str) -> str:
 
 
 def build(measured: Iterable[tuple[str, tuple[float, ...]]], terms: Mapping[str, tuple[tuple[int, float], ...]],
-          mode: str, compute_dtype: str, diffs: int = 1) -> dict[str, Any]:
+          mode: str, compute_dtype: str, diffs: int = 1, stored: frozenset[int] = frozenset()) -> dict[str, Any]:
     """The report's JSON from ``(tensor, measures)`` pairs (every shard's ``ShardResult.report``,
     laid out as ``tasks.stat_names``); ``terms``: every combined tensor's (diff index, alpha) per
     diff it takes, of the job's ``diffs``. A combined tensor without measures (a shard kept from a
-    run with ``report: off``, or from an older graft) is listed as ``unmeasured``."""
+    run with ``report: off``, or from an older graft) is listed as ``unmeasured``. ``stored``: the
+    diffs read from a ``graft diff`` artifact (no base: no base_move_norm, cosine)."""
     if diffs > 1:
-        return _build_many(dict(measured), terms, mode, compute_dtype, diffs)
+        return _build_many(dict(measured), terms, mode, compute_dtype, diffs, stored)
+    known = 0 in stored
     alphas = {name: ts[0][1] for name, ts in terms.items() if ts}
     raw = {name: dict(zip(STATS, values)) for name, values in measured}
     tensors = []
@@ -96,14 +101,14 @@ def build(measured: Iterable[tuple[str, tuple[float, ...]]], terms: Mapping[str,
         v = raw[name]
         tensors.append({"name": name, "layer": layer_of(name), "alpha": alphas.get(name),
                          "elements": int(v["elements"]), "measured": int(v["measured"]),
-                         "touched": v["differs"] > 0, **_measures(v)})
+                         "touched": v["differs"] > 0, **_measures(v, known)})
     by_layer: dict[int, list[dict[str, float]]] = {}
     for name, v in raw.items():
         layer = layer_of(name)
         if layer is not None:
             by_layer.setdefault(layer, []).append(v)
-    layers = [{"layer": i, "tensors": len(vs), **_measures(_sum(vs))} for i, vs in sorted(by_layer.items())]
-    model = _measures(_sum(raw.values())) if raw else {}
+    layers = [{"layer": i, "tensors": len(vs), **_measures(_sum(vs), known)} for i, vs in sorted(by_layer.items())]
+    model = _measures(_sum(raw.values()), known) if raw else {}
     return {"format": REPORT_FORMAT, "mode": mode, "compute_dtype": compute_dtype, "sampling": _sampling(mode),
             "model": model, "layers": layers, "tensors": tensors,
             "flags": _flags(tensors, layers, model), "unmeasured": sorted(n for n in alphas if n not in raw)}
@@ -143,7 +148,7 @@ def _sum_many(vectors: Iterable[Mapping[str, float]]) -> dict[str, float]:
     return total
 
 
-def _entry(per: list[tuple[int, float, Mapping[str, float]]]) -> dict[str, Any]:
+def _entry(per: list[tuple[int, float, Mapping[str, float]]], stored: frozenset[int]) -> dict[str, Any]:
     """The output's measures and each diff's, from (diff, alpha, STATS-like dict) per diff."""
     first = per[0][2]
     m = _measures(first)
@@ -151,18 +156,18 @@ def _entry(per: list[tuple[int, float, Mapping[str, float]]]) -> dict[str, Any]:
     return {"out_delta_norm": m["out_delta_norm"], "target_norm": m["target_norm"],
             "change_norm": _num(math.sqrt(first["change_sq"] * scale)) if first["measured"] else None,
             "diffs": [{"diff": i, **({"alpha": a} if a is not None else {}),
-                       **{k: v for k, v in _measures(d).items() if k in _PER_DIFF}} for i, a, d in per]}
+                       **{k: v for k, v in _measures(d, i in stored).items() if k in _PER_DIFF}} for i, a, d in per]}
 
 
 def _build_many(raw: Mapping[str, tuple[float, ...]], terms: Mapping[str, tuple[tuple[int, float], ...]],
-                mode: str, compute_dtype: str, diffs: int) -> dict[str, Any]:
+                mode: str, compute_dtype: str, diffs: int, stored: frozenset[int]) -> dict[str, Any]:
     split = {name: list(zip(terms[name], _split(values, terms[name]))) for name, values in raw.items()
              if name in terms}
     tensors = []
     for name in sorted(split, key=lambda n: (layer_of(n) is None, layer_of(n) or 0, n)):
         per = split[name]
         first = per[0][1]
-        entry = _entry([(i, a, d) for (i, a), d in per])
+        entry = _entry([(i, a, d) for (i, a), d in per], stored)
         for x, ((_, _), d) in zip(entry["diffs"], per):
             x["touched"] = d["differs"] > 0
         tensors.append({"name": name, "layer": layer_of(name), "elements": int(first["elements"]),
@@ -176,7 +181,7 @@ def _build_many(raw: Mapping[str, tuple[float, ...]], terms: Mapping[str, tuple[
             having = [d for n in names for (j, _), d in split[n] if j == i]
             if having:
                 per.append((i, None, _sum_many(having)))
-        out = _entry(per) if per else {}
+        out = _entry(per, stored) if per else {}
         # The output's own measures count every tensor once.
         common = _sum_many([split[n][0][1] for n in names])
         m = _measures(common)

@@ -289,14 +289,13 @@ class RunMark:
                     pass  # a missed heartbeat is harmless; the next one retries
 
     def record(self, file: str, size: int, sha256: str, version: str | None,
-               report: dict[str, list[float]] | None = None) -> None:
-        """Journal a committed shard (and its transfer-report measures), so a resumed run can keep
-        it without reading it again."""
+               extra: dict[str, Any] | None = None) -> None:
+        """Journal a committed shard (and what it measured: its transfer-report measures, the
+        digests of the inputs it read), so a resumed run can keep it without reading it again."""
         with self._lock:
             if self.lost:
                 raise self._lost_error()
-            self.shards[file] = {"size": size, "sha256": sha256, "version": version,
-                                 **({"report": report} if report else {})}
+            self.shards[file] = {"size": size, "sha256": sha256, "version": version, **(extra or {})}
             self._write()
 
     def forget(self, files: list[str]) -> None:

@@ -36,7 +36,7 @@ __all__ = [
 
 DONORS = ("target", "finetuned", "base", "none")
 # A donor or role of a spec with several diffs: ``diffs[1].finetuned``.
-_DIFF_ROLE = re.compile(r"diffs\[(\d+)\]\.(finetuned|base)")
+_DIFF_ROLE = re.compile(r"diffs\[(\d+)\]\.(finetuned|base|diff)")
 
 # Which checkpoint donates each non-weight file (fnmatch patterns, first match wins). The output
 # behaves like the fine-tuned model (its tokenizer, chat template and generation defaults) on the
@@ -94,18 +94,26 @@ class Rule:
 
 @dataclass(frozen=True)
 class Diff:
-    """One diff vector ``alpha * (finetuned - base)``; its own ``rules`` come before the job's."""
+    """One diff vector ``alpha * (finetuned - base)``; its own ``rules`` come before the job's. With
+    no ``base`` (``""``), ``finetuned`` is a stored difference written by ``graft diff`` (the spec's
+    ``diff`` key)."""
 
     finetuned: str
     base: str
     alpha: float = 1.0
     rules: tuple[Rule, ...] = ()
 
+    @property
+    def stored(self) -> bool:
+        return not self.base
+
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A validated transfer job: out = target + sum_i alpha_i * (finetuned_i - base_i), per tensor;
-    one diff (the ``finetuned``/``base``/``alpha`` keys) or several (``diffs``)."""
+    """A validated job. ``kind`` "transfer": out = target + sum_i alpha_i * (finetuned_i - base_i),
+    per tensor; one diff (the ``finetuned``/``base``/``alpha`` keys, or ``diff``) or several
+    (``diffs``). ``kind`` "diff" (``graft diff``): no target; out = finetuned - base of its one diff,
+    written as ``diff_dtype``."""
 
     target: str
     diffs: tuple[Diff, ...]
@@ -124,6 +132,8 @@ class JobSpec:
     read_concurrency: int = 4
     report: str = "sampled"
     storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kind: str = "transfer"
+    diff_dtype: str = "float32"
 
     # The first diff's locations and alpha: the only diff of a spec written with finetuned/base.
     @property
@@ -138,20 +148,22 @@ class JobSpec:
     def alpha(self) -> float:
         return self.diffs[0].alpha
 
-    def diff_roles(self, i: int) -> tuple[str, str]:
+    def diff_roles(self, i: int) -> tuple[str, ...]:
         """The role names of diff ``i``'s fine-tune and base: ``finetuned``/``base`` for a job with one
-        diff, ``diffs[i].finetuned``/``diffs[i].base`` for several."""
-        if len(self.diffs) == 1:
-            return "finetuned", "base"
-        return f"diffs[{i}].finetuned", f"diffs[{i}].base"
+        diff, ``diffs[i].finetuned``/``diffs[i].base`` for several; a stored diff's one role is
+        ``diff`` / ``diffs[i].diff``."""
+        prefix = "" if len(self.diffs) == 1 else f"diffs[{i}]."
+        if self.diffs[i].stored:
+            return (f"{prefix}diff",)
+        return f"{prefix}finetuned", f"{prefix}base"
 
     @property
     def roles(self) -> dict[str, str]:
-        """Every input checkpoint's role -> location, target first, then each diff's fine-tune and base."""
-        out = {"target": self.target}
+        """Every input checkpoint's role -> location, target first (a transfer), then each diff's
+        fine-tune and base (or its stored diff)."""
+        out = {"target": self.target} if self.kind == "transfer" else {}
         for i, d in enumerate(self.diffs):
-            ft, bs = self.diff_roles(i)
-            out[ft], out[bs] = d.finetuned, d.base
+            out.update(zip(self.diff_roles(i), (d.finetuned, d.base)))
         return out
 
     def alpha_for(self, tensor_name: str, diff: int = 0) -> float:
@@ -177,15 +189,27 @@ class JobSpec:
         d["files"] = {p: donor for p, donor in self.files}
         d.pop("diffs")
         hide = redact_uri if redact_secrets else (lambda u: u)
-        if len(self.diffs) == 1:  # the form it was written in (the manifests of earlier runs too)
-            d["finetuned"], d["base"], d["alpha"] = hide(self.finetuned), hide(self.base), self.alpha
+
+        def where(x: Diff) -> dict[str, str]:
+            return {"diff": hide(x.finetuned)} if x.stored else {"finetuned": hide(x.finetuned),
+                                                                 "base": hide(x.base)}
+
+        if self.kind == "diff":
+            for key in ("target", "compute_dtype", "output_format", "vocab", "rules", "report"):
+                d.pop(key)
+            d.update(where(self.diffs[0]))
+        elif len(self.diffs) == 1:  # the form it was written in (the manifests of earlier runs too)
+            d.update(where(self.diffs[0]), alpha=self.alpha)
+            d.pop("diff_dtype")
         else:
-            d["diffs"] = [{"finetuned": hide(x.finetuned), "base": hide(x.base), "alpha": x.alpha,
-                           "rules": [asdict(r) for r in x.rules]} for x in self.diffs]
+            d["diffs"] = [{**where(x), "alpha": x.alpha, "rules": [asdict(r) for r in x.rules]}
+                          for x in self.diffs]
+            d.pop("diff_dtype")
         if redact_secrets:
             d["storage_options"] = redact(self.storage_options)
             for role in ("target", "output"):
-                d[role] = redact_uri(d[role])
+                if role in d:
+                    d[role] = redact_uri(d[role])
         return d
 
 
@@ -215,8 +239,9 @@ class _RuleModel(BaseModel):
 
 class _DiffModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    finetuned: str = Field(min_length=1)
-    base: str = Field(min_length=1)
+    finetuned: str | None = Field(default=None, min_length=1)
+    base: str | None = Field(default=None, min_length=1)
+    diff: str | None = Field(default=None, min_length=1)
     alpha: float = 1.0
     rules: list[_RuleModel] = []
 
@@ -225,9 +250,11 @@ class _DiffModel(BaseModel):
 
 class _SpecModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    target: str = Field(min_length=1)
+    target: str | None = Field(default=None, min_length=1)
     finetuned: str | None = Field(default=None, min_length=1)
     base: str | None = Field(default=None, min_length=1)
+    diff: str | None = Field(default=None, min_length=1)
+    diff_dtype: Literal["float32", "bf16"] = "float32"
     diffs: list[_DiffModel] | None = Field(default=None, min_length=1)
     output: str = Field(min_length=1)
     alpha: float = 1.0
@@ -255,7 +282,11 @@ class _SpecModel(BaseModel):
         return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
 
 
-_KEYS = tuple(_SpecModel.model_fields)
+_KEYS = tuple(k for k in _SpecModel.model_fields if k != "diff_dtype")
+# graft diff: a fine-tune and its base in, their difference out (no target, alpha, rules, report).
+_DIFF_JOB_KEYS = ("finetuned", "base", "output", "diff_dtype", "on_missing", "allow_nonfinite",
+                  "allow_family_mismatch", "files", "max_shard_size", "max_side_file_size", "chunk_size",
+                  "read_concurrency", "storage_options")
 _RULE_KEYS = tuple(_RuleModel.model_fields)
 _DIFF_KEYS = tuple(_DiffModel.model_fields)
 
@@ -275,30 +306,49 @@ def _normalize_location(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
-    """Validate a parsed YAML mapping; ``source`` (the file name) prefixes every error."""
+def _diff_form(d: Mapping[str, Any], where: str) -> None:
+    """A diff is a fine-tune and its base, or one stored difference (``diff``), not both."""
+    if "diff" in d and ("finetuned" in d or "base" in d):
+        raise SpecError(f"{where}: key 'diff': give either diff (a difference written by graft diff) or "
+                        f"finetuned and base, not both")
+    if "diff" not in d:
+        for key in ("finetuned", "base"):
+            if key not in d:
+                raise SpecError(f"{where}: key '{key}': field required (or diff: a difference written "
+                                f"by graft diff)")
+
+
+def spec_from_mapping(data: Any, source: str = "spec", kind: str = "transfer") -> JobSpec:
+    """Validate a parsed YAML mapping; ``source`` (the file name) prefixes every error. ``kind``
+    "diff" validates a ``graft diff`` spec (finetuned, base, output, diff_dtype, ...)."""
     if not isinstance(data, Mapping):
         raise SpecError(f"{source}: expected a mapping of keys (target, finetuned, base, output, ...)")
-    _check_keys(data, _KEYS, source)
+    if kind == "diff":
+        _check_keys(data, _DIFF_JOB_KEYS, f"{source} (graft diff)")
+        for key in ("finetuned", "base"):
+            if key not in data:
+                raise SpecError(f"{source}: key '{key}': field required (graft diff writes finetuned - base)")
+    else:
+        _check_keys(data, _KEYS, source)
+        if "target" not in data:
+            raise SpecError(f"{source}: key 'target': field required")
     for i, rule in enumerate(data.get("rules") or []):
         if isinstance(rule, Mapping):
             _check_keys(rule, _RULE_KEYS, f"{source}: rules[{i}]")
     diffs = data.get("diffs")
     if diffs is not None:
-        if any(k in data for k in ("finetuned", "base", "alpha")):
+        if any(k in data for k in ("finetuned", "base", "diff", "alpha")):
             raise SpecError(f"{source}: key 'diffs': give either diffs or finetuned/base/alpha, not both "
                             f"(each diff has its own finetuned, base and alpha)")
         for i, d in enumerate(diffs if isinstance(diffs, list) else []):
             if isinstance(d, Mapping):
                 _check_keys(d, _DIFF_KEYS, f"{source}: diffs[{i}]")
+                _diff_form(d, f"{source}: diffs[{i}]")
                 for j, rule in enumerate(d.get("rules") or []):
                     if isinstance(rule, Mapping):
                         _check_keys(rule, _RULE_KEYS, f"{source}: diffs[{i}].rules[{j}]")
-    else:
-        for key in ("finetuned", "base"):
-            if key not in data:
-                raise SpecError(f"{source}: key '{key}': field required (or give diffs: a list of "
-                                f"{{finetuned, base, alpha}})")
+    elif kind == "transfer":
+        _diff_form(data, source)
     try:
         m = _SpecModel.model_validate(dict(data))
     except ValidationError as e:
@@ -308,9 +358,10 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
         msg = err["msg"].removeprefix("Value error, ").replace(" or instance of _RuleModel",
                                                                 " with keys match and alpha")
         raise SpecError(f"{source}: key '{loc}': {msg}{given}") from None
+    if kind == "transfer" and m.target is None:
+        raise SpecError(f"{source}: key 'target': Input should be a valid string (got None)")
     if m.diffs is None:
-        assert m.finetuned is not None and m.base is not None
-        diff_models = [_DiffModel(finetuned=m.finetuned, base=m.base, alpha=m.alpha)]
+        diff_models = [_DiffModel(finetuned=m.finetuned, base=m.base, diff=m.diff, alpha=m.alpha)]
     else:
         diff_models = m.diffs
     for i, dm in enumerate(diff_models):
@@ -323,23 +374,28 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
     for i, r in enumerate(m.rules):
         if not math.isfinite(r.alpha):
             raise SpecError(f"{source}: key 'rules.{i}.alpha' must be finite, got {r.alpha}")
-    diffs_out = tuple(Diff(_normalize_location(dm.finetuned), _normalize_location(dm.base), float(dm.alpha),
+    diffs_out = tuple(Diff(_normalize_location(dm.diff or dm.finetuned or ""),
+                           "" if dm.diff else _normalize_location(dm.base or ""), float(dm.alpha),
                            tuple(Rule(r.match, float(r.alpha)) for r in dm.rules)) for dm in diff_models)
     rules = tuple(Rule(r.match, float(r.alpha)) for r in m.rules)
     if len(diffs_out) == 1:  # one diff is the plain form: its own rules simply come first
         rules = diffs_out[0].rules + rules
         diffs_out = (Diff(diffs_out[0].finetuned, diffs_out[0].base, diffs_out[0].alpha),)
-    files = tuple((p, _donor(donor, len(diffs_out), f"{source}: key 'files.{p}'")) for p, donor in m.files.items())
+    files = tuple((p, _donor(donor, diffs_out, f"{source}: key 'files.{p}'", kind)) for p, donor in m.files.items())
     if m.output.startswith("hf://"):
         raise SpecError(f"{source}: key 'output': the Hub is not a job output ({m.output}); write to a "
                         f"local path or an object store, then publish the committed result with "
                         f"`graft push OUTPUT {m.output}`")
-    defaults = tuple((p, _donor(d, len(diffs_out), "")) for p, d in DEFAULT_FILES if p not in m.files)
+    # A difference's side files are its fine-tune's (config.json too: the model family it belongs to).
+    defaults = tuple((p, _donor("finetuned" if kind == "diff" else d, diffs_out, "", kind))
+                     for p, d in DEFAULT_FILES if p not in m.files)
     return JobSpec(
-        target=_normalize_location(m.target),
+        target=_normalize_location(m.target) if m.target else "",
         diffs=diffs_out,
         output=_normalize_location(m.output),
-        compute_dtype=m.compute_dtype,
+        # graft diff computes in float32 (the difference a float32 transfer computes) and measures
+        # what it writes in its manifest, not in a transfer report.
+        compute_dtype="float32" if kind == "diff" else m.compute_dtype,
         output_format=m.output_format,
         vocab=m.vocab,
         rules=rules,
@@ -355,24 +411,35 @@ def spec_from_mapping(data: Any, source: str = "spec") -> JobSpec:
         max_side_file_size=parse_size(m.max_side_file_size, f"{source}: key 'max_side_file_size'"),
         chunk_size=parse_size(m.chunk_size, f"{source}: key 'chunk_size'"),
         read_concurrency=m.read_concurrency,
-        report=m.report,
+        report="off" if kind == "diff" else m.report,
         storage_options={k: dict(v) for k, v in m.storage_options.items()},
+        kind=kind,
+        diff_dtype=m.diff_dtype,
     )
 
 
-def _donor(value: str, diffs: int, where: str) -> str:
+def _donor(value: str, diffs: tuple[Diff, ...], where: str, job: str = "transfer") -> str:
     """A ``files`` donor as the role it names: ``finetuned``/``base`` are the first diff's, and with
     several diffs ``diffs[i].finetuned``/``diffs[i].base`` name diff ``i``'s (in a one-diff spec
-    ``diffs[0].finetuned`` is ``finetuned``)."""
+    ``diffs[0].finetuned`` is ``finetuned``). A stored diff holds its fine-tune's side files: its
+    ``finetuned`` is its ``diff``, and it has no ``base``."""
     m = _DIFF_ROLE.fullmatch(value)
-    if value in DONORS or m:
+    if value in DONORS or value == "diff" or m:
         i, kind = (int(m.group(1)), m.group(2)) if m else (0, value)
-        if kind in ("target", "none"):
+        if kind == "none" or (kind == "target" and job == "transfer"):
             return kind
-        if i >= diffs:
-            raise SpecError(f"{where}: {value!r} names diff {i}, but the job has {diffs} diff(s)")
-        return kind if diffs == 1 else f"diffs[{i}].{kind}"
-    more = ", diffs[i].finetuned, diffs[i].base" if diffs > 1 else ""
+        if kind == "target":
+            raise SpecError(f"{where}: graft diff has no target; use finetuned, base or none")
+        if i >= len(diffs):
+            raise SpecError(f"{where}: {value!r} names diff {i}, but the job has {len(diffs)} diff(s)")
+        if diffs[i].stored:
+            if kind == "base":
+                raise SpecError(f"{where}: {value!r}: that diff is a stored difference, which has no base")
+            kind = "diff"
+        elif kind == "diff":
+            raise SpecError(f"{where}: {value!r}: that diff is a fine-tune and its base, not a stored diff")
+        return kind if len(diffs) == 1 else f"diffs[{i}].{kind}"
+    more = ", diffs[i].finetuned, diffs[i].base" if len(diffs) > 1 else ""
     raise SpecError(f"{where}: unknown donor {value!r}; use one of {', '.join(DONORS)}{more}")
 
 
@@ -388,7 +455,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         except yaml.YAMLError as e:
             raise SpecError(f"--set {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
         parts = key.strip().split(".")
-        _check_keys({parts[0]: None}, _KEYS, f"--set {item!r}")
+        _check_keys({parts[0]: None}, (*_KEYS, "diff_dtype"), f"--set {item!r}")
         if parts[0] == "files" and len(parts) > 2:
             parts = ["files", ".".join(parts[1:])]  # file names have dots: files.config.json=base
         node: Any = out
@@ -408,7 +475,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     return out
 
 
-def load_spec(path: str, overrides: Sequence[str] = ()) -> JobSpec:
+def load_spec(path: str, overrides: Sequence[str] = (), kind: str = "transfer") -> JobSpec:
     """Read a YAML job spec from a local file, apply ``--set`` overrides and validate."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -421,4 +488,4 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> JobSpec:
         data = {}
     if not isinstance(data, Mapping):
         raise SpecError(f"{path}: expected a mapping of keys (target, finetuned, base, output, ...)")
-    return spec_from_mapping(apply_overrides(data, overrides), source=os.path.basename(path))
+    return spec_from_mapping(apply_overrides(data, overrides), source=os.path.basename(path), kind=kind)

@@ -26,6 +26,7 @@ __all__ = [
     "Term",
     "TensorTask",
     "TERM_STATS",
+    "DIFF_STATS",
     "stat_names",
     "ExecSettings",
     "ShardTask",
@@ -53,6 +54,13 @@ STATS = ("elements", "measured", "differs", "target_sq", "out_delta_sq", "delta_
 # included), then the sum of squares of the whole change sum_i alpha_i (f_i - b_i) before the target
 # is added, then these for each further diff (``stat_names``).
 TERM_STATS = ("differs", "delta_sq", "moved_sq", "dot", "unchanged")
+
+
+# What ``graft diff`` measures of every difference it writes (each element, on the plain path):
+# elements; whether any differs; sum of (as written)^2; the count of f == b; and the elements where
+# the written difference is not the float64 difference f - b (where a float64 transfer from the diff
+# would not give the three-checkpoint run's bits).
+DIFF_STATS = ("elements", "differs", "delta_sq", "unchanged", "inexact")
 
 
 def stat_names(terms: int) -> tuple[str, ...]:
@@ -140,8 +148,9 @@ class Term:
 @dataclass(frozen=True)
 class TensorTask:
     """One logical output tensor: ``target + sum_i alpha_i * (finetuned_i - base_i)`` over its
-    ``terms`` (in order), or the target alone when it has none. ``scales``: the output is FP8 codes
-    followed by this scale tensor."""
+    ``terms`` (in order), or the target alone when it has none. A target of no checkpoint at all
+    (role ``""``, ``graft diff``) is not added: the change is written alone. ``scales``: the output
+    is FP8 codes followed by this scale tensor."""
 
     name: str
     dtype: str
@@ -157,6 +166,12 @@ class TensorTask:
     @property
     def combine(self) -> bool:
         return bool(self.terms)
+
+    @property
+    def adds_target(self) -> bool:
+        """False for a difference written alone (``graft diff``); rows a target lacks (role set, no
+        file) are zeros, and are added."""
+        return self.target.role != ""
 
     @property
     def continues(self) -> bool:
@@ -215,6 +230,9 @@ class ExecSettings:
     # The transfer report: 0 measures nothing; else a CPU measures every ``report_every``-th block
     # of each combined tensor (``kernel.sampled_ranges``), a GPU all of it.
     report_every: int = REPORT_EVERY["sampled"]
+    # graft diff: the inputs (roles) whose every byte read is hashed (``ShardResult.digests``),
+    # binding the diff to their content: those whose store does not vouch for each file's sha256.
+    hash_roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -257,6 +275,9 @@ class ShardResult:
     seconds: float
     # The transfer report's measures of this shard's combined tensors: (name, ``kernel.STATS``).
     report: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    # With ``ExecSettings.hash_roles``: (``"role\tfile\tbegin"`` of each input tensor's codes or
+    # scales read, sha256 of those bytes).
+    digests: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,23 @@ def poison(checkpoint: str, value: float, index: int = 0, last: bool = True) -> 
     return victim
 
 
+def stop_after_first_shard(spec, output: str) -> dict:  # noqa: ANN001
+    """Run ``spec`` on the local executor with Ctrl-C as soon as its first shard is committed;
+    returns the run mark it leaves at ``output`` (its journal of kept shards)."""
+    import json
+
+    from graft.engine.local import run_local
+    from graft.engine.runmark import RUN_MARK
+
+    def interrupt(event: str) -> None:
+        if event == "done":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_local(spec, workers=1, on_shard=interrupt)
+    return json.load(open(os.path.join(output, RUN_MARK)))
+
+
 def comparable(files: dict[str, bytes]) -> dict[str, bytes]:
     """Output files (name -> bytes) for bit-identity checks: all but the manifest (it records timing)
     and the transfer report (its float32 sums follow torch's thread count; test_report.py checks

@@ -7,6 +7,7 @@ as a user would, on the Ray executor.
 from __future__ import annotations
 
 import json
+import hashlib
 import os
 import subprocess
 import sys
@@ -82,6 +83,28 @@ def test_hub_inputs_give_the_same_bytes_as_local_files(hub, repos, reference_out
         assert all(f"@{sha}/" in f["uri"] for f in entry["files"])
         weights = [f for f in entry["files"] if f["name"].endswith(".safetensors")]
         assert weights and all(f["version"].startswith("sha256:") for f in weights)
+
+
+def test_a_diff_of_hub_inputs_is_bound_by_the_commit_and_the_hubs_own_sha256(hub, repos, tiny_checkpoints,
+                                                                            tmp_path):
+    """The Hub vouches for each file's sha256 (its LFS id): graft diff records it and the commit,
+    and streams the inputs without hashing them again."""
+    out, local = str(tmp_path / "delta"), str(tmp_path / "local")
+    inputs = {r: u for r, u in hf(repos).items() if r != "target"}
+    planned = prepare_job(spec_from_mapping({**inputs, "output": out, "storage_options": hub_options(hub)},
+                                            kind="diff"))
+    assert planned.plan.shards[0].settings.hash_roles == ()
+    result = run_local(planned, workers=2)
+    run_local(spec_from_mapping({"finetuned": tiny_checkpoints["finetuned"], "base": tiny_checkpoints["base"],
+                                 "output": local}, kind="diff"))
+    assert shard_bytes(out) == shard_bytes(local)
+    for role, entry in result.manifest["inputs"].items():
+        assert entry["commit"] == hub.head(repos[role])
+        weights = [f for f in entry["files"] if f["name"].endswith(".safetensors")]
+        for f in weights:
+            assert "content_sha256" not in f
+            data = open(os.path.join(tiny_checkpoints[role], f["name"]), "rb").read()
+            assert f["version"] == "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def test_shards_are_read_by_exact_byte_ranges_and_never_whole(hub, repos, tmp_path):

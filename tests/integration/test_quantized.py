@@ -87,6 +87,23 @@ def test_two_diffs_over_fp8_checkpoints_follow_the_rule_and_read_each_input_once
     assert verify_output(out).ok
 
 
+def test_a_diff_of_fp8_checkpoints_gives_the_three_checkpoint_bits_on_an_fp8_target(fp8_trio, tmp_path):
+    from conftest import shard_bytes
+
+    delta, three, two = (str(tmp_path / n) for n in ("delta", "three", "two"))
+    made = run_local(spec_from_mapping({"finetuned": fp8_trio["finetuned"], "base": fp8_trio["base"],
+                                        "output": delta, "chunk_size": 96 * 8 * 40}, kind="diff"), workers=2)
+    f, b = (real_values(fp8_trio[r]) for r in ("finetuned", "base"))
+    stored = read_tensors(delta)
+    for name, d in stored.items():  # the float32 difference of the real (dequantized) values
+        assert d.dtype == torch.float32 and torch.equal(d, f[name].float() - b[name].float()), name
+    assert quant_config(delta) is None  # its config.json no longer describes FP8 weights
+    assert made.manifest["diff"]["unmeasured"] and not made.manifest["diff"]["float64_exact"]
+    run_local(spec(fp8_trio, three, alpha=0.7))
+    run_local(spec_from_mapping({"target": fp8_trio["target"], "diff": delta, "alpha": 0.7, "output": two}))
+    assert shard_bytes(two) == shard_bytes(three)
+
+
 def test_a_ue8m0_target_gets_power_of_two_scales_by_the_rule(fp8_trio, tmp_path):
     """DeepSeek-V3.1-style targets (scale_fmt ue8m0): power-of-two scales, bit-identical to the rule."""
     target = save_block_fp8(llama_weights(4, llama_weights(0)), str(tmp_path / "target"), pow2=True)

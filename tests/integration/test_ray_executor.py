@@ -64,6 +64,27 @@ def test_ray_runs_several_diffs_bit_identically_to_the_local_executor(tiny_check
     assert verify_output(ray_out).ok
 
 
+def test_graft_diff_and_a_transfer_from_it_on_ray_are_the_local_executors(tiny_checkpoints, tmp_path):
+    from test_diff_artifacts import diff_spec, manifest_of
+
+    local_diff, ray_diff = str(tmp_path / "local-diff"), str(tmp_path / "ray-diff")
+    run_local(diff_spec(tiny_checkpoints["finetuned"], tiny_checkpoints["base"], local_diff, chunk_size=4096))
+    run_ray(prepare_job(diff_spec(tiny_checkpoints["finetuned"], tiny_checkpoints["base"], ray_diff,
+                                  chunk_size=4096)), RayOptions(workers=2))
+    assert shard_bytes(ray_diff) == shard_bytes(local_diff)
+    # The input digests the actors computed while streaming bind the same content.
+    assert manifest_of(ray_diff)["inputs"] == manifest_of(local_diff)["inputs"]
+    assert manifest_of(ray_diff)["diff"] == manifest_of(local_diff)["diff"]
+    three, two = str(tmp_path / "three"), str(tmp_path / "two")
+    run_local(make_spec(tiny_checkpoints, three, alpha=0.5))
+    from graft.engine.spec import spec_from_mapping
+
+    run_ray(prepare_job(spec_from_mapping({"target": tiny_checkpoints["target"], "diff": ray_diff, "alpha": 0.5,
+                                           "output": two})), RayOptions(workers=2))
+    assert shard_bytes(two) == shard_bytes(three)
+    assert verify_output(two).ok and verify_output(ray_diff).ok
+
+
 @pytest.mark.parametrize("trio", ["fp8_trio", "FP8"])
 def test_ray_transfers_fp8_trios_bit_identically_to_the_local_executor(request, ct_trio, tmp_path, trio):
     paths = request.getfixturevalue(trio) if trio == "fp8_trio" else ct_trio(trio)

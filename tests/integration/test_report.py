@@ -15,12 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import load_all
+from conftest import load_all, stop_after_first_shard
 from graft.cluster.report_view import load_report
 from graft.engine.errors import OutputError
 from graft.engine.local import run_local
 from graft.engine.manifest import verify_output
-from graft.engine.runmark import RUN_MARK
 from graft.engine.report import REPORT_NAME, layer_of
 from graft.engine.spec import spec_from_mapping
 
@@ -160,14 +159,7 @@ def test_a_resumed_run_reports_the_kept_shards_from_their_journal(tiny_checkpoin
     and the report equals the one of a run that never stopped."""
     out = str(tmp_path / "out")
     spec = make_spec(tiny_checkpoints, out, report="exact", chunk_size=4096)
-
-    def interrupt(event: str) -> None:  # Ctrl-C as soon as the first shard is committed
-        if event == "done":
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_local(spec, workers=1, on_shard=interrupt)
-    mark = json.load(open(os.path.join(out, RUN_MARK)))
+    mark = stop_after_first_shard(spec, out)
     assert mark["shards"] and all(e["report"] for e in mark["shards"].values())
     result = run_local(spec, workers=1)
     assert result.manifest["run"]["resumed_shards"] == sorted(mark["shards"])
@@ -194,14 +186,7 @@ def test_fp8_tensors_are_measured_on_their_real_values_every_element(fp8_trio, t
 
 def test_shards_kept_from_a_run_without_the_report_are_listed_as_unmeasured(tiny_checkpoints, tmp_path):
     out = str(tmp_path / "out")
-
-    def interrupt(event: str) -> None:
-        if event == "done":
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_local(make_spec(tiny_checkpoints, out, report="off"), workers=1, on_shard=interrupt)
-    kept = json.load(open(os.path.join(out, RUN_MARK)))["shards"]
+    kept = stop_after_first_shard(make_spec(tiny_checkpoints, out, report="off"), out)["shards"]
     result = run_local(make_spec(tiny_checkpoints, out), workers=1)  # report: sampled now
     assert result.manifest["run"]["resumed_shards"] == sorted(kept)
     report = load_report(out)

@@ -85,6 +85,26 @@ def test_several_diffs_from_s3_with_a_shared_base_into_s3(s3_server, s3_inputs, 
     assert unfinished_uploads(s3_server, out) == []
 
 
+def test_graft_diff_from_s3_into_s3_and_a_transfer_reading_it_there(s3_server, s3_inputs, tiny_checkpoints,
+                                                                     tmp_path, reference_output):
+    from test_diff_artifacts import manifest_of
+
+    delta = f"{new_bucket(s3_server)}/delta"
+    made = run_local(prepare_job(spec_from_mapping({"finetuned": s3_inputs["finetuned"], "base": s3_inputs["base"],
+                                                    "output": delta, "storage_options": s3_server}, kind="diff")),
+                     workers=2)
+    local = str(tmp_path / "local-delta")
+    run_local(spec_from_mapping({"finetuned": tiny_checkpoints["finetuned"], "base": tiny_checkpoints["base"],
+                                 "output": local}, kind="diff"))
+    assert s3_bytes(s3_server, delta) == shard_bytes(local)
+    assert verify_output(delta, s3_server).ok and unfinished_uploads(s3_server, delta) == []
+    digests = {r: [f.get("content_sha256") for f in i["files"]] for r, i in made.manifest["inputs"].items()}
+    assert digests == {r: [f.get("content_sha256") for f in i["files"]] for r, i in manifest_of(local)["inputs"].items()}
+    out = str(tmp_path / "out")
+    run_local(job({"target": s3_inputs["target"], "diff": delta}, out, s3_server))
+    assert shard_bytes(out) == reference_output
+
+
 def test_no_secret_reaches_the_manifest(s3_server, s3_inputs, tiny_checkpoints, tmp_path, reference_output):
     """Auth headers in the storage options and a password in an input's location are redacted in
     the manifest's spec and inputs (uri, files[].uri); the run itself used the real values."""

@@ -351,3 +351,30 @@ def test_each_diff_is_known_touched_or_untouched_when_sampled():
     got = dict(zip(stat_names(2), stats.tolist()))
     assert got["differs"] == 0 and got["differs.1"] == 1 and got["measured"] == 2 * CPU_BLOCK
     assert torch.equal(out, touched)
+
+
+# --- graft diff ----------------------------------------------------------------------------------
+
+
+def test_the_difference_alone_is_the_float32_subtraction_and_counts_what_float32_cannot_hold():
+    from graft.engine.tasks import DIFF_STATS
+
+    torch.manual_seed(24)
+    n = CPU_BLOCK + 333
+    b = torch.randn(n).to(torch.bfloat16)
+    f = b.float() + 0.01 * torch.randn(n)
+    f[:10] = b[:10].float()  # unchanged
+    f[10:20] = 1e6  # f - b needs more than 24 bits
+    f[20] = -0.0
+    b[20] = 0.0  # -0 - +0 = -0, kept: adding a zero target would make it +0
+    out = torch.empty(n, dtype=torch.float32)
+    stats = torch.zeros(len(DIFF_STATS), dtype=torch.float64)
+    assert ChunkKernel("float32", n).difference(f, b, out, stats, True) is None
+    assert torch.equal(out, f - b.float()) and torch.signbit(out[20])
+    exact = f.double() - b.double()
+    got = dict(zip(DIFF_STATS, stats.tolist()))
+    assert got["elements"] == n and got["differs"] >= 1
+    d = f - b.float()
+    assert got["unchanged"] == int(((d == 0) & ~torch.signbit(d)).sum()) >= 10  # a +0 difference
+    assert got["inexact"] == int((out.double() != exact).sum()) > 0
+    assert got["delta_sq"] == pytest.approx(float((out.double() ** 2).sum()), rel=1e-6)

@@ -1,0 +1,92 @@
+"""Diffs as artifacts: what binds a ``graft diff`` output to its inputs, and an output to its diffs.
+
+- ``content_digests``: a ``content_sha256`` per input file of a diff job, from the sha256 of every
+  tensor's bytes, computed by the workers while they stream them (``ShardResult.digests``); tensors
+  the diff did not read (integer buffers, tensors only in the base) and each file's header are read
+  here, at commit (small). The digest of a file is the sha256 of the text
+  ``header <sha256 of its first 8 + header-length bytes>\\n`` followed by one line
+  ``<sha256 of the tensor's bytes>  <name>\\n`` per tensor in the order of their bytes in the file:
+  anyone can recompute it from the file alone (``file_content_sha256``), and it changes with any
+  byte of the file.
+- ``stored_diff``: reads and checks the manifest of a location given as a ``diff`` input (it must be a
+  committed ``graft diff`` output) and returns what the transfer's manifest records of it: the
+  sha256 of that manifest, so provenance chains.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+from .checkpoint import Checkpoint
+from .errors import PlanError
+from .manifest import MANIFEST_NAME
+
+__all__ = ["DIFF_KIND", "content_digests", "file_content_sha256", "stored_diff", "digest_key"]
+
+DIFF_KIND = "diff"
+_READ = 8 * 2**20
+
+
+def digest_key(role: str, file: str, begin: int) -> str:
+    """How a shard reports the digest of the tensor at byte ``begin`` of ``file`` in ``role``."""
+    return f"{role}\t{file}\t{begin}"
+
+
+def _sha256_range(ckpt: Checkpoint, file: str, begin: int, end: int) -> str:
+    h = hashlib.sha256()
+    with ckpt.storage.reader(file, version=ckpt.version_of(file)) as r:
+        pos = begin
+        while pos < end:
+            buf = bytearray(min(_READ, end - pos))
+            r.read_into(pos, memoryview(buf))
+            h.update(buf)
+            pos += len(buf)
+    return h.hexdigest()
+
+
+def _file_digest(ckpt: Checkpoint, file: str, tensor_digest: Any) -> str:
+    header = ckpt.headers[file]
+    lines = [f"header {_sha256_range(ckpt, file, 0, header.data_start)}\n"]
+    for e in sorted(header.tensors, key=lambda e: e.begin):
+        lines.append(f"{tensor_digest(e)}  {e.name}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def file_content_sha256(ckpt: Checkpoint, file: str) -> str:
+    """A file's ``content_sha256``, computed by reading it (what ``content_digests`` gives without
+    reading the tensors again)."""
+    return _file_digest(ckpt, file, lambda e: _sha256_range(ckpt, file, e.begin, e.end))
+
+
+def content_digests(ckpt: Checkpoint, role: str, digests: Mapping[str, str]) -> dict[str, str]:
+    """``content_sha256`` of each file of ``ckpt`` (read under ``role``), from the workers' tensor
+    ``digests`` (keyed by ``digest_key``); what they did not read is read and hashed here."""
+    out = {}
+    for f in ckpt.files:
+        def tensor_digest(e: Any, name: str = f.name) -> str:
+            got = digests.get(digest_key(role, name, e.begin))
+            return got if got is not None else _sha256_range(ckpt, name, e.begin, e.end)
+
+        out[f.name] = _file_digest(ckpt, f.name, tensor_digest)
+    return out
+
+
+def stored_diff(ckpt: Checkpoint, role: str) -> dict[str, Any]:
+    """What a transfer records of the stored diff it reads as ``role``: the sha256 of its manifest,
+    its dtype and the inputs it was taken from. ``PlanError`` unless ``ckpt`` is a committed
+    ``graft diff`` output (a checkpoint of weights given as a diff would add whole weights)."""
+    if MANIFEST_NAME not in ckpt.side_files:
+        raise PlanError(f"{role} ({ckpt.uri}) is not a graft diff (no {MANIFEST_NAME}): a diff input must be "
+                        f"written by graft diff; give a fine-tune and its base as finetuned and base instead")
+    data = ckpt.storage.read(MANIFEST_NAME)
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("kind") != DIFF_KIND:
+        raise PlanError(f"{role} ({ckpt.uri}) is a graft output but not a diff ({MANIFEST_NAME} has no "
+                        f"kind: {DIFF_KIND}); a diff input must be written by graft diff")
+    return {"manifest_sha256": hashlib.sha256(data).hexdigest(),
+            "dtype": manifest.get("spec", {}).get("diff_dtype"),
+            "from": {r: i.get("uri") for r, i in (manifest.get("inputs") or {}).items()}}
