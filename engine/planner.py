@@ -19,7 +19,7 @@ from .manifest import MANIFEST_NAME, SUMS_NAME
 from .report import REPORT_NAME
 from .quant import FP8_CODES, Layout, Stored, layout_for
 from .safetensors import FLOATING_DTYPES, build_header
-from .spec import DEFAULT_FILES, JobSpec
+from .spec import JobSpec
 from .tasks import (REPORT_EVERY, ROLES, ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask, Term,
                     zero_source)
 from . import vocab as vocab_rows
@@ -597,7 +597,7 @@ def _side_files(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
     for pattern, donor in spec.files:
         if donor == "none" or any(c in pattern for c in "*?[") or pattern in names:
             continue
-        if (pattern, donor) not in DEFAULT_FILES or pattern == "config.json":
+        if not spec.is_default_donor(pattern, donor) or pattern == "config.json":
             warnings.append(f"{pattern} is donated by {donor} but no checkpoint has it")
     return tuple(out), warnings
 

@@ -181,6 +181,12 @@ class JobSpec:
                 return None if donor == "none" else donor
         return None
 
+    def is_default_donor(self, pattern: str, donor: str) -> bool:
+        """``files`` entry (pattern, donor) is graft's default (as this job names its roles)."""
+        default = dict(DEFAULT_FILES).get(pattern)
+        return default is not None and donor == _donor("finetuned" if self.kind == "diff" else default,
+                                                        self.diffs, "", self.kind)
+
     def to_dict(self, *, redact_secrets: bool = True) -> dict[str, Any]:
         """Plain-JSON form for the manifest and ``graft plan``; secrets hidden (``redaction``): in
         storage options and in the locations (a password in the userinfo, a signed query)."""

@@ -50,6 +50,12 @@ def test_the_diff_is_the_float32_difference_in_the_fine_tunes_layout(tiny_checkp
         assert open(os.path.join(diff32, name), "rb").read() == \
             open(os.path.join(tiny_checkpoints["finetuned"], name), "rb").read()
     assert verify_output(diff32).ok
+    # A diff is a checkpoint transformers reads (the fine-tune's config, float32 weights).
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(diff32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert torch.equal(model.state_dict()["model.norm.weight"], got["model.norm.weight"])
     manifest = manifest_of(diff32)
     assert manifest["kind"] == "diff" and manifest["spec"]["diff_dtype"] == "float32"
     assert "target" not in manifest["spec"] and set(manifest["inputs"]) == {"finetuned", "base"}

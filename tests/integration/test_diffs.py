@@ -109,6 +109,13 @@ def test_side_files_are_donated_by_the_diff_named(tiny_checkpoints, second_diff,
     sides = {s["name"]: role for role, i in manifest["inputs"].items() for s in i["files"] if "sha256" in s}
     assert sides["generation_config.json"] == "diffs[1].finetuned"
     assert sides["tokenizer.json"] == "diffs[0].finetuned"
+    # transformers reads the output: every weight, the donated generation config
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
+    assert GenerationConfig.from_pretrained(out).temperature == 0.3
 
 
 def test_the_report_measures_each_diff_like_the_float64_reference(tiny_checkpoints, second_diff, inputs, tmp_path):
@@ -186,3 +193,11 @@ def test_a_resized_vocabulary_with_several_diffs_is_refused_before_any_data_move
     with pytest.raises(PlanError, match=r"resized vocabulary, which graft transfers for one diff only"):
         prepare_job(two_diffs(tiny_checkpoints, {**second_diff, "finetuned2": ft2}, out, vocab="pad"))
     assert not os.path.exists(out)
+
+
+def test_the_default_donors_of_a_several_diff_job_warn_no_more_than_a_single_diff_job(tiny_checkpoints, second_diff,
+                                                                                     tmp_path):
+    single = prepare_job(spec_from_mapping({**tiny_checkpoints, "output": str(tmp_path / "a")})).plan.warnings
+    several = prepare_job(two_diffs(tiny_checkpoints, second_diff, str(tmp_path / "b"))).plan.warnings
+    donated = [w for w in several if "is donated by" in w]
+    assert donated == [w for w in single if "is donated by" in w] == []
