@@ -311,7 +311,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from graft.engine.hub import push_output  # the Hub client loads only when pushing
+    from graft.engine.publish import push_output  # the Hub client loads only when pushing
 
     url = push_output(_location(args.output), args.repo, _storage_options(args.storage_option),
                       private=True if args.private else None, message=args.message,

@@ -24,8 +24,7 @@ from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from graft.engine.errors import GraftError, SpecError
-from graft.engine.job import Job, OutputSession
-from graft.engine.local import RunResult
+from graft.engine.job import Job, OutputSession, RunResult
 from graft.engine.planner import ShardTask
 from graft.engine.storage import Storage
 

@@ -44,7 +44,7 @@ from .spec import JobSpec
 from .storage import TEMP_MARK, Storage
 from .tasks import ShardResult
 
-__all__ = ["RUN_MARK", "Job", "prepare_job", "State", "Checked", "OutputSession", "hash_in_threads",
+__all__ = ["RUN_MARK", "Job", "RunResult", "prepare_job", "State", "Checked", "OutputSession", "hash_in_threads",
            "clean_output"]
 
 
@@ -61,6 +61,16 @@ class Job:
 
     def input_storages(self) -> dict[str, Storage]:
         return {role: c.storage for role, c in self.checkpoints.items()}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A committed run, whichever executor ran it: where it is, the shard results, and the
+    manifest written."""
+
+    output: str
+    results: tuple[ShardResult, ...]
+    manifest: dict[str, Any]
 
 
 def prepare_job(spec: JobSpec) -> Job:

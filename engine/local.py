@@ -9,25 +9,15 @@ import os
 import threading
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
-from .execute import ShardResult, execute_shard
-from .job import Job, OutputSession, hash_in_threads, prepare_job
+from .execute import execute_shard
+from .job import Job, OutputSession, RunResult, hash_in_threads, prepare_job
 from .spec import JobSpec
 
-__all__ = ["RunResult", "run_local"]
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """A committed run: where it is, the shard results, and the manifest written."""
-
-    output: str
-    results: tuple[ShardResult, ...]
-    manifest: dict[str, Any]
+__all__ = ["RunResult", "run_local"]  # RunResult is job.py's (the Ray driver returns it too)
 
 
 @contextmanager

@@ -19,7 +19,12 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from .storage import AtomicWriter, Storage
+from typing import TYPE_CHECKING
+
+from .atomic import AtomicWriter
+
+if TYPE_CHECKING:  # storage picks this writer for s3://: it imports this module, not the reverse
+    from .storage import Storage
 
 __all__ = ["MIN_PART", "PARTS_IN_FLIGHT", "MAX_PARTS", "part_size", "S3PartWriter"]
 

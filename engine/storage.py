@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import fsspec
 from fsspec.asyn import sync
 
+from .atomic import AtomicWriter
 from .directio import DirectAppender
 from .errors import GraftError, IntegrityError, NotFoundError, StorageError
 from .redaction import redact_text, redact_uri
@@ -366,7 +367,8 @@ class Storage:
                 if self.is_hub:
                     from .hub import stat_hub_file
 
-                    return stat_hub_file(self, name)
+                    size, digest = stat_hub_file(self, name)
+                    return FileStat(name=name, size=size, version=digest, digest=digest)
                 info = self.fs.info(self.path(name), refresh=True)
             except FileNotFoundError:
                 raise StorageError(f"{self.url(name)}: no such file") from None
@@ -640,53 +642,6 @@ class _FsspecRangeReader(RangeReader):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-
-
-class AtomicWriter:
-    """Streams bytes to a file that appears at its final name only on ``commit()``.
-
-    Order of calls: ``write(...)`` any number of times, then exactly one of ``commit()`` or
-    ``discard()``. Used as a context manager it commits on a clean exit and discards on an exception.
-    """
-
-    def __init__(self, storage: Storage, name: str):
-        self.storage = storage
-        self.name = name
-        self.bytes_written = 0
-        self._done = False
-
-    def write(self, data: bytes | memoryview) -> None:
-        raise NotImplementedError
-
-    def commit(self) -> None:
-        raise NotImplementedError
-
-    def discard(self) -> None:
-        raise NotImplementedError
-
-    def _publish_or_discard(self, publish: Callable[[], None], store_errors: type[BaseException] = Exception) -> None:
-        """Run ``publish`` (the steps that make the file visible); on any failure, KeyboardInterrupt
-        included, discard first (nothing may outlive a failed commit), and report a store's error
-        (``store_errors``) as a write failure naming the file."""
-        try:
-            publish()
-        except BaseException as e:
-            self.discard()
-            if isinstance(e, store_errors):
-                raise self.storage._write_failed(self.name, "commit", e) from e
-            raise
-        self._done = True
-
-    def __enter__(self) -> AtomicWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self._done:
-            return
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
 
 
 # Dirty bytes a local writer lets pile up before it asks the kernel to start writing them out.

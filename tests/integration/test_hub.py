@@ -21,7 +21,7 @@ from huggingface_hub import constants
 from conftest import comparable, new_bucket, shard_bytes
 from fake_hub import FakeHub
 from graft.engine.errors import IntegrityError, OutputError, StorageError
-from graft.engine.hub import push_output
+from graft.engine.publish import push_output
 from graft.engine.job import prepare_job
 from graft.engine.local import run_local
 from graft.engine.manifest import MANIFEST_NAME, SUMS_NAME
