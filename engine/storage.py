@@ -9,20 +9,18 @@ A ``Storage`` is a directory (or key prefix) on one filesystem. Order of use:
    ``discard()`` (or an exception inside ``with``) leaves nothing behind.
 
 On remote stores, reads, stats, listings and removals that fail transiently (a dropped connection,
-a timeout, throttling, a short read; ``is_transient``) are retried with exponential backoff and
-jitter; writes are never retried (a failed write fails the file, which is discarded).
+a timeout, throttling, a short read; ``retry.is_transient``) are retried with exponential backoff
+and jitter (``retry.py``); writes are never retried (a failed write fails the file, which is
+discarded).
 
 Local paths take the same ``Storage`` class as remote URIs; only the innermost primitives (pread,
 fsync + rename) differ, so the tested code path is the one users run.
 """
 from __future__ import annotations
 
-import asyncio
 import ctypes
-import errno
 import hashlib
 import os
-import random
 import re
 import sys
 import threading
@@ -36,12 +34,14 @@ import fsspec
 from fsspec.asyn import sync
 
 from .atomic import AtomicWriter
+from . import retry
 from .directio import DirectAppender
 from .errors import GraftError, IntegrityError, NotFoundError, StorageError
 from .redaction import redact_text, redact_uri
+from .retry import ShortRead, describe, is_full, is_transient
 
 __all__ = ["FileStat", "Storage", "RangeReader", "AtomicWriter", "TEMP_MARK", "check_digest",
-           "RETRY_ATTEMPTS", "RETRY_BASE_SECONDS", "RETRY_MAX_SECONDS", "is_transient"]
+           "is_transient"]
 
 _T = TypeVar("_T")
 
@@ -52,13 +52,6 @@ TEMP_MARK = ".graft-tmp-"
 # commit() and discard() aborts it. (S3 has a writer of its own: ``s3write``.)
 _DEFERRED_COMMIT = {"gs", "gcs", "az", "abfs", "abfss"}
 
-
-# Remote stores drop connections, time out and throttle now and then. A read, stat or listing that
-# failed that way is tried again, up to RETRY_ATTEMPTS times in all, after a pause that doubles from
-# RETRY_BASE_SECONDS up to RETRY_MAX_SECONDS. Module-level so tests can make the pauses short.
-RETRY_ATTEMPTS = 5
-RETRY_BASE_SECONDS = 0.25
-RETRY_MAX_SECONDS = 8.0
 
 # On S3 this is the only retry layer. s3fs retries every call itself (5 attempts, nested twice
 # around a range read: 25 for a dropped connection) and botocore retries every request again (its
@@ -123,108 +116,6 @@ def check_digest(where: str, data: bytes, expected: str) -> None:
                              f"read {got[:12]}...); the download was corrupted or the store serves "
                              f"other bytes than it lists, run again")
 
-# errno values of a dropped or stalled connection; retrying can help.
-_TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
-                               errno.EAGAIN})
-# errno values of a full disk, bucket or quota; retrying cannot help.
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-# HTTP statuses of an overloaded or briefly failing server.
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-# S3-style error codes of throttling and server-side failures (s3fs raises them as an OSError caused
-# by botocore's ClientError).
-_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-                              "TooManyRequestsException", "ServiceUnavailable", "InternalError",
-                              "RequestTimeout", "500", "503"})
-# Connection and timeout errors of client libraries graft does not import, matched by module and by
-# the name of a class in the error's MRO (so a subclass matches too).
-_TRANSIENT_CLASSES = {
-    "aiohttp": {"ClientConnectionError", "ClientPayloadError"},
-    # ResponseParserError: a throttling reply whose XML is cut or malformed (s3fs retried these).
-    "botocore": {"HTTPClientError", "ConnectionError", "ReadTimeoutError", "ConnectTimeoutError",
-                 "ResponseStreamingError", "IncompleteReadError", "ResponseParserError"},
-    "urllib3": {"ProtocolError", "TimeoutError", "NewConnectionError"},
-    "requests": {"ConnectionError", "Timeout", "ChunkedEncodingError"},
-    "httpx": {"TimeoutException", "NetworkError", "RemoteProtocolError"},
-    "http": {"IncompleteRead"},
-}
-# A failed TLS handshake or certificate check is a configuration problem, not a flaky network.
-_NEVER_TRANSIENT = re.compile(r"SSL|Certificate|Fingerprint")
-
-
-class _ShortRead(Exception):
-    """A remote store returned fewer bytes than asked although the file is long enough."""
-
-
-def _chain(e: BaseException) -> list[BaseException]:
-    """``e`` and what caused it (libraries wrap the network error they hit)."""
-    seen: list[BaseException] = []
-    err: BaseException | None = e
-    while err is not None and len(seen) < 4 and not any(err is s for s in seen):
-        seen.append(err)
-        err = err.__cause__ or err.__context__
-    return seen
-
-
-def _http_status(err: BaseException) -> int | None:
-    for attr in ("status", "status_code", "code"):
-        value = getattr(err, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
-            return value
-    response = getattr(err, "response", None)
-    if isinstance(response, dict):  # botocore's ClientError
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    else:  # requests / httpx responses
-        status = getattr(response, "status_code", None)
-    return status if isinstance(status, int) else None
-
-
-def _marked_transient(err: BaseException) -> bool:
-    if isinstance(err, (_ShortRead, ConnectionError, TimeoutError, asyncio.TimeoutError)):
-        return True
-    if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
-        return True
-    response = getattr(err, "response", None)
-    if isinstance(response, dict) and response.get("Error", {}).get("Code") in _TRANSIENT_CODES:
-        return True
-    if _http_status(err) in _TRANSIENT_STATUS:
-        return True
-    names = _TRANSIENT_CLASSES.get(type(err).__module__.split(".", 1)[0])
-    return bool(names) and any(c.__name__ in names for c in type(err).__mro__)
-
-
-def is_transient(e: BaseException) -> bool:
-    """Whether trying the same storage call again may succeed: a dropped connection, a timeout, a
-    throttled or failing server (HTTP 5xx, S3 SlowDown), a short read. A missing file, a refused
-    permission, a full disk or bucket, graft's own errors and anything unknown are permanent."""
-    if isinstance(e, (GraftError, FileNotFoundError, PermissionError, IsADirectoryError,
-                      NotADirectoryError)):
-        return False
-    chain = _chain(e)
-    if any((isinstance(err, OSError) and err.errno in _FULL_ERRNOS)
-           or _NEVER_TRANSIENT.search(type(err).__name__) for err in chain):
-        return False
-    return any(_marked_transient(err) for err in chain)
-
-
-def _backoff(attempt: int) -> float:
-    """Seconds to wait after failed attempt ``attempt`` (1-based): doubling from the base, capped,
-    times a random factor in [0.5, 1] so parallel readers that failed together do not retry in step."""
-    return min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of ``e``'s message, URIs redacted (backends quote the signed URL they fetched)."""
-    text = str(e).strip()
-    return redact_text(text.splitlines()[0]) if text else ""
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, _ShortRead):
-        return f"short read ({e})"
-    text = _first_line(e)
-    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
-
-
 class Storage:
     """A directory on an fsspec filesystem, addressed by plain file names inside it."""
 
@@ -270,7 +161,7 @@ class Storage:
             config = dict(self._fs_options.get("config_kwargs") or {})
             if not self._user_retries:
                 config["retries"] = {"mode": _BOTOCORE_WRITE_RETRIES_MODE,
-                                     "total_max_attempts": max(1, RETRY_ATTEMPTS)}
+                                     "total_max_attempts": max(1, retry.RETRY_ATTEMPTS)}
             self._write_fs = fsspec.filesystem(self.protocol, **{**self._fs_options, "config_kwargs": config})
             self._write_fs.retries = _S3FS_ATTEMPTS
         return self._write_fs
@@ -297,12 +188,12 @@ class Storage:
         return f"{self.display_uri}/{name}"
 
     def _fail(self, name: str, action: str, e: BaseException) -> StorageError:
-        return StorageError(f"{self.url(name)}: cannot {action}: {_describe(e)}")
+        return StorageError(f"{self.url(name)}: cannot {action}: {describe(e)}")
 
     def _write_failed(self, name: str, action: str, e: BaseException) -> StorageError:
         """A write-side failure; a full disk or bucket says so instead of only quoting errno."""
         err = self._fail(name, action, e)
-        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+        if is_full(e):
             where = "disk" if self.is_local else "disk or bucket"
             return StorageError(f"{err}; the {where} is full (or over its quota): free some space "
                                 f"and run again")
@@ -314,7 +205,7 @@ class Storage:
         error ``retry_if`` accepts (default: ``is_transient``). Raises ``StorageError`` naming the
         file, or the ``GraftError`` that ``op`` raised; local files get one attempt (the OS retries
         for them)."""
-        attempts = 1 if self.is_local else max(1, RETRY_ATTEMPTS)
+        attempts = 1 if self.is_local else max(1, retry.RETRY_ATTEMPTS)
         attempt = 1
         while True:
             try:
@@ -328,9 +219,9 @@ class Storage:
                     if attempts == 1:
                         raise self._fail(name, action, e) from e
                     raise StorageError(f"{self.url(name)}: cannot {action}: failed after {attempts} "
-                                       f"attempts: {_describe(e)}; check the network or the store and "
+                                       f"attempts: {describe(e)}; check the network or the store and "
                                        f"run the same command again") from e
-            time.sleep(_backoff(attempt))
+            time.sleep(retry.backoff(attempt))
             attempt += 1
 
     def exists(self, name: str = "") -> bool:
@@ -407,14 +298,14 @@ class Storage:
         # only adds what it does not: a short answer read again.
         data = self._retry(name, f"read bytes {start}..{end}",
                            lambda: self._read_once(name, start, end, version),
-                           (lambda e: isinstance(e, _ShortRead)) if self.is_hub else is_transient)
+                           (lambda e: isinstance(e, ShortRead)) if self.is_hub else is_transient)
         if expected is not None:
             check_digest(self.url(name), data, expected)
         return data
 
     def _read_once(self, name: str, start: int | None, end: int | None, version: str | None) -> bytes:
         """One attempt of ``read``: raises a ``GraftError`` for what no retry can fix, the store's
-        own error for a failed request, ``_ShortRead`` for a short answer from a long enough file."""
+        own error for a failed request, ``ShortRead`` for a short answer from a long enough file."""
         try:
             if version is not None and self.pins_reads and start is not None and end is not None:
                 data = sync(self.fs.loop, self._s3_get_if_match, name, start, end, version)
@@ -436,7 +327,7 @@ class Storage:
             # A remote answer can end early (a connection closed mid-body); only a file that really
             # is shorter is an integrity problem.
             if not self.is_local and len(data) < end - start and not self._ends_before(name, end):
-                raise _ShortRead(f"got {len(data)} of {end - start} bytes")
+                raise ShortRead(f"got {len(data)} of {end - start} bytes")
             raise self._short(name, start, end, len(data))
         return data
 

@@ -17,7 +17,7 @@ import pytest
 import faulty_fs
 from conftest import shard_bytes
 from faulty_fs import count, faulty_options, faulty_uri, injected, rule
-from graft.engine import storage as storage_mod
+from graft.engine import retry as retry_mod
 from graft.engine.errors import GraftError, IntegrityError, StorageError
 from graft.engine.local import run_local
 from graft.engine.manifest import MANIFEST_NAME, verify_output
@@ -36,8 +36,8 @@ SHARD = r"model(-\d+-of-\d+)?\.safetensors"
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """Real backoff, in milliseconds instead of seconds (the attempts are the same)."""
-    monkeypatch.setattr(storage_mod, "RETRY_BASE_SECONDS", 0.002)
-    monkeypatch.setattr(storage_mod, "RETRY_MAX_SECONDS", 0.02)
+    monkeypatch.setattr(retry_mod, "RETRY_BASE_SECONDS", 0.002)
+    monkeypatch.setattr(retry_mod, "RETRY_MAX_SECONDS", 0.02)
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +244,8 @@ def _one_file_store(tmp_path, journal: str, *rules: dict) -> Storage:  # noqa: A
 
 
 def test_a_transient_fault_is_tried_exactly_retry_attempts_times_with_growing_pauses(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage_mod, "RETRY_BASE_SECONDS", 0.02)
-    monkeypatch.setattr(storage_mod, "RETRY_MAX_SECONDS", 1.0)
+    monkeypatch.setattr(retry_mod, "RETRY_BASE_SECONDS", 0.02)
+    monkeypatch.setattr(retry_mod, "RETRY_MAX_SECONDS", 1.0)
     journal = str(tmp_path / "journal")
     store = _one_file_store(tmp_path, journal, rule("timeout", times=None))
     t0 = time.monotonic()
@@ -257,7 +257,7 @@ def test_a_transient_fault_is_tried_exactly_retry_attempts_times_with_growing_pa
     assert count(journal)[("timeout", "read")] == 5
     # Pauses of 0.02, 0.04, 0.08, 0.16 s, each jittered down to no less than half.
     assert elapsed >= 0.5 * (0.02 + 0.04 + 0.08 + 0.16)
-    monkeypatch.setattr(storage_mod, "RETRY_ATTEMPTS", 3)
+    monkeypatch.setattr(retry_mod, "RETRY_ATTEMPTS", 3)
     with pytest.raises(StorageError, match="failed after 3 attempts"):
         store.read("a.bin", 0, 100)
     assert count(journal)[("timeout", "read")] == 5 + 3
@@ -283,10 +283,10 @@ def test_a_short_read_of_a_file_that_really_is_short_is_an_integrity_error_at_on
 
 
 def test_backoff_doubles_from_the_base_up_to_the_cap_with_jitter(monkeypatch):
-    monkeypatch.setattr(storage_mod, "RETRY_BASE_SECONDS", 0.25)
-    monkeypatch.setattr(storage_mod, "RETRY_MAX_SECONDS", 8.0)
+    monkeypatch.setattr(retry_mod, "RETRY_BASE_SECONDS", 0.25)
+    monkeypatch.setattr(retry_mod, "RETRY_MAX_SECONDS", 8.0)
     for attempt, full in [(1, 0.25), (2, 0.5), (3, 1.0), (4, 2.0), (5, 4.0), (6, 8.0), (9, 8.0)]:
-        pauses = [storage_mod._backoff(attempt) for _ in range(200)]
+        pauses = [retry_mod.backoff(attempt) for _ in range(200)]
         assert all(full / 2 <= p <= full for p in pauses), attempt
         assert len(set(pauses)) > 1  # jittered: parallel readers do not retry in step
 
@@ -330,7 +330,7 @@ def test_transient_and_permanent_errors_are_told_apart():
 
 def test_local_files_get_one_attempt(tmp_path, monkeypatch):
     # A local disk error is the OS's final word: no pause, no second try, the message as before.
-    monkeypatch.setattr(storage_mod, "RETRY_BASE_SECONDS", 60.0)
+    monkeypatch.setattr(retry_mod, "RETRY_BASE_SECONDS", 60.0)
     calls: list[int] = []
 
     def dropped() -> bytes:
@@ -390,7 +390,7 @@ def test_a_throttled_s3_range_is_requested_exactly_retry_attempts_times(s3_serve
     version = store.stat("a.bin").version if pinned else None
     # Requests past this many pass through: on a stack that multiplies retries the read then
     # succeeds (after RETRY_ATTEMPTS + 1 requests) instead of taking minutes to fail.
-    sent, undo = _throttle_gets(store.fs, storage_mod.RETRY_ATTEMPTS + 1)
+    sent, undo = _throttle_gets(store.fs, retry_mod.RETRY_ATTEMPTS + 1)
     try:
         try:
             store.read("a.bin", 0, 100, version=version)
@@ -399,11 +399,11 @@ def test_a_throttled_s3_range_is_requested_exactly_retry_attempts_times(s3_serve
             outcome = e
     finally:
         undo()
-    assert len(sent) == storage_mod.RETRY_ATTEMPTS, f"{len(sent)} HTTP requests for one range: {sent}"
+    assert len(sent) == retry_mod.RETRY_ATTEMPTS, f"{len(sent)} HTTP requests for one range: {sent}"
     assert all(r == "bytes=0-99" for r in sent)
     assert isinstance(outcome, StorageError), outcome
     assert_one_line_naming(outcome, rf"{bucket}/d/a\.bin: cannot read bytes 0\.\.100: failed after "
-                                    rf"{storage_mod.RETRY_ATTEMPTS} attempts: .*reduce your request rate")
+                                    rf"{retry_mod.RETRY_ATTEMPTS} attempts: .*reduce your request rate")
     assert store.read("a.bin", 0, 4, version=version) == bytes(range(4))  # the store itself is fine
 
 
@@ -439,12 +439,12 @@ def test_a_throttled_s3_write_is_sent_again_by_one_bounded_layer(s3_server, monk
     write after exactly RETRY_ATTEMPTS requests, and reads still make one attempt per graft retry."""
     from conftest import new_bucket
 
-    monkeypatch.setattr(storage_mod, "RETRY_ATTEMPTS", 3)  # botocore's pauses: ~1 + 2 s at most
+    monkeypatch.setattr(retry_mod, "RETRY_ATTEMPTS", 3)  # botocore's pauses: ~1 + 2 s at most
     options = {"s3": {**s3_server["s3"], "skip_instance_cache": True}}
     store = Storage(f"{new_bucket(s3_server)}/d", options)
     sent, undo = _throttle_writes(store.write_fs, throttled)
     try:
-        if throttled < storage_mod.RETRY_ATTEMPTS:
+        if throttled < retry_mod.RETRY_ATTEMPTS:
             store.write_bytes("a.bin", b"x" * 1000)
             assert store.read("a.bin") == b"x" * 1000
         else:
@@ -453,7 +453,7 @@ def test_a_throttled_s3_write_is_sent_again_by_one_bounded_layer(s3_server, monk
             assert "a.bin" not in store.list()
     finally:
         undo()
-    assert len(sent) == min(throttled + 1, storage_mod.RETRY_ATTEMPTS)
+    assert len(sent) == min(throttled + 1, retry_mod.RETRY_ATTEMPTS)
     assert store.fs.retries == 1 and store.write_fs is not store.fs
 
 

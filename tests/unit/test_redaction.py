@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from graft.engine import storage as storage_mod
+from graft.engine import retry as retry_mod
 from graft.engine.checkpoint import open_checkpoint
 from graft.engine.errors import GraftError
 from graft.engine.redaction import redact, redact_text, redact_uri
@@ -90,7 +90,7 @@ def test_a_storage_shows_its_location_redacted_and_keeps_the_real_one_for_io():
 
 
 def test_a_storage_error_never_quotes_a_secret(monkeypatch):
-    monkeypatch.setattr(storage_mod, "RETRY_BASE_SECONDS", 0.001)
+    monkeypatch.setattr(retry_mod, "RETRY_BASE_SECONDS", 0.001)
     store = Storage("https://user:hunter2@host/models?sig=hunter2")
     backend = OSError("403 Forbidden: https://host/models/a.bin?sv=1&sig=hunter2")
     assert SECRET not in str(store._fail("a.bin", "read", backend))
@@ -110,7 +110,7 @@ def _closed_port() -> int:
 
 
 def test_a_checkpoint_that_cannot_be_opened_is_named_without_its_password(monkeypatch):
-    monkeypatch.setattr(storage_mod, "RETRY_ATTEMPTS", 1)
+    monkeypatch.setattr(retry_mod, "RETRY_ATTEMPTS", 1)
     uri = f"http://user:hunter2@127.0.0.1:{_closed_port()}/models/llama"
     with pytest.raises(GraftError) as failure:
         open_checkpoint(uri)
