@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from .errors import NonFiniteError
-from .kernel import COMPUTE_DTYPES, TORCH_DTYPES, add_stats, differs_index, sampled_ranges, zeros_in
+from .kernel import (COMPUTE_DTYPES, TORCH_DTYPES, add_stats, differs_index, sampled_ranges, term_sums_index,
+                     zeros_in)
 from .tasks import STATS, Chunk, Source, stat_names
 
 __all__ = ["FP8_MAX", "decode_into", "block_amax", "scales_from_amax", "encode_into", "Transcoder"]
@@ -259,7 +260,7 @@ class Transcoder:
             if terms > 1:
                 sums[len(STATS)] = sums[len(STATS)] + cc
             for i in range(terms):
-                first = STATS.index("delta_sq") if i == 0 else differs_index(i) + 1
+                first = term_sums_index(i)
                 for j, v in enumerate(parts["terms"][i][r]):
                     sums[first + j] = sums[first + j] + v
         for i in range(terms):

@@ -33,8 +33,8 @@ from .errors import GraftError, IntegrityError
 from .kernel import TORCH_DTYPES, ChunkKernel, check_finite, nonfinite_error
 from .safetensors import DTYPE_SIZES, FLOATING_DTYPES, ShardWriter
 from .storage import RangeReader, Storage
-from .tasks import (DIFF_STATS, Chunk, ExecSettings, Read, ShardResult, ShardTask, Source, TensorTask, iter_chunks,
-                    stat_names)
+from .tasks import (DIFF_STATS, Chunk, ExecSettings, Read, ShardResult, ShardTask, Source, TensorTask, digest_key,
+                    iter_chunks, stat_names)
 
 __all__ = ["ShardResult", "Chunk", "Cancelled", "iter_chunks", "execute_shard"]
 
@@ -292,7 +292,7 @@ def execute_shard(
         for r in reads[i]:
             if r.kind == "codes" and r.role in settings.hash_roles:
                 begin = r.begin - chunk.start * DTYPE_SIZES[r.dtype]
-                key = f"{r.role}\t{r.file}\t{begin}"
+                key = digest_key(r.role, r.file, begin)
                 if key not in hashers:
                     hashers[key] = hashlib.sha256()
                 hashers[key].update(memoryview(slot.view(r).numpy()))
@@ -393,7 +393,7 @@ def _hash_scales(task: ShardTask, reader: Callable[[str, str, str | None], Range
             sc = s.scales
             if sc is None or s.zero or s.role not in roles:
                 continue
-            key = f"{s.role}\t{sc.file}\t{sc.begin}"
+            key = digest_key(s.role, sc.file, sc.begin)
             if key in hashers:
                 continue
             buf = bytearray(sc.end - sc.begin)

@@ -18,8 +18,9 @@ import torch
 from .errors import NonFiniteError
 from .tasks import STATS, TERM_STATS, stat_names
 
-__all__ = ["TORCH_DTYPES", "COMPUTE_DTYPES", "CPU_BLOCK", "STATS", "add_stats", "sampled_ranges", "zeros_in", "ChunkKernel", "first_nonfinite", "check_finite",
-           "nonfinite_error", "differs_index"]
+__all__ = ["TORCH_DTYPES", "COMPUTE_DTYPES", "CPU_BLOCK", "STATS", "add_stats", "sampled_ranges", "zeros_in",
+           "ChunkKernel", "first_nonfinite", "check_finite", "nonfinite_error", "differs_index",
+           "term_sums_index"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
@@ -52,13 +53,19 @@ def first_nonfinite(values: torch.Tensor) -> int | None:
     return int((~finite).nonzero()[0, 0])
 
 
-_DIFFERS = STATS.index("differs")
+_DIFFERS, _TARGET_SQ, _OUT_DELTA_SQ, _DELTA_SQ = (STATS.index(k) for k in ("differs", "target_sq", "out_delta_sq",
+                                                                           "delta_sq"))
 _CHANGE = len(STATS)  # with several diffs: the change's sum of squares, then each further diff's measures
 
 
 def differs_index(term: int) -> int:
     """Where term ``term``'s ``differs`` flag sits in ``tasks.stat_names``."""
     return _DIFFERS if term == 0 else _CHANGE + 1 + (term - 1) * len(TERM_STATS)
+
+
+def term_sums_index(term: int) -> int:
+    """Where term ``term``'s delta_sq, moved_sq, dot and unchanged start in ``tasks.stat_names``."""
+    return _DELTA_SQ if term == 0 else differs_index(term) + 1
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -311,7 +318,6 @@ class ChunkKernel:
             return first_nonfinite(out)
         return None
 
-
     def _combine_many(self, t: torch.Tensor, terms: tuple[tuple[torch.Tensor, torch.Tensor, float], ...],
                       out: torch.Tensor, stats: torch.Tensor | None, sums: list[float] | None,
                       check: bool) -> int | None:
@@ -321,17 +327,18 @@ class ChunkKernel:
         acc, diff, tmp = self._acc[:n], self._diff[:n], self._tmp[:n]  # type: ignore[index]
         tc = self._as_compute(t, self._t[:n]) if stats is not None else None  # type: ignore[index]
         values: list[Any] = [0.0] * len(stat_names(len(terms)))
+        flags = [differs_index(i) for i in range(len(terms))]
         for i, (f, b, alpha) in enumerate(terms):
             d = acc if i == 0 else diff
             fc = self._as_compute(f, d)
             bc = self._as_compute(b, tmp)
             torch.sub(fc, bc, out=d)
-            flag = differs_index(i)
+            flag = flags[i]
             if stats is not None:
                 assert tc is not None
                 moved = torch.sub(tc, bc, out=tmp)
                 unchanged = _unchanged(f, b, d, self._same)
-                at = (STATS.index("delta_sq") if i == 0 else flag + 1)
+                at = term_sums_index(i)
                 values[at:at + 4] = [torch.dot(d, d), torch.dot(moved, moved), torch.dot(d, moved), unchanged]
                 values[flag] = unchanged < n
             elif sums is not None and not sums[flag] and bool(d.any()):
@@ -348,20 +355,20 @@ class ChunkKernel:
         out.copy_(acc)  # the one rounding to the target's dtype (round-to-nearest-even)
         if stats is None:
             return first_nonfinite(out) if check else None
-        values[STATS.index("target_sq")] = torch.dot(tc, tc)
-        values[STATS.index("out_delta_sq")] = _out_delta_sq(out, tc, tmp)
+        values[_TARGET_SQ] = torch.dot(tc, tc)
+        values[_OUT_DELTA_SQ] = _out_delta_sq(out, tc, tmp)
         values[0] = values[1] = n
         if sums is None:  # on a GPU: summed on the device, read once the shard is done
             add_stats(stats, values)
             return None
         values[0] = 0
         for i, v in enumerate(values):
-            if i in (_DIFFERS, *(differs_index(k) for k in range(1, len(terms)))):
+            if i in flags:  # whether the diff touched the tensor: set, not summed
                 if v:
                     sums[i] = 1.0
             else:
                 sums[i] += float(v)
-        if check and not math.isfinite(float(values[STATS.index("out_delta_sq")])):
+        if check and not math.isfinite(float(values[_OUT_DELTA_SQ])):
             return first_nonfinite(out)
         return None
 

@@ -24,6 +24,7 @@ __all__ = [
     "format_sums",
     "parse_sums",
     "hash_file",
+    "hash_range",
     "VerifyReport",
     "verify_output",
 ]
@@ -64,12 +65,18 @@ def parse_sums(text: bytes, where: str) -> dict[str, str]:
 
 def hash_file(storage: Storage, name: str, size: int) -> str:
     """sha256 of ``name``, streamed in bounded chunks."""
+    return hash_range(storage, name, 0, size)
+
+
+def hash_range(storage: Storage, name: str, start: int, end: int, version: str | None = None) -> str:
+    """sha256 of bytes ``[start, end)`` of ``name`` (of ``version``, where the store pins reads),
+    streamed in bounded chunks."""
     h = hashlib.sha256()
-    buf = bytearray(min(_HASH_CHUNK, max(size, 1)))
-    with storage.reader(name) as r:
-        pos = 0
-        while pos < size:
-            n = min(len(buf), size - pos)
+    buf = bytearray(min(_HASH_CHUNK, max(end - start, 1)))
+    with storage.reader(name, version=version) as r:
+        pos = start
+        while pos < end:
+            n = min(len(buf), end - pos)
             view = memoryview(buf)[:n]
             r.read_into(pos, view)
             h.update(view)

@@ -131,9 +131,26 @@ def _layouts(checkpoints: Mapping[str, Checkpoint], configs: Mapping[str, Mappin
         except QuantizationError as e:
             problems.append(str(e))
     if problems:
-        more = f" (and {len(problems) - 1} more problem(s); run graft plan to list them)" if len(problems) > 1 else ""
-        raise QuantizationError(problems[0] + more, problems)
+        raise _refusal(problems, QuantizationError)
     return {role: layouts[first] for role, first in canon.items()}
+
+
+def _refusal(problems: list[str], kind: type[PlanError] = PlanError) -> PlanError:
+    """One error for every problem found: the first one's message, how many more, all of them listed."""
+    more = f" (and {len(problems) - 1} more problem(s); run graft plan to list them)" if len(problems) > 1 else ""
+    return kind(problems[0] + more, problems)
+
+
+def _family(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
+            configs: Mapping[str, Mapping[str, Any] | None], roles: list[str]) -> list[str]:
+    """The warnings about checkpoints of different model families (``allow_family_mismatch``);
+    without it they are refused, before anything else (another family's quantization or tensor
+    names would only add noise)."""
+    family = _family_problems(configs, {r: checkpoints[r].uri for r in roles})
+    if spec.allow_family_mismatch or not family:
+        return family
+    raise PlanError(family[0] + "; set allow_family_mismatch: true if this is really intended",
+                    [f"{p}; set allow_family_mismatch: true if this is really intended" for p in family])
 
 
 def _examples(names: list[str], n: int = 3) -> str:
@@ -169,13 +186,7 @@ def make_plan(
     combined = copied = 0
     resized: dict[str, tuple[Stored, Stored, Stored, float, str, OutScales | None]] = {}
 
-    family = _family_problems(configs, {r: checkpoints[r].uri for r in roles})
-    if spec.allow_family_mismatch:
-        warnings.extend(family)
-    else:
-        problems.extend(f"{p}; set allow_family_mismatch: true if this is really intended" for p in family)
-    if problems:  # another family: its quantization or tensor names would only add noise
-        raise PlanError(problems[0], problems)
+    warnings.extend(_family(spec, checkpoints, configs, roles))
     layouts = _layouts(checkpoints, configs, canon)
     logical, tie_notes = vocab_rows.untie({role: layouts[role].tensors for role in roles}, configs)
     warnings.extend(tie_notes)
@@ -276,8 +287,7 @@ def make_plan(
             warnings.append(f"{len(extra)} tensor(s) only in {inputs} are left out: "
                             f"{_examples(extra)}")
     if problems:
-        more = f" (and {len(problems) - 1} more problem(s); run graft plan to list them)" if len(problems) > 1 else ""
-        raise PlanError(problems[0] + more, problems)
+        raise _refusal(problems)
 
     dtypes: dict[str, set[str]] = {role: set() for role in roles}
     for t in tasks.values():
@@ -331,11 +341,7 @@ def make_diff_plan(
     ft, bs = checkpoints["finetuned"], checkpoints["base"]
     problems: list[str] = []
     warnings: list[str] = []
-    family = _family_problems(configs, {r: checkpoints[r].uri for r in canon})
-    if spec.allow_family_mismatch:
-        warnings.extend(family)
-    elif family:
-        raise PlanError(family[0] + "; set allow_family_mismatch: true if this is really intended")
+    warnings.extend(_family(spec, checkpoints, configs, list(canon)))
     layouts = _layouts(checkpoints, configs, canon)
     logical, notes = vocab_rows.untie({"target": layouts["finetuned"].tensors, "base": layouts["base"].tensors},
                                       {"target": configs.get("finetuned"), "base": configs.get("base")})
@@ -378,8 +384,7 @@ def make_diff_plan(
     if not tasks and not problems:
         problems.append(f"finetuned ({ft.uri}) has no floating tensor the base also has: nothing to diff")
     if problems:
-        more = f" (and {len(problems) - 1} more problem(s); run graft plan to list them)" if len(problems) > 1 else ""
-        raise PlanError(problems[0] + more, problems)
+        raise _refusal(problems)
     # The diff holds its fine-tune's side files; its config.json no longer describes FP8 weights.
     config = configs.get(spec.donor_for("config.json") or "")
     patch = ((QUANT_KEY, None),) if isinstance(config, Mapping) and QUANT_KEY in config else ()

@@ -20,29 +20,16 @@ from typing import Any, Mapping
 
 from .checkpoint import Checkpoint
 from .errors import PlanError
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, hash_range
+from .tasks import digest_key
 
-__all__ = ["DIFF_KIND", "content_digests", "file_content_sha256", "stored_diff", "digest_key"]
+__all__ = ["DIFF_KIND", "content_digests", "file_content_sha256", "stored_diff"]
 
 DIFF_KIND = "diff"
-_READ = 8 * 2**20
-
-
-def digest_key(role: str, file: str, begin: int) -> str:
-    """How a shard reports the digest of the tensor at byte ``begin`` of ``file`` in ``role``."""
-    return f"{role}\t{file}\t{begin}"
 
 
 def _sha256_range(ckpt: Checkpoint, file: str, begin: int, end: int) -> str:
-    h = hashlib.sha256()
-    with ckpt.storage.reader(file, version=ckpt.version_of(file)) as r:
-        pos = begin
-        while pos < end:
-            buf = bytearray(min(_READ, end - pos))
-            r.read_into(pos, memoryview(buf))
-            h.update(buf)
-            pos += len(buf)
-    return h.hexdigest()
+    return hash_range(ckpt.storage, file, begin, end, ckpt.version_of(file))
 
 
 def _file_digest(ckpt: Checkpoint, file: str, tensor_digest: Any) -> str:

@@ -62,18 +62,18 @@ def _measures(v: Mapping[str, float], stored: bool = False) -> dict[str, Any]:
     }
 
 
-def _scaled(v: Mapping[str, float]) -> dict[str, float]:
+def _scaled(v: Mapping[str, float], keys: tuple[str, ...] = STATS) -> dict[str, float]:
     """A tensor's sums scaled up to all its elements (as if every element were measured)."""
     s = v["elements"] / v["measured"] if v["measured"] else 0.0
-    out = {k: v[k] * s for k in STATS}
+    out = {k: v.get(k, 0.0) * s for k in keys}
     out.update(elements=v["elements"], measured=v["elements"] if v["measured"] else 0.0, differs=v["differs"])
     return out
 
 
-def _sum(vectors: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    total = dict.fromkeys(STATS, 0.0)
+def _sum(vectors: Iterable[Mapping[str, float]], keys: tuple[str, ...] = STATS) -> dict[str, float]:
+    total = dict.fromkeys(keys, 0.0)
     for v in vectors:
-        for k, x in _scaled(v).items():
+        for k, x in _scaled(v, keys).items():
             total[k] += x
     return total
 
@@ -118,6 +118,7 @@ def build(measured: Iterable[tuple[str, tuple[float, ...]]], terms: Mapping[str,
 
 _COMMON = ("elements", "measured", "target_sq", "out_delta_sq", "change_sq")
 _PER_DIFF = ("ft_delta_norm", "base_move_norm", "cosine", "unchanged_fraction")
+_MANY = (*STATS, "change_sq")  # what a several-diff tensor's per-diff view sums
 
 
 def _split(values: tuple[float, ...], terms: tuple[tuple[int, float], ...]) -> list[dict[str, float]]:
@@ -130,22 +131,6 @@ def _split(values: tuple[float, ...], terms: tuple[tuple[int, float], ...]) -> l
         own = {k: v[k if i == 0 else f"{k}.{i}"] for k in TERM_STATS}
         out.append({**common, **own})
     return out
-
-
-def _sum_many(vectors: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """Like ``_sum``, with the change's sum of squares too."""
-    keys = (*STATS, "change_sq")
-    total = dict.fromkeys(keys, 0.0)
-    for v in vectors:
-        s = v["elements"] / v["measured"] if v["measured"] else 0.0
-        for k in keys:
-            if k in ("elements", "differs"):
-                total[k] += v[k]
-            elif k == "measured":
-                total[k] += v["elements"] if v["measured"] else 0.0
-            else:
-                total[k] += v.get(k, 0.0) * s
-    return total
 
 
 def _entry(per: list[tuple[int, float, Mapping[str, float]]], stored: frozenset[int]) -> dict[str, Any]:
@@ -180,10 +165,10 @@ def _build_many(raw: Mapping[str, tuple[float, ...]], terms: Mapping[str, tuple[
         for i in range(diffs):
             having = [d for n in names for (j, _), d in split[n] if j == i]
             if having:
-                per.append((i, None, _sum_many(having)))
+                per.append((i, None, _sum(having, _MANY)))
         out = _entry(per, stored) if per else {}
         # The output's own measures count every tensor once.
-        common = _sum_many([split[n][0][1] for n in names])
+        common = _sum([split[n][0][1] for n in names], _MANY)
         m = _measures(common)
         out.update(out_delta_norm=m["out_delta_norm"], target_norm=m["target_norm"],
                    change_norm=_num(math.sqrt(common["change_sq"])))

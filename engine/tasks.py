@@ -31,6 +31,7 @@ __all__ = [
     "ExecSettings",
     "ShardTask",
     "ShardResult",
+    "digest_key",
     "Read",
     "Chunk",
     "iter_chunks",
@@ -278,6 +279,11 @@ class ShardResult:
     # With ``ExecSettings.hash_roles``: (``"role\tfile\tbegin"`` of each input tensor's codes or
     # scales read, sha256 of those bytes).
     digests: tuple[tuple[str, str], ...] = ()
+
+
+def digest_key(role: str, file: str, begin: int) -> str:
+    """How ``ShardResult.digests`` names the input tensor at byte ``begin`` of ``file`` in ``role``."""
+    return f"{role}\t{file}\t{begin}"
 
 
 @dataclass(frozen=True)
