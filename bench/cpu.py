@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench.data import ensure
-from graft.engine.directio import DirectAppender
+from graft.engine.storage.directio import DirectAppender
 from graft.engine.kernel import ChunkKernel
 
 HERE = os.path.dirname(os.path.abspath(__file__))

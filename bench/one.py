@@ -44,7 +44,7 @@ def _report(seconds: float, read: int, **extra: object) -> None:
 
 def run_graft(spec_path: str, workers: int, kind: str = "transfer") -> None:
     from graft.engine.local import run_local
-    from graft.engine.spec import load_spec
+    from graft.engine.specfile import load_spec
 
     spec = load_spec(spec_path, kind=kind)
     if spec.storage_options.get("s3"):

@@ -13,88 +13,26 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Sequence
 
 from graft.engine import __version__
 from graft.engine.checkpoint import open_checkpoint
 from graft.engine.errors import GraftError, Interrupted, PlanError, Terminated
-from graft.engine.job import OutputSession, prepare_job
+from graft.engine.job import prepare_job
+from graft.engine.session import OutputSession
 from graft.engine.manifest import verify_output
 from graft.engine.redaction import redact_uri
 from graft.engine.runmark import Observed
-from graft.engine.spec import apply_overrides, load_spec
+from graft.engine.specfile import apply_overrides, load_spec
 
-__all__ = ["main", "Progress"]
+from graft.cluster.progress import Progress, human_bytes
+
+__all__ = ["main"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 # Shards in flight on the local executor: a second one overlaps the first's fsync and pipeline
 # drain (measured in bench/NOTES.md) for about 90 MB more memory.
 LOCAL_WORKERS = 2
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-class Progress:
-    """Bytes done / total, throughput and ETA: a redrawn bar on a TTY, plain log lines otherwise."""
-
-    def __init__(self, total: int, stream: TextIO, tty: bool | None = None, interval: float | None = None,
-                 shards: int = 0):
-        self.total = max(total, 1)
-        self.done = 0
-        self.shards = shards
-        self.events = {"done": 0, "retried": 0, "failed": 0}
-        self.stream = stream
-        self.tty = stream.isatty() if tty is None else tty
-        self.interval = interval if interval is not None else (0.1 if self.tty else 5.0)
-        self.t0 = time.monotonic()
-        self._last = self.t0 if not self.tty else 0.0
-
-    def line(self) -> str:
-        elapsed = max(time.monotonic() - self.t0, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        pct = 100.0 * self.done / self.total
-        eta_s = f"{eta:.0f}s" if eta != float("inf") else "?"
-        line = (f"{pct:5.1f}% {human_bytes(self.done)}/{human_bytes(self.total)} read, "
-                f"{human_bytes(rate)}/s, ETA {eta_s}")
-        if self.shards:
-            extra = "".join(f", {n} {k}" for k, n in self.events.items() if k != "done" and n)
-            line += f", shards {self.events['done']}/{self.shards} done{extra}"
-        return line
-
-    def shard(self, event: str) -> None:
-        """Count a shard event (done, retried, failed); shown with the next line."""
-        self.events[event] = self.events.get(event, 0) + 1
-
-    def update(self, n: int) -> None:
-        self.done += n
-        self._render()
-
-    def _render(self, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - self._last < self.interval:
-            return
-        self._last = now
-        if self.tty:
-            width = 30
-            filled = int(width * self.done / self.total)
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.line()}   ")
-        else:
-            self.stream.write(f"graft: {self.line()}\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        """Show the final state (every shard event counted), then end the bar's line."""
-        self._render(final=True)
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def _log(msg: str) -> None:
@@ -303,7 +241,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from graft.engine.job import clean_output
+    from graft.engine.clean import clean_output
 
     removed = clean_output(_location(args.output), _storage_options(args.storage_option), log=_log)
     print(f"removed {len(removed)} file(s) of an unfinished graft run from {redact_uri(args.output)}")

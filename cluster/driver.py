@@ -23,8 +23,10 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from graft.engine.chunks import shard_read_bytes
 from graft.engine.errors import GraftError, SpecError
-from graft.engine.job import Job, OutputSession, RunResult
+from graft.engine.job import Job, RunResult
+from graft.engine.session import OutputSession
 from graft.engine.planner import ShardTask
 from graft.engine.storage import Storage
 
@@ -153,7 +155,7 @@ def run_ray(
             # the CLI's, which stops the run cleanly.
             signal.signal(signal.SIGTERM, sigterm)
         session.verify_kept(_cluster_hasher(job, opts), log)
-        kept = sum(t.read_bytes for t in job.plan.shards if t.file in session.results)
+        kept = sum(shard_read_bytes(t) for t in job.plan.shards if t.file in session.results)
         if kept and on_progress is not None:
             on_progress(kept)
         pool = _WorkerPool(job, session, opts, report_progress=on_progress is not None)
@@ -317,7 +319,7 @@ class _WorkerPool:
                     continue
                 session.record(result)
                 on_shard("done")
-                finished_bytes += task.read_bytes
+                finished_bytes += shard_read_bytes(task)
                 idle.append(slot)
             if on_progress is not None:
                 # Only the attempts in flight count: a finished shard is counted once, in

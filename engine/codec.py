@@ -29,7 +29,8 @@ import torch
 from .errors import NonFiniteError
 from .kernel import (COMPUTE_DTYPES, TORCH_DTYPES, add_stats, differs_index, sampled_ranges, term_sums_index,
                      zeros_in)
-from .tasks import STATS, Chunk, Source, stat_names
+from .chunks import Chunk
+from .tasks import STATS, Source, stat_names
 
 __all__ = ["FP8_MAX", "decode_into", "block_amax", "scales_from_amax", "encode_into", "Transcoder"]
 

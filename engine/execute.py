@@ -33,8 +33,8 @@ from .errors import GraftError, IntegrityError
 from .kernel import TORCH_DTYPES, ChunkKernel, check_finite, nonfinite_error
 from .safetensors import DTYPE_SIZES, FLOATING_DTYPES, ShardWriter
 from .storage import RangeReader, Storage
-from .tasks import (DIFF_STATS, Chunk, ExecSettings, Read, ShardResult, ShardTask, Source, TensorTask, digest_key,
-                    iter_chunks, stat_names)
+from .chunks import Chunk, Read, iter_chunks
+from .tasks import DIFF_STATS, ExecSettings, ShardResult, ShardTask, Source, TensorTask, digest_key, stat_names
 
 __all__ = ["ShardResult", "Chunk", "Cancelled", "iter_chunks", "execute_shard"]
 

@@ -13,8 +13,10 @@ from typing import Callable, Iterator
 
 import torch
 
+from .chunks import shard_read_bytes
 from .execute import execute_shard
-from .job import Job, OutputSession, RunResult, hash_in_threads, prepare_job
+from .job import Job, RunResult, prepare_job
+from .session import OutputSession, hash_in_threads
 from .spec import JobSpec
 
 __all__ = ["RunResult", "run_local"]  # RunResult is job.py's (the Ray driver returns it too)
@@ -64,7 +66,7 @@ def run_local(
 
     try:
         session.verify_kept(hash_in_threads(workers), log)
-        kept = sum(t.read_bytes for t in job.plan.shards if t.file in session.results)
+        kept = sum(shard_read_bytes(t) for t in job.plan.shards if t.file in session.results)
         if kept and on_progress is not None:
             on_progress(kept)
         with cores_per_shard(workers), \

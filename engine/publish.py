@@ -17,7 +17,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from .checkpoint import unsafe_name
 from .errors import OutputError, StorageError
-from .hub import first_line, hub_api, repo_id_of
+from .storage.hub import first_line, hub_api, repo_id_of
 from .manifest import MANIFEST_NAME, verify_output
 from .storage import Storage
 

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from .checkpoint import Checkpoint, TensorRef
 from .errors import QuantizationError
+from .tasks import Scales, Source
 
 __all__ = ["FP8_CODES", "SCALE_DTYPES", "Scheme", "Stored", "Layout", "read_scheme", "layout_of", "layout_for"]
 
@@ -320,3 +321,13 @@ def layout_of(ckpt: Checkpoint, scheme: Scheme | None, role: str) -> Layout:
 def layout_for(ckpt: Checkpoint, config: Mapping[str, Any] | None, role: str) -> Layout:
     """``layout_of`` under the scheme ``config`` (the checkpoint's parsed config.json) declares."""
     return layout_of(ckpt, read_scheme(config, f"{role} ({ckpt.uri})", ckpt.tensors), role)
+
+
+def source_of(ckpt: Checkpoint, role: str, stored: Stored, pow2: bool = False) -> Source:
+    """Where a worker reads ``stored`` (codes, and scales if any) in ``ckpt``, read as ``role``."""
+    ref, sc = stored.codes, stored.scales
+    scales = None
+    if sc is not None and stored.block is not None:
+        scales = Scales(sc.name, sc.dtype, sc.shape, stored.block, pow2, sc.file, sc.begin, sc.end,
+                        ckpt.version_of(sc.file))
+    return Source(role, ref.file, ref.dtype, ref.begin, ref.end, ckpt.version_of(ref.file), scales)

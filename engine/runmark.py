@@ -23,6 +23,7 @@ Order of calls: ``observe`` then ``wait_until_stale`` (checking), then ``RunMark
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -33,11 +34,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
-from . import __version__, cas
+from . import __version__
 from .errors import NotFoundError, OutputError, StorageError
-from .storage import Storage
+from .storage import Storage, cas
+from .tasks import DIFF_STATS, STATS, TERM_STATS, ShardResult
 
-__all__ = ["RUN_MARK", "HEARTBEAT_SECONDS", "STALE_AFTER_SECONDS", "Observed", "observe", "read_mark",
+__all__ = ["RUN_MARK", "has_mark", "journal_form", "kept_result", "HEARTBEAT_SECONDS", "STALE_AFTER_SECONDS", "Observed", "observe", "read_mark",
            "stale_at_once", "RunAlive", "wait_until_stale", "describe", "RunMark"]
 
 RUN_MARK = ".graft-run.json"
@@ -153,6 +155,11 @@ def wait_until_stale(storage: Storage, seen: Observed, log: Callable[[str], None
             raise RunAlive(now, f"{storage.display_uri} is being written by another graft run ({describe(now.mark)}; "
                                 f"its mark changed while this run watched it); wait for it to finish")
     return seen
+
+
+def has_mark(listing: list[str]) -> bool:
+    """The run mark is in ``listing``, or is being replaced this instant (moved aside, on local disk)."""
+    return RUN_MARK in listing or any(n.startswith(cas.aside_prefix(RUN_MARK)) for n in listing)
 
 
 def describe(mark: dict[str, Any]) -> str:
@@ -338,3 +345,34 @@ class RunMark:
     def abandon(self) -> None:
         """Stop the heartbeat and touch nothing (the output is another run's)."""
         self._stop_heartbeat()
+
+
+def journal_form(result: ShardResult) -> dict[str, Any]:
+    """What a shard measured, as the journal keeps it: its report measures (JSON: NaN/Inf as
+    strings) and the digests of the inputs it read."""
+    out: dict[str, Any] = {}
+    if result.report:
+        out["report"] = {name: [v if math.isfinite(v) else repr(v) for v in values] for name, values in result.report}
+    if result.digests:
+        out["digests"] = dict(result.digests)
+    return out
+
+
+def kept_result(name: str, size: int, sha256: str, info: dict[str, Any]) -> ShardResult:
+    """A kept shard's result, with what its journal entry says it measured."""
+    digests = info.get("digests")
+    digests = tuple((str(k), str(v)) for k, v in digests.items()) if isinstance(digests, dict) else ()
+    return ShardResult(name, size, sha256, 0, 0.0, _journaled_report(info), digests)
+
+
+def _journaled_report(info: dict[str, Any]) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """A kept shard's report measures back from its journal entry; none if absent or malformed."""
+    entries = info.get("report")
+    extra = len(STATS) + 1  # several diffs: the change, then TERM_STATS per further diff
+    try:
+        return tuple((str(n), tuple(float(v) for v in vs)) for n, vs in entries.items()
+                     if len(vs) in (len(STATS), len(DIFF_STATS))
+                     or (len(vs) > extra and (len(vs) - extra) % len(TERM_STATS) == 0)
+                     ) if isinstance(entries, dict) else ()
+    except (TypeError, ValueError):
+        return ()

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import save_file
 
 from conftest import shard_bytes
-from graft.cluster.cli import Progress
+from graft.cluster.progress import Progress
 
 GRAFT = [sys.executable, "-m", "graft.cluster.cli"]
 
@@ -175,14 +175,15 @@ def test_progress_draws_a_bar_on_a_tty_and_log_lines_otherwise():
 
 
 def test_engine_never_imports_ray():
-    code = ("import sys, graft.engine.local, graft.engine.job, graft.engine.execute, graft.engine.manifest;"
+    code = ("import sys, graft.engine.local, graft.engine.session, graft.engine.execute, graft.engine.manifest;"
             "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     engine_dir = os.path.dirname(__import__("graft.engine", fromlist=["x"]).__file__)
-    for name in os.listdir(engine_dir):
-        if name.endswith(".py"):
-            src = open(os.path.join(engine_dir, name)).read()
-            assert "import ray" not in src and "from ray" not in src, name
+    for folder, _, files in os.walk(engine_dir):
+        for name in files:
+            if name.endswith(".py"):
+                src = open(os.path.join(folder, name)).read()
+                assert "import ray" not in src and "from ray" not in src, name
 
 
 @pytest.mark.parametrize("executor, sig, code", [("local", signal.SIGINT, 130), ("local", signal.SIGTERM, 143),

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from conftest import load_all, reference, within_float32_contract
 from graft.engine.kernel import ChunkKernel
 from graft.engine.local import run_local
-from graft.engine.spec import spec_from_mapping
+from graft.engine.specfile import spec_from_mapping
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

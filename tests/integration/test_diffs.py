@@ -14,7 +14,7 @@ from graft.engine.errors import PlanError, SpecError
 from graft.engine.job import prepare_job
 from graft.engine.local import run_local
 from graft.engine.manifest import verify_output
-from graft.engine.spec import spec_from_mapping
+from graft.engine.specfile import spec_from_mapping
 
 
 def two_diffs(ckpts: dict[str, str], second: dict[str, str], output: str, alphas=(1.0, 0.5), **extra):  # noqa: ANN001, ANN201

@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from bench.frontier import BLOCK, HIDDEN, SHARDS, deepseek_v3_tensors, make_trio  # noqa: E402
 from graft.engine.job import prepare_job  # noqa: E402
-from graft.engine.spec import spec_from_mapping  # noqa: E402
-from graft.engine.tasks import iter_chunks  # noqa: E402
+from graft.engine.specfile import spec_from_mapping  # noqa: E402
+from graft.engine.chunks import iter_chunks  # noqa: E402
 
 
 @pytest.fixture(scope="module")

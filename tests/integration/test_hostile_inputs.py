@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from graft.engine.errors import CheckpointError, HeaderError, PlanError
 from graft.engine.local import run_local
-from graft.engine.spec import spec_from_mapping
+from graft.engine.specfile import spec_from_mapping
 
 
 def _shards(d: str) -> list[str]:

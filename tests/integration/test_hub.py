@@ -26,7 +26,7 @@ from graft.engine.job import prepare_job
 from graft.engine.local import run_local
 from graft.engine.manifest import MANIFEST_NAME, SUMS_NAME
 from graft.engine.safetensors import HEADER_PROBE
-from graft.engine.spec import spec_from_mapping
+from graft.engine.specfile import spec_from_mapping
 
 ROLES = ("target", "finetuned", "base")
 TOKEN = "hf_fake_token"

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from graft.engine.errors import PlanError
 from graft.engine.job import prepare_job
-from graft.engine.spec import spec_from_mapping
+from graft.engine.specfile import spec_from_mapping
 from test_cli import graft, write_config
 
 

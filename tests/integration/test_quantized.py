@@ -19,7 +19,7 @@ from graft.engine.errors import QuantizationError
 from graft.engine.job import prepare_job
 from graft.engine.local import run_local
 from graft.engine.manifest import MANIFEST_NAME, verify_output
-from graft.engine.spec import spec_from_mapping
+from graft.engine.specfile import spec_from_mapping
 
 ROLES = ("target", "finetuned", "base")
 

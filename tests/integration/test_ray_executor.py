@@ -19,7 +19,8 @@ from test_transfer_local import assert_not_committed, make_spec
 from graft.cluster.actors import ProgressBoard
 from graft.cluster.driver import RayOptions, WorkerStartError, _WorkerPool, run_ray
 from graft.engine.errors import NonFiniteError, SpecError
-from graft.engine.job import OutputSession, prepare_job
+from graft.engine.job import prepare_job
+from graft.engine.session import OutputSession
 from graft.engine.local import run_local
 from graft.engine.manifest import verify_output
 
@@ -77,7 +78,7 @@ def test_graft_diff_and_a_transfer_from_it_on_ray_are_the_local_executors(tiny_c
     assert manifest_of(ray_diff)["diff"] == manifest_of(local_diff)["diff"]
     three, two = str(tmp_path / "three"), str(tmp_path / "two")
     run_local(make_spec(tiny_checkpoints, three, alpha=0.5))
-    from graft.engine.spec import spec_from_mapping
+    from graft.engine.specfile import spec_from_mapping
 
     run_ray(prepare_job(spec_from_mapping({"target": tiny_checkpoints["target"], "diff": ray_diff, "alpha": 0.5,
                                            "output": two})), RayOptions(workers=2))
@@ -290,7 +291,7 @@ def test_verify_kept_re_hashes_kept_shards_in_ray_tasks_not_on_the_driver(tiny_c
     import json
     import shutil
 
-    from graft.engine import job as job_module
+    from graft.engine import session as session_module
     from graft.engine.job import fingerprint
     from graft.engine.runmark import RUN_MARK
     from graft.engine.storage import Storage
@@ -316,7 +317,7 @@ def test_verify_kept_re_hashes_kept_shards_in_ray_tasks_not_on_the_driver(tiny_c
         f.write(bytes([last[0] ^ 1]))
     os.utime(rotten, ns=(st.st_atime_ns, st.st_mtime_ns))
     on_driver: list[str] = []
-    monkeypatch.setattr(job_module, "hash_file", lambda *a: on_driver.append(a[1]))
+    monkeypatch.setattr(session_module, "hash_file", lambda *a: on_driver.append(a[1]))
     result = run_ray(job, RayOptions(workers=2), verify_kept=True)
     assert on_driver == []
     assert result.manifest["run"]["resumed_shards"] == sorted([shards[0].file, shards[2].file])
@@ -328,7 +329,7 @@ def test_a_resized_vocabulary_streams_in_small_chunks_on_ray_to_the_same_bytes(t
     split into chunks like any tensor: the same bytes as one local run with the default chunk."""
     from test_vocab import _trio
 
-    from graft.engine.spec import spec_from_mapping
+    from graft.engine.specfile import spec_from_mapping
 
     trio = _trio(tmp_path / "trio", False)
     local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")

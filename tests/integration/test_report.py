@@ -21,7 +21,7 @@ from graft.engine.errors import OutputError
 from graft.engine.local import run_local
 from graft.engine.manifest import verify_output
 from graft.engine.report import REPORT_NAME, layer_of
-from graft.engine.spec import spec_from_mapping
+from graft.engine.specfile import spec_from_mapping
 
 FROZEN = "model.layers.0.self_attn.k_proj.weight"
 

@@ -101,13 +101,13 @@ def test_kept_shards_are_vouched_for_by_size_and_version_and_hashed_only_on_requ
     """A resume of a 405B job must not re-read ~750 GB on the driver: the journal's size and store
     version vouch for a kept shard; ``verify_kept`` hashes them (in parallel), and catches a shard
     whose bytes changed under an unchanged version; a changed version is always hashed."""
-    from graft.engine import job as job_module
+    from graft.engine import session as session_module
 
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     shards = list(run_local(make_spec(tiny_checkpoints, ref)).results)
     hashed: list[str] = []
-    real_hash = job_module.hash_file
-    monkeypatch.setattr(job_module, "hash_file", lambda s, n, size: hashed.append(n) or real_hash(s, n, size))
+    real_hash = session_module.hash_file
+    monkeypatch.setattr(session_module, "hash_file", lambda s, n, size: hashed.append(n) or real_hash(s, n, size))
 
     def crashed_run(rot: bool, verify_kept: bool) -> tuple[list[str], bytes]:
         shutil.rmtree(out, ignore_errors=True)
@@ -152,7 +152,7 @@ def test_a_crashed_run_of_another_job_keeps_nothing(tiny_checkpoints, tmp_path):
 def test_a_mark_that_keeps_changing_is_a_live_run_whatever_its_clock_says(tiny_checkpoints, tmp_path):
     out = str(tmp_path / "out")
     os.makedirs(out)
-    from graft.engine.job import OutputSession
+    from graft.engine.session import OutputSession
 
     job = prepare_job(make_spec(tiny_checkpoints, out))
     with ForeignRun(out, heartbeat=time.time() - 3600):  # its wall clock is an hour behind ours
@@ -269,7 +269,7 @@ def test_a_writer_killed_in_the_instant_its_mark_was_moved_aside_leaves_a_resuma
 def test_a_run_that_loses_the_race_touches_nothing(tiny_checkpoints, tmp_path):
     """Both runs judged the crashed run's mark stale; the one that lost the compare-and-swap must not
     sweep the winner's temporaries nor hash or keep anything."""
-    from graft.engine.job import OutputSession
+    from graft.engine.session import OutputSession
 
     out = str(tmp_path / "out")
     os.makedirs(out)
@@ -413,7 +413,7 @@ def _taken_over(out: str) -> None:
 @pytest.mark.parametrize("error", ["failure", "interrupt"])
 def test_a_run_that_was_taken_over_removes_nothing_when_it_stops(tiny_checkpoints, tmp_path, error):
     from graft.engine.errors import NonFiniteError
-    from graft.engine.job import OutputSession
+    from graft.engine.session import OutputSession
 
     out = str(tmp_path / "out")
     session = OutputSession.open(prepare_job(make_spec(tiny_checkpoints, out)))
@@ -424,7 +424,7 @@ def test_a_run_that_was_taken_over_removes_nothing_when_it_stops(tiny_checkpoint
 
 
 def test_a_run_that_was_taken_over_commits_nothing(tiny_checkpoints, tmp_path):
-    from graft.engine.job import OutputSession
+    from graft.engine.session import OutputSession
     from graft.engine.manifest import MANIFEST_NAME
 
     out = str(tmp_path / "out")
@@ -442,7 +442,7 @@ def test_a_filesystem_without_hard_links_falls_back_to_plain_writes(tiny_checkpo
     conditional writes (write, re-read after a pause) instead of failing every run."""
     import errno
 
-    from graft.engine import cas
+    from graft.engine.storage import cas
 
     real_link = os.link
 

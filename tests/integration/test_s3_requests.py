@@ -10,9 +10,9 @@ import time
 import pytest
 
 from conftest import new_bucket, unfinished_uploads
-from graft.engine import s3write
+from graft.engine.storage import s3write
 from graft.engine.errors import StorageError
-from graft.engine.s3write import MAX_PARTS, part_size
+from graft.engine.storage.s3write import MAX_PARTS, part_size
 from graft.engine.storage import Storage
 
 

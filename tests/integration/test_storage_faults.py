@@ -17,11 +17,11 @@ import pytest
 import faulty_fs
 from conftest import shard_bytes
 from faulty_fs import count, faulty_options, faulty_uri, injected, rule
-from graft.engine import retry as retry_mod
+from graft.engine.storage import retry as retry_mod
 from graft.engine.errors import GraftError, IntegrityError, StorageError
 from graft.engine.local import run_local
 from graft.engine.manifest import MANIFEST_NAME, verify_output
-from graft.engine.spec import spec_from_mapping
+from graft.engine.specfile import spec_from_mapping
 from graft.engine.storage import Storage, is_transient
 
 ROLES = ("target", "finetuned", "base")

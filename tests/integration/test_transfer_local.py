@@ -15,10 +15,12 @@ from safetensors.torch import save_file
 from conftest import load_all, poison, reference, within_float32_contract
 from graft.engine.errors import NonFiniteError, OutputError, PlanError
 from graft.engine.execute import iter_chunks
-from graft.engine.job import RUN_MARK, clean_output, prepare_job
+from graft.engine.clean import clean_output
+from graft.engine.job import prepare_job
+from graft.engine.runmark import RUN_MARK
 from graft.engine.local import run_local
 from graft.engine.manifest import MANIFEST_NAME, verify_output
-from graft.engine.spec import spec_from_mapping
+from graft.engine.specfile import spec_from_mapping
 from graft.engine.storage import TEMP_MARK
 
 

@@ -11,7 +11,8 @@ import torch
 from quantized import FMAX, TORCH, dequantize, quantize_blocks
 from graft.engine.codec import Transcoder, decode_into
 from graft.engine.errors import NonFiniteError
-from graft.engine.tasks import ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask, Term, iter_chunks
+from graft.engine.chunks import iter_chunks, shard_read_bytes
+from graft.engine.tasks import ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask, Term
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -181,7 +182,7 @@ def test_reads_of_a_chunk_cover_exactly_its_codes_and_its_scale_rows():
     scale_reads = [r for c in chunks for r in c.reads() if r.kind == "scales"]
     assert [(r.file, r.begin, r.end) for r in scale_reads] == [
         ("s.safetensors", 1000 + 12 * i, 1000 + 12 * (i + 1)) for i in range(4)]
-    assert shard.read_bytes == 100 * 70 * (2 + 2 + 1) + 48
+    assert shard_read_bytes(shard) == 100 * 70 * (2 + 2 + 1) + 48
 
 
 def test_the_report_samples_the_same_grid_blocks_on_the_codec_path():

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-import graft.engine.directio as directio
-import graft.engine.storage as storage_mod
-from graft.engine.directio import ALIGN, DirectAppender
+import graft.engine.storage.directio as directio
+import graft.engine.storage.writers as writers_mod
+from graft.engine.storage.directio import ALIGN, DirectAppender
 from graft.engine.errors import StorageError
 from graft.engine.storage import Storage
 
@@ -104,7 +104,7 @@ def test_a_failed_device_write_surfaces_and_names_the_file(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
 def test_the_local_writer_gives_the_same_bytes_either_way(tmp_path, monkeypatch, direct):
-    monkeypatch.setattr(storage_mod, "_DIRECT_WRITES", direct)
+    monkeypatch.setattr(writers_mod, "_DIRECT_WRITES", direct)
     store = Storage(str(tmp_path))
     pieces = _pieces(11) + [os.urandom(directio.BLOCK + 12345)]
     with store.writer("out.bin") as w:

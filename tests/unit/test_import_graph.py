@@ -2,8 +2,9 @@
 
 Read from the source (every import statement, those inside functions too, but not those under
 ``if TYPE_CHECKING:``, which never run): ``engine`` imports neither Ray nor ``cluster``, and the
-module graph has no cycle. A store that picks its writer or its Hub pinning by protocol imports
-them inside a function; they see ``Storage`` only as a type.
+module graph has no cycle. Subpackages count module by module (``engine.storage.base``, ...; a
+package is its ``__init__``): the stores register themselves with ``Storage`` by protocol, so the
+face never imports them, and readers and writers see ``Storage`` only as a type.
 """
 from __future__ import annotations
 
@@ -15,17 +16,25 @@ PACKAGES = ("engine", "cluster")
 
 
 def _modules() -> dict[str, str]:
+    """Dotted module name -> file, for every module of the packages and their subpackages."""
     out = {}
     for pkg in PACKAGES:
-        for name in sorted(os.listdir(os.path.join(ROOT, pkg))):
-            if name.endswith(".py"):
-                out[f"{pkg}.{name[:-3]}"] = os.path.join(ROOT, pkg, name)
+        for folder, dirs, files in os.walk(os.path.join(ROOT, pkg)):
+            dirs[:] = sorted(d for d in dirs if os.path.exists(os.path.join(folder, d, "__init__.py")))
+            prefix = os.path.relpath(folder, ROOT).replace(os.sep, ".")
+            for name in sorted(files):
+                if name == "__init__.py":
+                    out[prefix] = os.path.join(folder, name)
+                elif name.endswith(".py"):
+                    out[f"{prefix}.{name[:-3]}"] = os.path.join(folder, name)
     return out
 
 
 def _imports(path: str, module: str) -> set[str]:
     """What ``module`` imports, as dotted names (``graft.`` dropped; relative imports resolved)."""
     found: set[str] = set()
+    # A package's relative imports start from the package itself, a module's from its package.
+    here = module if path.endswith("__init__.py") else module.rsplit(".", 1)[0]
 
     class Visitor(ast.NodeVisitor):
         def visit_If(self, node: ast.If) -> None:
@@ -41,13 +50,15 @@ def _imports(path: str, module: str) -> set[str]:
 
         def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
             if not node.level:
-                found.add(node.module or "")
-                return
-            base = module.rsplit(".", node.level)[0]
-            if node.module:
-                found.add(f"{base}.{node.module}")
+                source = node.module or ""
             else:
-                found.update(f"{base}.{alias.name}" for alias in node.names)
+                base = here.rsplit(".", node.level - 1)[0] if node.level > 1 else here
+                source = f"{base}.{node.module}" if node.module else base
+            # ``from .storage import cas`` imports a module; ``from .storage import Storage`` a name
+            # of the package (dropped below: only modules are kept).
+            if node.module:  # ``from . import retry`` imports the module, not the package again
+                found.add(source)
+            found.update(f"{source}.{alias.name}" for alias in node.names)
 
     Visitor().visit(ast.parse(open(path, encoding="utf-8").read(), path))
     return {name.removeprefix("graft.") for name in found}
@@ -103,9 +114,30 @@ def test_the_engine_imports_neither_ray_nor_the_cluster_package():
 def test_no_import_cycle():
     graph = _graph()
     assert graph["engine.storage"] and graph["engine.job"]  # the graph was read
+    assert "engine.storage.base" in graph["engine.storage.s3"]  # subpackages too
+    assert "engine.storage.cas" in graph["engine.runmark"]  # a module imported from its package
+    stores = {"engine.storage.local", "engine.storage.s3", "engine.storage.hub", "engine.storage.cloud"}
+    assert not graph["engine.storage.base"] & stores  # the face never imports a store
     assert _cycles(graph) == []
 
 
 def test_the_cycle_finder_finds_a_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [{"a", "b", "c"}]
+
+
+# A module longer than this holds more than one concern, unless its docstring says why it must not
+# be split ("Long because ...").
+MAX_LINES = 420
+
+
+def test_every_engine_module_is_small_or_says_why():
+    long = []
+    for module, path in _modules().items():
+        if not module.startswith("engine"):
+            continue
+        text = open(path, encoding="utf-8").read()
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if text.count("\n") > MAX_LINES and "Long because" not in doc:
+            long.append(f"{module}: {text.count(chr(10))} lines")
+    assert not long, long

@@ -17,7 +17,7 @@ from graft.engine.checkpoint import INDEX_NAME, open_checkpoint
 from graft.engine.errors import PlanError
 from graft.engine.planner import SideFile, make_plan
 from graft.engine.safetensors import build_header
-from graft.engine.spec import spec_from_mapping
+from graft.engine.specfile import spec_from_mapping
 
 ROLES = ("target", "finetuned", "base")
 

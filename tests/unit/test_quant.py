@@ -15,7 +15,7 @@ from graft.engine.checkpoint import open_checkpoint
 from graft.engine.errors import QuantizationError
 from graft.engine.planner import QUANT_KEY, make_plan
 from graft.engine.quant import layout_of, read_scheme
-from graft.engine.spec import spec_from_mapping
+from graft.engine.specfile import spec_from_mapping
 
 ROLES = ("target", "finetuned", "base")
 F8 = torch.float8_e4m3fn

@@ -311,3 +311,18 @@ def test_a_local_write_larger_than_the_writeback_step_round_trips(tmp_path):
     with open(tmp_path / "big.bin", "rb") as f:
         for i in range(70):
             assert f.read(len(piece)) == piece[i:] + piece[:i]
+
+
+@pytest.mark.parametrize("uri, kind", [("/data/x", "LocalStorage"), ("file:///data/x", "LocalStorage"),
+                                       ("s3://bucket/x", "S3Storage"), ("hf://org/repo", "HubStorage"),
+                                       ("memory://x", "Storage")])
+def test_the_store_is_chosen_by_protocol_and_kept_by_copies(uri, kind):
+    import copy
+    import pickle
+
+    if kind == "HubStorage":
+        pytest.importorskip("huggingface_hub")
+    store = Storage(uri, {"s3": {"anon": True}})
+    assert type(store).__name__ == kind and isinstance(store, Storage)
+    for twin in (pickle.loads(pickle.dumps(store)), copy.copy(store)):
+        assert type(twin) is type(store) and twin.uri == store.uri

@@ -12,21 +12,21 @@ fits in one part is one ``PutObject``.
 
 Nothing is visible at the key before ``commit()`` (S3 completes a multipart upload atomically), and
 ``discard()`` (or any failure) aborts the upload. Each request is retried by botocore alone (the
-writers' client, ``Storage.write_fs``).
+writers' client, ``S3Storage.write_fs``). ``abort_uploads`` removes what a killed writer left: an
+unfinished multipart upload, invisible in listings but stored and billed until aborted.
 """
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from .atomic import AtomicWriter
 
-if TYPE_CHECKING:  # storage picks this writer for s3://: it imports this module, not the reverse
-    from .storage import Storage
+if TYPE_CHECKING:  # the S3 store picks this writer: it imports this module, not the reverse
+    from .base import Storage
 
-__all__ = ["MIN_PART", "PARTS_IN_FLIGHT", "MAX_PARTS", "part_size", "S3PartWriter"]
+__all__ = ["MIN_PART", "PARTS_IN_FLIGHT", "MAX_PARTS", "part_size", "S3PartWriter", "abort_uploads",
+           "precondition_failed"]
 
 MIN_PART = 64 * 2**20
 S3_MIN_PART = 5 * 2**20
@@ -125,3 +125,35 @@ class S3PartWriter(AtomicWriter):
             except Exception:  # noqa: BLE001 - best effort: the run's sweep aborts leftovers too
                 pass
             self._upload_id = None
+
+
+def abort_uploads(storage: Storage, names: Callable[[str], bool]) -> list[str]:
+    """Abort the unfinished multipart uploads of files directly in ``storage``'s directory whose
+    name ``names`` accepts; returns those names."""
+    bucket, _, key = storage.root.partition("/")
+    prefix = f"{key}/" if key else ""
+    aborted: list[str] = []
+    page_args: dict[str, str] = {"Bucket": bucket, "Prefix": prefix}
+    while True:
+        page = storage._retry("", "list unfinished uploads",
+                              lambda: storage.fs.call_s3("list_multipart_uploads", **page_args))
+        for upload in page.get("Uploads", []):
+            name = upload["Key"][len(prefix):]
+            if not upload["Key"].startswith(prefix) or "/" in name or not names(name):
+                continue
+            storage._retry(name, "abort an unfinished upload", lambda u=upload: storage.fs.call_s3(
+                "abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"]))
+            aborted.append(name)
+        if not page.get("IsTruncated"):
+            return aborted
+        page_args.update(KeyMarker=page.get("NextKeyMarker", ""),
+                         UploadIdMarker=page.get("NextUploadIdMarker", ""))
+
+
+def precondition_failed(e: BaseException) -> bool:
+    """An S3 412 (s3fs raises it as an OSError caused by botocore's ClientError)."""
+    for err in (e, e.__cause__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") == "PreconditionFailed":
+            return True
+    return False

@@ -1,16 +1,25 @@
 """The contract every store's writer follows: bytes appear at their final name only on ``commit()``.
 
-``Storage.writer`` picks the implementation (local atomic file, O_DIRECT, deferred fsspec commit,
-rename, S3 multipart upload); they all live below their store and import this face, not ``Storage``.
+Each store's ``writer()`` picks the implementation (``writers.py``: local atomic file, deferred
+fsspec commit, rename; ``s3write.py``: S3 multipart upload); they import this face, never a store.
 """
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from .storage import Storage
+    from .base import Storage
 
-__all__ = ["AtomicWriter"]
+__all__ = ["AtomicWriter", "TEMP_MARK", "temp_name"]
+
+# Temporary files carry this in their name so a later run can recognise and remove its leftovers.
+TEMP_MARK = ".graft-tmp-"
+
+
+def temp_name(name: str) -> str:
+    """A hidden, unique name next to ``name`` for a file being written."""
+    return f".{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
 
 
 class AtomicWriter:

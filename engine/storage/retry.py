@@ -12,8 +12,8 @@ import errno
 import random
 import re
 
-from .errors import GraftError
-from .redaction import redact_text
+from ..errors import GraftError
+from ..redaction import redact_text
 
 __all__ = ["RETRY_ATTEMPTS", "RETRY_BASE_SECONDS", "RETRY_MAX_SECONDS", "ShortRead", "is_transient",
            "is_full", "backoff", "describe"]

@@ -30,8 +30,12 @@ import uuid
 
 from fsspec.asyn import sync
 
-from .errors import NotFoundError
-from .storage import TEMP_MARK, Storage, _precondition_failed
+from ..errors import NotFoundError
+from .atomic import TEMP_MARK
+from .base import Storage
+from .local import LocalStorage
+from .s3 import S3Storage
+from .s3write import precondition_failed
 
 __all__ = ["supported", "create", "replace", "read", "aside_prefix"]
 
@@ -61,9 +65,9 @@ def _hard_links(root: str) -> bool:
 
 
 def supported(storage: Storage) -> bool:
-    if storage.is_local:
+    if isinstance(storage, LocalStorage):
         return _hard_links(storage.root)
-    return storage.is_s3
+    return isinstance(storage, S3Storage)
 
 
 def _require(storage: Storage) -> None:
@@ -186,7 +190,7 @@ def _local_read(storage: Storage, name: str) -> tuple[bytes, str]:
 
 def _conflict(e: BaseException) -> bool:
     """412 (the condition failed), or 409 (a concurrent conditional write to the same key won)."""
-    if _precondition_failed(e):
+    if precondition_failed(e):
         return True
     for err in (e, e.__cause__):
         response = getattr(err, "response", None)
@@ -233,7 +237,7 @@ def _s3_read(storage: Storage, name: str) -> tuple[bytes, str]:
 
 def create(storage: Storage, name: str, data: bytes) -> str | None:
     _require(storage)
-    if storage.is_local:
+    if isinstance(storage, LocalStorage):
         try:
             return _local_create(storage, name, data)
         except OSError as e:
@@ -243,7 +247,7 @@ def create(storage: Storage, name: str, data: bytes) -> str | None:
 
 def replace(storage: Storage, name: str, data: bytes, version: str) -> str | None:
     _require(storage)
-    if storage.is_local:
+    if isinstance(storage, LocalStorage):
         try:
             return _local_replace(storage, name, data, version)
         except OSError as e:
@@ -253,7 +257,7 @@ def replace(storage: Storage, name: str, data: bytes, version: str) -> str | Non
 
 def read(storage: Storage, name: str) -> tuple[bytes, str]:
     _require(storage)
-    if storage.is_local:
+    if isinstance(storage, LocalStorage):
         try:
             return _local_read(storage, name)
         except OSError as e:

@@ -1,0 +1,158 @@
+"""What the output holds around the arithmetic: its shard files, side files and config.json.
+
+- ``shard_layout``: the tasks grouped into output shards, mirroring the target's files (a drop-in
+  replacement) or packed to ``max_shard_size``; each shard's size is known from its header.
+- ``side_files``: the non-weight files each donor gives the output (sizes capped before any data
+  moves), and ``quant_patch`` / ``vocab_patch``: the config.json keys that must describe the
+  output's weights rather than the donor's.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, unsafe_name
+from .errors import PlanError
+from .manifest import MANIFEST_NAME, SUMS_NAME
+from .quant import Layout
+from .report import REPORT_NAME
+from .safetensors import build_header
+from .spec import JobSpec
+from .tasks import ExecSettings, ShardTask, TensorTask
+
+__all__ = ["SideFile", "RESERVED_OUTPUT_NAMES", "QUANT_KEY", "shard_layout", "donated_files",
+           "check_side_file_size", "quant_patch", "vocab_patch", "describe_output"]
+
+
+RESERVED_OUTPUT_NAMES = frozenset({MANIFEST_NAME, SUMS_NAME, INDEX_NAME, REPORT_NAME})
+
+# The key of config.json that says how the weights are stored; the output's must match its weights.
+QUANT_KEY = "quantization_config"
+
+
+@dataclass(frozen=True)
+class SideFile:
+    """A non-weight file copied from the ``donor`` checkpoint: verbatim, unless ``patch`` sets
+    top-level JSON keys (``(key, JSON text)``; None removes the key), e.g. config.json's
+    ``quantization_config`` so that it describes the output's weights."""
+
+    name: str
+    donor: str
+    patch: tuple[tuple[str, str | None], ...] = ()
+
+
+def describe_output(tasks: Any) -> str:
+    quantized = [t for t in tasks if t.scales is not None]
+    if not quantized:
+        return f"plain ({', '.join(sorted({t.dtype for t in tasks}))})"
+    kinds = sorted({f"{t.dtype} codes with {t.scales.dtype} scales" for t in quantized})
+    return f"FP8 like the target ({'; '.join(kinds)}): {len(quantized)} quantized tensors"
+
+
+def quant_patch(spec: JobSpec, layouts: Mapping[str, Layout],
+                configs: Mapping[str, Mapping[str, Any] | None]) -> tuple[tuple[str, str | None], ...]:
+    """The change config.json needs so its quantization_config describes the output's weights: the
+    target's (output_format target) or none (bf16). Empty when the donated one already does."""
+    scheme = layouts["target"].scheme
+    wanted = scheme.config if scheme is not None and spec.output_format == "target" else None
+    donor = spec.donor_for("config.json")
+    config = configs.get(donor) if donor else None
+    if not isinstance(config, Mapping) or config.get(QUANT_KEY) == wanted:
+        return ()
+    return ((QUANT_KEY, None if wanted is None else json.dumps(wanted, sort_keys=True)),)
+
+
+def vocab_patch(spec: JobSpec, configs: Mapping[str, Mapping[str, Any] | None],
+                pieces: Mapping[str, tuple[TensorTask, ...]]) -> tuple[tuple[str, str | None], ...]:
+    """config.json's ``vocab_size`` set to the output's embedding rows when the vocabulary was resized."""
+    if not pieces:
+        return ()
+    rows = next(iter(pieces.values()))[0].piece[1]  # type: ignore[index]
+    donor = spec.donor_for("config.json")
+    config = configs.get(donor) if donor else None
+    if not isinstance(config, Mapping) or config.get("vocab_size") in (None, rows):
+        return ()
+    return (("vocab_size", json.dumps(rows)),)
+
+
+def shard_layout(spec: JobSpec, tgt: Checkpoint, tasks: Mapping[str, TensorTask], settings: ExecSettings,
+                 pieces: Mapping[str, tuple[TensorTask, ...]] | None = None) -> tuple[ShardTask, ...]:
+    """Group the tasks into output shards; a tensor written in pieces keeps them together, in order."""
+    pieces = pieces or {}
+
+    def parts(name: str) -> tuple[TensorTask, ...]:
+        return pieces.get(name) or (tasks[name],)
+
+    groups: list[tuple[str, list[TensorTask], dict[str, str]]] = []
+    if spec.max_shard_size is None:
+        # Mirror the target: same file names, same tensors in each, same order (a drop-in replacement).
+        # A scale tensor is written right after its codes, in the codes' file (the target may have
+        # put it in another shard): it is computed from the same rows.
+        for f in tgt.files:
+            members = [p for e in tgt.headers[f.name].tensors if e.name in tasks for p in parts(e.name)]
+            meta = dict(tgt.headers[f.name].metadata or {})
+            meta.setdefault("format", "pt")
+            groups.append((f.name, members, meta))
+    else:
+        bins: list[list[TensorTask]] = [[]]
+        size = 0
+        for name in tasks:
+            unit = parts(name)
+            nbytes = sum(t.nbytes for t in unit)
+            if bins[-1] and size + nbytes > spec.max_shard_size:
+                bins.append([])
+                size = 0
+            bins[-1].extend(unit)
+            size += nbytes
+        n = len(bins)
+        for i, members in enumerate(bins):
+            name = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            groups.append((name, members, {"format": "pt"}))
+    shards = []
+    for i, (name, members, meta) in enumerate(groups):
+        prefix, offsets = build_header([st for t in members for st in t.stored()], meta)
+        size = len(prefix) + (offsets[-1][1] if offsets else 0)
+        shards.append(ShardTask(i, name, tuple(members), tuple(sorted(meta.items())), size, settings))
+    return tuple(shards)
+
+
+def donated_files(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
+                  config_patch: tuple[tuple[str, str | None], ...] = ()) -> tuple[tuple[SideFile, ...], list[str]]:
+    out: list[SideFile] = []
+    warnings: list[str] = []
+    names = sorted({n for c in checkpoints.values() for n in c.side_files})
+    for name in names:
+        if name in RESERVED_OUTPUT_NAMES:
+            continue
+        donor = spec.donor_for(name)
+        if donor is None:
+            continue
+        why = unsafe_name(name)
+        if why is not None:  # a pattern (chat_template.*) can match any name a listing holds
+            raise PlanError(f"{checkpoints[donor].uri}: file name {name!r} {why}; graft will not copy it "
+                            f"into the output: rename it, or set files: {{<its name>: none}}")
+        if name in checkpoints[donor].side_files:
+            check_side_file_size(spec, checkpoints[donor], name)
+            out.append(SideFile(name, donor, config_patch if name == "config.json" else ()))
+        else:
+            warnings.append(f"{name} is donated by {donor} but {donor} has none; the output has no {name}")
+    # A file named explicitly (by the user, or config.json) that no checkpoint has is worth a word.
+    for pattern, donor in spec.files:
+        if donor == "none" or any(c in pattern for c in "*?[") or pattern in names:
+            continue
+        if not spec.is_default_donor(pattern, donor) or pattern == "config.json":
+            warnings.append(f"{pattern} is donated by {donor} but no checkpoint has it")
+    return tuple(out), warnings
+
+
+def check_side_file_size(spec: JobSpec, donor: Checkpoint, name: str) -> None:
+    """A side file is read whole into memory when the output is committed: one over the cap is
+    refused now, before any data moves (a pattern such as ``*.bin`` can pick up gigabytes of weights)."""
+    size = donor.side_file_size(name)
+    cap = spec.max_side_file_size
+    if size > cap:
+        raise PlanError(f"{donor.storage.url(name)}: side file of {size} bytes ({size / 2**20:.1f} MiB), "
+                        f"over the {cap}-byte cap (max_side_file_size); side files are copied whole "
+                        f"through memory: leave it out (files: {{{name}: none}}) or raise "
+                        f"max_side_file_size if it really belongs in the output")

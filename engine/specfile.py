@@ -1,0 +1,274 @@
+"""The YAML edge of the job spec: pydantic models, one-line errors, ``--set`` overrides.
+
+Order of use: ``load_spec(path, overrides)`` (or ``spec_from_mapping``) -> ``JobSpec`` (``spec.py``,
+the frozen form everything else uses). Every error is a ``SpecError`` whose one-line message names
+the key and what is allowed.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SpecError
+from .spec import DEFAULT_FILES, DEFAULT_MAX_SIDE_FILE_SIZE, Diff, JobSpec, Rule, donor_role, parse_size
+
+__all__ = ["load_spec", "spec_from_mapping", "apply_overrides"]
+
+
+def _no_bool(v: Any) -> Any:
+    # YAML reads yes/no/true/false as booleans, which pydantic would take as 1.0 and 0.0.
+    if isinstance(v, bool):
+        raise ValueError("expected a number like 1.0 or 0.5, not a boolean")
+    return v
+
+
+class _RuleModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    match: str
+    alpha: float
+
+    _alpha_not_bool = field_validator("alpha", mode="before")(_no_bool)
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"invalid regular expression {v!r}: {e}") from None
+        return v
+
+
+class _DiffModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    finetuned: str | None = Field(default=None, min_length=1)
+    base: str | None = Field(default=None, min_length=1)
+    diff: str | None = Field(default=None, min_length=1)
+    alpha: float = 1.0
+    rules: list[_RuleModel] = []
+
+    _alpha_not_bool = field_validator("alpha", mode="before")(_no_bool)
+
+
+class _SpecModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: str | None = Field(default=None, min_length=1)
+    finetuned: str | None = Field(default=None, min_length=1)
+    base: str | None = Field(default=None, min_length=1)
+    diff: str | None = Field(default=None, min_length=1)
+    diff_dtype: Literal["float32", "bf16"] = "float32"
+    diffs: list[_DiffModel] | None = Field(default=None, min_length=1)
+    output: str = Field(min_length=1)
+    alpha: float = 1.0
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    output_format: Literal["target", "bf16"] = "target"
+    vocab: Literal["error", "pad", "align"] = "error"
+    rules: list[_RuleModel] = []
+    on_missing: Literal["error", "carry_target"] = "error"
+    allow_nonfinite: bool = False
+    allow_family_mismatch: bool = False
+    files: dict[str, str] = {}
+    # Validated by parse_size: pydantic's int|str would turn YAML `true` into 1 first.
+    max_shard_size: Any = None
+    max_side_file_size: Any = DEFAULT_MAX_SIDE_FILE_SIZE
+    chunk_size: Any = "16MiB"
+    read_concurrency: int = Field(default=4, ge=1, le=64, strict=True)
+    report: Literal["sampled", "exact", "off"] = "sampled"
+    storage_options: dict[str, dict[str, Any]] = {}
+
+    _alpha_not_bool = field_validator("alpha", mode="before")(_no_bool)
+
+    @field_validator("report", mode="before")
+    @classmethod
+    def _off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+
+_KEYS = tuple(k for k in _SpecModel.model_fields if k != "diff_dtype")
+# graft diff: a fine-tune and its base in, their difference out (no target, alpha, rules, report).
+_DIFF_JOB_KEYS = ("finetuned", "base", "output", "diff_dtype", "on_missing", "allow_nonfinite",
+                  "allow_family_mismatch", "files", "max_shard_size", "max_side_file_size", "chunk_size",
+                  "read_concurrency", "storage_options")
+_RULE_KEYS = tuple(_RuleModel.model_fields)
+_DIFF_KEYS = tuple(_DiffModel.model_fields)
+
+
+def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(allowed)}"
+            raise SpecError(f"{where}: unknown key '{key}'; {hint}")
+
+
+def _normalize_location(uri: str) -> str:
+    # Local paths become absolute so the manifest records where the bytes really were.
+    if "://" in uri:
+        return uri.rstrip("/")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def _diff_form(d: Mapping[str, Any], where: str) -> None:
+    """A diff is a fine-tune and its base, or one stored difference (``diff``), not both."""
+    if "diff" in d and ("finetuned" in d or "base" in d):
+        raise SpecError(f"{where}: key 'diff': give either diff (a difference written by graft diff) or "
+                        f"finetuned and base, not both")
+    if "diff" not in d:
+        for key in ("finetuned", "base"):
+            if key not in d:
+                raise SpecError(f"{where}: key '{key}': field required (or diff: a difference written "
+                                f"by graft diff)")
+
+
+def spec_from_mapping(data: Any, source: str = "spec", kind: str = "transfer") -> JobSpec:
+    """Validate a parsed YAML mapping; ``source`` (the file name) prefixes every error. ``kind``
+    "diff" validates a ``graft diff`` spec (finetuned, base, output, diff_dtype, ...)."""
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{source}: expected a mapping of keys (target, finetuned, base, output, ...)")
+    if kind == "diff":
+        _check_keys(data, _DIFF_JOB_KEYS, f"{source} (graft diff)")
+        for key in ("finetuned", "base"):
+            if key not in data:
+                raise SpecError(f"{source}: key '{key}': field required (graft diff writes finetuned - base)")
+    else:
+        _check_keys(data, _KEYS, source)
+        if "target" not in data:
+            raise SpecError(f"{source}: key 'target': field required")
+    for i, rule in enumerate(data.get("rules") or []):
+        if isinstance(rule, Mapping):
+            _check_keys(rule, _RULE_KEYS, f"{source}: rules[{i}]")
+    diffs = data.get("diffs")
+    if diffs is not None:
+        if any(k in data for k in ("finetuned", "base", "diff", "alpha")):
+            raise SpecError(f"{source}: key 'diffs': give either diffs or finetuned/base/alpha, not both "
+                            f"(each diff has its own finetuned, base and alpha)")
+        for i, d in enumerate(diffs if isinstance(diffs, list) else []):
+            if isinstance(d, Mapping):
+                _check_keys(d, _DIFF_KEYS, f"{source}: diffs[{i}]")
+                _diff_form(d, f"{source}: diffs[{i}]")
+                for j, rule in enumerate(d.get("rules") or []):
+                    if isinstance(rule, Mapping):
+                        _check_keys(rule, _RULE_KEYS, f"{source}: diffs[{i}].rules[{j}]")
+    elif kind == "transfer":
+        _diff_form(data, source)
+    try:
+        m = _SpecModel.model_validate(dict(data))
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "spec"
+        given = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        msg = err["msg"].removeprefix("Value error, ").replace(" or instance of _RuleModel",
+                                                                " with keys match and alpha")
+        raise SpecError(f"{source}: key '{loc}': {msg}{given}") from None
+    if kind == "transfer" and m.target is None:
+        raise SpecError(f"{source}: key 'target': Input should be a valid string (got None)")
+    if m.diffs is None:
+        diff_models = [_DiffModel(finetuned=m.finetuned, base=m.base, diff=m.diff, alpha=m.alpha)]
+    else:
+        diff_models = m.diffs
+    for i, dm in enumerate(diff_models):
+        where = "alpha" if m.diffs is None else f"diffs.{i}.alpha"
+        if not math.isfinite(dm.alpha):
+            raise SpecError(f"{source}: key '{where}' must be finite, got {dm.alpha}")
+        for j, r in enumerate(dm.rules):
+            if not math.isfinite(r.alpha):
+                raise SpecError(f"{source}: key 'diffs.{i}.rules.{j}.alpha' must be finite, got {r.alpha}")
+    for i, r in enumerate(m.rules):
+        if not math.isfinite(r.alpha):
+            raise SpecError(f"{source}: key 'rules.{i}.alpha' must be finite, got {r.alpha}")
+    diffs_out = tuple(Diff(_normalize_location(dm.diff or dm.finetuned or ""),
+                           "" if dm.diff else _normalize_location(dm.base or ""), float(dm.alpha),
+                           tuple(Rule(r.match, float(r.alpha)) for r in dm.rules)) for dm in diff_models)
+    rules = tuple(Rule(r.match, float(r.alpha)) for r in m.rules)
+    if len(diffs_out) == 1:  # one diff is the plain form: its own rules simply come first
+        rules = diffs_out[0].rules + rules
+        diffs_out = (Diff(diffs_out[0].finetuned, diffs_out[0].base, diffs_out[0].alpha),)
+    files = tuple((p, donor_role(donor, diffs_out, f"{source}: key 'files.{p}'", kind)) for p, donor in m.files.items())
+    if m.output.startswith("hf://"):
+        raise SpecError(f"{source}: key 'output': the Hub is not a job output ({m.output}); write to a "
+                        f"local path or an object store, then publish the committed result with "
+                        f"`graft push OUTPUT {m.output}`")
+    # A difference's side files are its fine-tune's (config.json too: the model family it belongs to).
+    defaults = tuple((p, donor_role("finetuned" if kind == "diff" else d, diffs_out, "", kind))
+                     for p, d in DEFAULT_FILES if p not in m.files)
+    return JobSpec(
+        target=_normalize_location(m.target) if m.target else "",
+        diffs=diffs_out,
+        output=_normalize_location(m.output),
+        # graft diff computes in float32 (the difference a float32 transfer computes) and measures
+        # what it writes in its manifest, not in a transfer report.
+        compute_dtype="float32" if kind == "diff" else m.compute_dtype,
+        output_format=m.output_format,
+        vocab=m.vocab,
+        rules=rules,
+        on_missing=m.on_missing,
+        allow_nonfinite=m.allow_nonfinite,
+        allow_family_mismatch=m.allow_family_mismatch,
+        # User entries come first, so they win over the defaults for the same file.
+        files=files + defaults,
+        max_shard_size=(
+            None if m.max_shard_size is None
+            else parse_size(m.max_shard_size, f"{source}: key 'max_shard_size'")
+        ),
+        max_side_file_size=parse_size(m.max_side_file_size, f"{source}: key 'max_side_file_size'"),
+        chunk_size=parse_size(m.chunk_size, f"{source}: key 'chunk_size'"),
+        read_concurrency=m.read_concurrency,
+        report="off" if kind == "diff" else m.report,
+        storage_options={k: dict(v) for k, v in m.storage_options.items()},
+        kind=kind,
+        diff_dtype=m.diff_dtype,
+    )
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys nest; values are parsed as YAML)."""
+    out: dict[str, Any] = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {item!r}: expected key=value, e.g. --set alpha=0.5")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise SpecError(f"--set {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
+        parts = key.strip().split(".")
+        _check_keys({parts[0]: None}, (*_KEYS, "diff_dtype"), f"--set {item!r}")
+        if parts[0] == "files" and len(parts) > 2:
+            parts = ["files", ".".join(parts[1:])]  # file names have dots: files.config.json=base
+        node: Any = out
+        for i, p in enumerate(parts):
+            if isinstance(node, list):  # diffs.1.alpha=0.5: an entry of a list, by its index
+                if not (p.isdigit() and int(p) < len(node)):
+                    raise SpecError(f"--set {item!r}: {'.'.join(parts[:i])} has {len(node)} entries; "
+                                    f"{p!r} is not one of their indexes")
+                p = int(p)  # type: ignore[assignment]
+            if i == len(parts) - 1:
+                node[p] = value
+                break
+            child = node[p] if isinstance(node, list) else node.get(p)
+            node[p] = (dict(child) if isinstance(child, Mapping) else list(child) if isinstance(child, list)
+                       else {})
+            node = node[p]
+    return out
+
+
+def load_spec(path: str, overrides: Sequence[str] = (), kind: str = "transfer") -> JobSpec:
+    """Read a YAML job spec from a local file, apply ``--set`` overrides and validate."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{path}: expected a mapping of keys (target, finetuned, base, output, ...)")
+    return spec_from_mapping(apply_overrides(data, overrides), source=os.path.basename(path), kind=kind)

@@ -1,0 +1,33 @@
+"""One byte store for every location: local paths, file://, memory://, s3://, hf://, gs://, ...
+
+A package of small rooms, each arrow pointing down:
+
+    base.py       Storage: the face every caller uses (list, stat, read, reader, writer), its
+                  retry loop and the hooks a store overrides; FileStat, check_digest
+    local.py      LocalStorage: plain paths and file://
+    s3.py         S3Storage: one retry layer, If-Match reads, multipart writes
+    s3write.py    the S3 multipart writer and the cleanup of unfinished uploads
+    hub.py        HubStorage: hf:// (revision pinning, tree digests), and the Hub client helpers
+    cloud.py      gs:// and az:// (deferred-commit writers)
+    readers.py    RangeReader and its local (preadv) and fsspec (parallel parts) forms
+    writers.py    the local atomic, deferred-commit and rename writers
+    directio.py   O_DIRECT appends for the local writer
+    atomic.py     AtomicWriter, the writer contract; TEMP_MARK
+    retry.py      which failures are transient, the backoff, the one-line failure account
+
+``Storage(uri, options)`` returns the store registered for the URI's protocol; importing this
+package registers them all.
+"""
+from __future__ import annotations
+
+from .atomic import TEMP_MARK, AtomicWriter
+from .base import FileStat, Storage, check_digest
+from .cloud import DeferredCommitStorage
+from .hub import HubStorage
+from .local import LocalStorage
+from .readers import RangeReader
+from .retry import is_transient
+from .s3 import S3Storage
+
+__all__ = ["FileStat", "Storage", "RangeReader", "AtomicWriter", "TEMP_MARK", "check_digest",
+           "is_transient", "LocalStorage", "S3Storage", "HubStorage", "DeferredCommitStorage"]
