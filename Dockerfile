@@ -23,7 +23,7 @@ WORKDIR /opt/graft
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users engine ./engine
 COPY --chown=ray:users cluster ./cluster
-RUN pip install "/opt/graft[gcs]" && graft --version
+RUN pip install "/opt/graft[gcs,azure]" && graft --version
 
 # No credentials in the image: S3/GCS access comes from the pod's or instance's role, the Hub token
 # from a secret mounted at run time (see cluster/deploy/).

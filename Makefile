@@ -10,6 +10,11 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE := 1
 
+# The Azure Blob emulator (Azurite, from the npm registry, pinned by its lock file) that the tests
+# start on 127.0.0.1; the Google Cloud Storage emulator is a Python package of the dev extras.
+EMULATORS := tests/emulators
+AZURITE := $(EMULATORS)/node_modules/.bin/azurite-blob
+
 # The benchmark gets a venv of its own: mergekit's dependencies must not move the tested ones.
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
@@ -22,8 +27,12 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,gcs,azure]"
 	touch $(STAMP)
+
+$(AZURITE): $(EMULATORS)/package.json $(EMULATORS)/package-lock.json
+	npm ci --prefix $(EMULATORS) --no-audit --no-fund --loglevel=error
+	touch $(AZURITE)
 
 # The main job on the embedded default (local files): example checkpoints, run, verify.
 demo: install
@@ -38,7 +47,7 @@ demo: install
 	@echo "        $(VENV)/bin/graft plan configs/demo.yaml --set alpha=0.5 --set output=demo/output-half"
 	@echo "        point a copy of configs/demo.yaml at your own checkpoints and run: graft run my.yaml"
 
-test: install
+test: install $(AZURITE)
 	$(PY) -m pytest -q tests
 
 test-fast: install
@@ -61,4 +70,4 @@ bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m bench.run
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info demo .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info demo .pytest_cache $(EMULATORS)/node_modules

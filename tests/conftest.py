@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The tests' own gcsfs clients: the JSON-API filesystem, as graft uses it (gcsfs's default probes each
+# bucket over gRPC, which the GCS emulator does not speak: a minute's timeout per bucket).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 # Property-based tests (tests/unit/test_fuzz_headers.py): "ci" is what `make test` runs (6 properties x
 # 1000 examples, about 35 s here), "long" what `make fuzz` runs (20 times as many). No example
@@ -43,6 +47,20 @@ class PrivateMemoryFileSystem:
         return super()._strip_protocol(path)
 
 
+@contextmanager
+def local_ray(**kwargs):  # noqa: ANN003, ANN201
+    """A Ray of its own on this machine (2 CPUs, no dashboard, a small object store) for the length
+    of the block; ``kwargs`` go to ``ray.init`` (e.g. a ``runtime_env``)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20,
+             log_to_driver=False, configure_logging=False, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def load_all(directory: str) -> dict[str, torch.Tensor]:
     """Every tensor of a (possibly sharded) checkpoint directory, read with the reference reader."""
     out: dict[str, torch.Tensor] = {}
@@ -63,6 +81,13 @@ def poison(checkpoint: str, value: float, index: int = 0, last: bool = True) -> 
     sd[victim].view(-1)[index] = value
     save_file(sd, path, metadata={"format": "pt"})
     return victim
+
+
+def poisoned_copy(checkpoint: str, where: str) -> tuple[str, str]:
+    """A copy of ``checkpoint`` at ``where`` with a NaN in one tensor (``poison``): (its path, the
+    tensor's name)."""
+    shutil.copytree(checkpoint, where)
+    return where, poison(where, float("nan"))
 
 
 def stop_after_first_shard(spec, output: str) -> dict:  # noqa: ANN001
@@ -174,6 +199,24 @@ def unfinished_uploads(options: dict, bucket_uri: str) -> list:
     fs = fsspec.filesystem("s3", **options["s3"])
     bucket = bucket_uri.removeprefix("s3://").split("/")[0]
     return fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+
+
+@pytest.fixture(scope="session")
+def gcs_server():  # noqa: ANN201
+    """Google Cloud Storage's JSON API: the gcp-storage-emulator on 127.0.0.1 (``cloud_servers``)."""
+    from cloud_servers import gcs_emulator
+
+    with gcs_emulator() as options:
+        yield options
+
+
+@pytest.fixture(scope="session")
+def azure_server():  # noqa: ANN201
+    """Azure Blob's REST API: Azurite on 127.0.0.1 (``cloud_servers``)."""
+    from cloud_servers import azure_emulator
+
+    with azure_emulator() as options:
+        yield options
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,16 @@ A package of small rooms, each arrow pointing down:
     local.py      LocalStorage: plain paths and file://
     s3.py         S3Storage: one retry layer, If-Match reads, multipart writes
     s3write.py    the S3 multipart writer and the cleanup of unfinished uploads
+    gcs.py        GCSStorage: gs:// (generation-pinned reads, resumable uploads finalised on commit)
+    azure.py      AzureStorage: az:// (If-Match reads, block blobs committed on commit)
     hub.py        HubStorage: hf:// (revision pinning, tree digests), and the Hub client helpers
-    cloud.py      gs:// and az:// (deferred-commit writers)
+    parts.py      a file uploaded as parallel parts and published in one request (S3, Azure)
     readers.py    RangeReader and its local (preadv) and fsspec (parallel parts) forms
     writers.py    the local atomic, deferred-commit and rename writers
     directio.py   O_DIRECT appends for the local writer
     atomic.py     AtomicWriter, the writer contract; TEMP_MARK
     retry.py      which failures are transient, the backoff, the one-line failure account
+    cas.py        compare-and-swap writes of one small file (local_cas.py: on local disk)
 
 ``Storage(uri, options)`` returns the store registered for the URI's protocol; importing this
 package registers them all.
@@ -21,8 +24,9 @@ package registers them all.
 from __future__ import annotations
 
 from .atomic import TEMP_MARK, AtomicWriter
+from .azure import AzureStorage
 from .base import FileStat, Storage, check_digest
-from .cloud import DeferredCommitStorage
+from .gcs import GCSStorage
 from .hub import HubStorage
 from .local import LocalStorage
 from .readers import RangeReader
@@ -30,4 +34,4 @@ from .retry import is_transient
 from .s3 import S3Storage
 
 __all__ = ["FileStat", "Storage", "RangeReader", "AtomicWriter", "TEMP_MARK", "check_digest",
-           "is_transient", "LocalStorage", "S3Storage", "HubStorage", "DeferredCommitStorage"]
+           "is_transient", "LocalStorage", "S3Storage", "HubStorage", "GCSStorage", "AzureStorage"]

@@ -4,8 +4,8 @@ Order of use:
 
 1. ``Storage(uri, storage_options)``: resolves the filesystem; no I/O. The class is chosen by the
    URI's protocol (as ``pathlib.Path`` picks its flavour): ``LocalStorage`` (``local.py``),
-   ``S3Storage`` (``s3.py``), ``HubStorage`` (``hub.py``), the deferred-commit object stores
-   (``cloud.py``), else this generic fsspec store.
+   ``S3Storage`` (``s3.py``), ``GCSStorage`` (``gcs.py``), ``AzureStorage`` (``azure.py``),
+   ``HubStorage`` (``hub.py``), else this generic fsspec store (``memory://``, ...).
 2. ``pinned()``: the same location at a revision that cannot move (the Hub; itself elsewhere).
 3. ``list()`` / ``stat(name)`` / ``read(name, start, end)``: small reads (headers, index, configs).
 4. ``reader(name)``: a ``RangeReader`` for streaming a file's byte ranges into caller buffers.
@@ -92,6 +92,9 @@ class Storage:
     pins_reads: ClassVar[bool] = False
     # Parts smaller than this cost more in request overhead than they gain in parallelism.
     min_read_part: ClassVar[int] = 1 << 20
+    # Whether the store's client retries every request itself (with backoff): graft's layer then
+    # only reads a short answer again, instead of multiplying the client's attempts by its own.
+    client_retries: ClassVar[bool] = False
     # What fills up when a write fails for space.
     _space: ClassVar[str] = "disk or bucket"
     # The immutable revision every read uses (Hub: a commit sha); None where stores have none.
@@ -120,13 +123,17 @@ class Storage:
         self.protocol = protocol_of(self.uri)
         self._fs_options = self._with_defaults(dict((storage_options or {}).get(self.protocol, {})))
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.uri, **self._fs_options)
+            self.fs, self.root = self._filesystem(self._fs_options)
         except (ImportError, ValueError) as e:
             raise StorageError(
                 f"{self.display_uri}: no filesystem for protocol '{self.protocol}' ({redact_text(str(e))}); "
                 f"install its fsspec extra, e.g. pip install 'graft[gcs]'"
             ) from None
         self.root = self.root.rstrip("/") or "/"
+
+    def _filesystem(self, opts: dict[str, Any]) -> tuple[Any, str]:
+        """The fsspec filesystem for this location and the root path inside it."""
+        return fsspec.core.url_to_fs(self.uri, **opts)
 
     def _with_defaults(self, opts: dict[str, Any]) -> dict[str, Any]:
         """The user's filesystem options plus this store's defaults for what they left unset."""
@@ -186,7 +193,7 @@ class Storage:
             except GraftError:
                 raise
             except Exception as e:  # noqa: BLE001 - every backend raises its own types
-                if not retry_if(e):
+                if not retry_if(e) or (self.client_retries and not isinstance(e, ShortRead)):
                     raise self._fail(name, action, e) from e
                 if attempt >= attempts:
                     if attempts == 1:
@@ -198,8 +205,13 @@ class Storage:
             attempt += 1
 
     def exists(self, name: str = "") -> bool:
-        return self._retry(name, "check existence",
-                           lambda: bool(self.fs.exists(self.path(name) if name else self.root)))
+        path = self.path(name) if name else self.root
+
+        def once() -> bool:
+            self.fs.invalidate_cache(path)  # as in ``_stat_once``
+            return bool(self.fs.exists(path))
+
+        return self._retry(name, "check existence", once)
 
     def list(self) -> list[str]:
         """Names of the files directly inside this directory (sorted; sub-directories left out)."""
@@ -216,14 +228,18 @@ class Storage:
     def _entries(self) -> dict[str, dict[str, Any]]:
         def ls() -> list[dict[str, Any]]:
             try:
-                # refresh: other processes (shard workers) write here; a cached listing would be stale.
-                return self.fs.ls(self.root, detail=True, refresh=True)
+                return self._ls_fresh()
             except (FileNotFoundError, NotADirectoryError):
                 return []
 
         entries = self._retry("", "list the directory", ls)
         return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry
                 for entry in entries if entry.get("type") != "directory"}
+
+    def _ls_fresh(self) -> list[dict[str, Any]]:
+        """The directory's entries as the store has them now: other processes (shard workers) write
+        here, so a cached listing would be stale."""
+        return self.fs.ls(self.root, detail=True, refresh=True)
 
     def stat(self, name: str) -> FileStat:
         def once() -> FileStat:
@@ -236,7 +252,11 @@ class Storage:
 
     def _stat_once(self, name: str) -> FileStat:
         """One attempt of ``stat``; raises ``FileNotFoundError`` for a missing file."""
-        return self._stat_of(name, self.fs.info(self.path(name), refresh=True))
+        path = self.path(name)
+        # Other processes (shard workers) write here: a listing this filesystem cached before they
+        # did must not answer (gcsfs looks there first, whatever ``refresh`` says).
+        self.fs.invalidate_cache(path)
+        return self._stat_of(name, self.fs.info(path, refresh=True))
 
     def _stat_of(self, name: str, info: Mapping[str, Any]) -> FileStat:
         version = self._version(info)
@@ -337,6 +357,21 @@ class Storage:
     def makedirs(self) -> None:
         """Create this directory if the filesystem has directories (object stores do not)."""
         self._retry("", "create the directory", lambda: self.fs.makedirs(self.root, exist_ok=True))
+
+    def conditional_writes(self) -> bool:
+        """Whether this store offers compare-and-swap writes (``cas.py``: the run mark's lock)."""
+        return False
+
+    def put_if(self, name: str, data: bytes, version: str | None) -> str | None:
+        """Write the small file ``name`` only if it is absent (``version`` None) or still at
+        ``version``; its new version, or None when the condition failed. Where
+        ``conditional_writes()``."""
+        raise NotImplementedError(f"{self.protocol}: no conditional writes")
+
+    def read_versioned(self, name: str) -> tuple[bytes, str]:
+        """The whole of ``name`` and the version those bytes are (for ``put_if``); ``NotFoundError``
+        when absent. Where ``conditional_writes()``."""
+        raise NotImplementedError(f"{self.protocol}: no conditional writes")
 
     def abort_uploads(self, names: Callable[[str], bool]) -> list[str]:
         """Abort the unfinished uploads of files directly in this directory whose name ``names``

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Mapping
 
+from . import local_cas
 from .atomic import AtomicWriter
 from .base import Storage
 from .readers import LocalRangeReader, RangeReader
@@ -35,3 +36,20 @@ class LocalStorage(Storage):
 
     def writer(self, name: str, size: int | None = None) -> AtomicWriter:
         return LocalAtomicWriter(self, name)
+
+    def conditional_writes(self) -> bool:
+        return local_cas.hard_links(self.root)
+
+    def put_if(self, name: str, data: bytes, version: str | None) -> str | None:
+        try:
+            if version is None:
+                return local_cas.create(self, name, data)
+            return local_cas.replace(self, name, data, version)
+        except OSError as e:
+            raise self._write_failed(name, "create" if version is None else "replace", e) from e
+
+    def read_versioned(self, name: str) -> tuple[bytes, str]:
+        try:
+            return local_cas.read(self, name)
+        except OSError as e:
+            raise self._fail(name, "read", e) from e

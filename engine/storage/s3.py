@@ -15,7 +15,7 @@ import fsspec
 from fsspec.asyn import sync
 
 from . import retry
-from ..errors import IntegrityError
+from ..errors import IntegrityError, NotFoundError
 from .atomic import AtomicWriter
 from .base import Storage
 from .s3write import S3PartWriter, abort_uploads, precondition_failed
@@ -102,3 +102,53 @@ class S3Storage(Storage):
 
     def abort_uploads(self, names: Callable[[str], bool]) -> list[str]:
         return abort_uploads(self, names)
+
+    # Compare-and-swap: PutObject with ``If-None-Match: *`` to create and ``If-Match: <ETag>`` to
+    # replace, which S3 (and moto) refuse with 412 when the condition fails; the version is the ETag.
+
+    def conditional_writes(self) -> bool:
+        return True
+
+    def put_if(self, name: str, data: bytes, version: str | None) -> str | None:
+        bucket, key, _ = self.fs.split_path(self.path(name))
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": f'"{version}"'}
+
+        def put() -> str | None:
+            try:
+                resp = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+            except Exception as e:  # noqa: BLE001 - s3fs raises botocore's errors as OSErrors
+                if _conflict(e):
+                    return None
+                raise
+            return str(resp["ETag"]).strip('"')
+
+        return self._retry(name, "write conditionally", put)
+
+    def read_versioned(self, name: str) -> tuple[bytes, str]:
+        bucket, key, _ = self.fs.split_path(self.path(name))
+
+        def get() -> tuple[bytes, str]:
+            try:
+                resp = self.fs.call_s3("get_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                raise NotFoundError(f"{self.url(name)}: no such file") from None
+            body = resp["Body"]
+            try:
+                data = sync(self.fs.loop, body.read)
+            finally:
+                body.close()
+            return data, str(resp["ETag"]).strip('"')
+
+        return self._retry(name, "read", get)
+
+
+def _conflict(e: BaseException) -> bool:
+    """412 (the condition failed), or 409 (a concurrent conditional write to the same key won)."""
+    if precondition_failed(e):
+        return True
+    for err in (e, e.__cause__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") in (
+                "ConditionalRequestConflict", "NoSuchKey"):
+            return True
+    return isinstance(e, FileNotFoundError)

@@ -1,4 +1,4 @@
-"""S3 output: one file streams into a multipart upload with several parts in flight.
+"""S3 output: one file streams into a multipart upload with several parts in flight (``parts.py``).
 
 s3fs's own writer uploads one part at a time from the thread that writes (for a shard, the thread
 that also hashes), so a shard wrote at one request's speed. Here a full part is handed to a small
@@ -17,10 +17,10 @@ unfinished multipart upload, invisible in listings but stored and billed until a
 """
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
-from .atomic import AtomicWriter
+from . import parts
+from .parts import PARTS_IN_FLIGHT, PartWriter
 
 if TYPE_CHECKING:  # the S3 store picks this writer: it imports this module, not the reverse
     from .base import Storage
@@ -31,99 +31,41 @@ __all__ = ["MIN_PART", "PARTS_IN_FLIGHT", "MAX_PARTS", "part_size", "S3PartWrite
 MIN_PART = 64 * 2**20
 S3_MIN_PART = 5 * 2**20
 MAX_PARTS = 10_000
-PARTS_IN_FLIGHT = 4
-_MiB = 2**20
 
 
 def part_size(expected: int, floor: int = MIN_PART) -> int:
     """Bytes per part for a file of ``expected`` bytes: at least ``floor`` (and S3's 5 MiB), and
     enough that it takes at most ``MAX_PARTS`` parts; whole MiB."""
-    need = -(-max(expected, 0) // MAX_PARTS)
-    size = max(floor, S3_MIN_PART, need)
-    return -(-size // _MiB) * _MiB
+    return parts.part_size(expected, floor, MAX_PARTS, S3_MIN_PART)
 
 
-class S3PartWriter(AtomicWriter):
+class S3PartWriter(PartWriter):
     def __init__(self, storage: Storage, name: str, expected: int):
-        super().__init__(storage, name)
+        floor = storage._fs_options.get("default_block_size") or MIN_PART
+        super().__init__(storage, name, expected, part_size(expected, int(floor)))
         self._fs = storage.write_fs
         self._bucket, self._key, _ = self._fs.split_path(storage.path(name))
-        floor = storage._fs_options.get("default_block_size") or MIN_PART
-        self._part = part_size(expected, int(floor))
-        # Filled in place (no regrowth copies); a full part goes to the wire as it is.
-        self._buf = bytearray(min(self._part, max(expected, 0)))
-        self._fill = 0
         self._upload_id: str | None = None
-        self._sent: list[Future[dict[str, Any]]] = []
-        self._pool: ThreadPoolExecutor | None = None
 
     def _call(self, method: str, **kwargs: Any) -> Any:
         return self._fs.call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs)
 
-    def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        n = len(view)
-        try:
-            while view:
-                if len(self._buf) < self._part and self._fill + len(view) > len(self._buf):
-                    self._buf.extend(bytes(self._part - len(self._buf)))  # longer than planned
-                take = min(len(view), self._part - self._fill)
-                self._buf[self._fill:self._fill + take] = view[:take]
-                self._fill += take
-                view = view[take:]
-                if self._fill == self._part:
-                    self._send()
-        except Exception as e:  # noqa: BLE001
-            raise self.storage._write_failed(self.name, "write", e) from e
-        self.bytes_written += n
-
-    def _send(self) -> None:
-        """Hand the filled part to the pool; wait first if too many are in flight."""
-        if self._upload_id is None:
-            self._upload_id = self._call("create_multipart_upload")["UploadId"]
-            self._pool = ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT, thread_name_prefix="graft-s3-part")
-        while sum(not f.done() for f in self._sent) >= PARTS_IN_FLIGHT:
-            next(f for f in self._sent if not f.done()).exception(timeout=None)
-        for f in self._sent:
-            if f.done() and f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
-        body = self._buf if self._fill == len(self._buf) else bytes(memoryview(self._buf)[:self._fill])
-        self._buf, self._fill = bytearray(self._part), 0
-        number = len(self._sent) + 1
-        assert self._pool is not None
-        self._sent.append(self._pool.submit(self._upload, number, body))
+    def _start(self) -> None:
+        self._upload_id = self._call("create_multipart_upload")["UploadId"]
 
     def _upload(self, number: int, body: bytes | bytearray) -> dict[str, Any]:
         resp = self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body)
         return {"ETag": resp["ETag"], "PartNumber": number}
 
-    def commit(self) -> None:
-        def publish() -> None:
-            if self._upload_id is None:  # the whole file fits in one part
-                self._call("put_object", Body=bytes(memoryview(self._buf)[:self._fill]))
-                return
-            if self._fill:
-                self._send()  # the last part may be smaller than the others
-            parts = [f.result() for f in self._sent]
+    def _publish(self, parts: list[Any] | None, whole: bytes) -> None:
+        if parts is None:
+            self._call("put_object", Body=whole)
+        else:
             self._call("complete_multipart_upload", UploadId=self._upload_id, MultipartUpload={"Parts": parts})
 
-        self._publish_or_discard(publish)
-        self._close_pool()
-
-    def _close_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-
-    def discard(self) -> None:
-        self._done = True
-        self._buf, self._fill = bytearray(), 0
-        self._close_pool()  # no part may still be on its way once the upload is aborted
+    def _abort(self) -> None:
         if self._upload_id is not None:
-            try:
-                self._call("abort_multipart_upload", UploadId=self._upload_id)
-            except Exception:  # noqa: BLE001 - best effort: the run's sweep aborts leftovers too
-                pass
+            self._call("abort_multipart_upload", UploadId=self._upload_id)
             self._upload_id = None
 
 

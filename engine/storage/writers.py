@@ -150,9 +150,17 @@ class _FsspecWriterBase(AtomicWriter):
 
 
 class DeferredCommitWriter(_FsspecWriterBase):
-    def __init__(self, storage: Storage, name: str):
+    """An fsspec file opened with ``autocommit=False``: ``commit()`` closes and publishes it,
+    ``discard()`` drops it. ``opener(path)`` makes the file (default: the filesystem's own
+    ``_open``, not ``fs.open``, which would keep every such file alive in its transaction list)."""
+
+    def __init__(self, storage: Storage, name: str, opener: Callable[[str], Any] | None = None):
         super().__init__(storage, name)
-        self._f = self._open(storage.path(name), autocommit=False)
+        path = storage.path(name)
+        try:
+            self._f = opener(path) if opener else storage.write_fs._open(path, "wb", autocommit=False)
+        except Exception as e:  # noqa: BLE001
+            raise storage._write_failed(name, "open for writing", e) from e
 
     def _publish(self) -> None:
         self._f.commit()
@@ -163,6 +171,8 @@ class DeferredCommitWriter(_FsspecWriterBase):
             self._f.discard()
         except Exception:  # noqa: BLE001 - best effort: the object was never completed
             pass
+        finally:
+            self._f.closed = True  # a discarded file must never be closed (and so flushed) later
 
 
 class RenameAtomicWriter(_FsspecWriterBase):

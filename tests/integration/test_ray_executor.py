@@ -26,11 +26,11 @@ from graft.engine.manifest import verify_output
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():  # noqa: ANN201
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20,
-             log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+def module_ray():  # noqa: ANN201
+    from conftest import local_ray
+
+    with local_ray():
+        yield
 
 
 def test_ray_output_is_bit_identical_to_the_local_executor(tiny_checkpoints, tmp_path):

@@ -197,8 +197,9 @@ def test_a_dead_pid_counts_only_in_the_same_process_space(tiny_checkpoints, tmp_
 
 # --- compare-and-swap: of two runs, exactly one gets the output --------------------------------------
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gcs", "azure"])
 def mark_store(request, tmp_path):  # noqa: ANN001, ANN201
+    from cloud_servers import new_root
     from conftest import new_bucket
 
     from graft.engine.storage import Storage
@@ -206,6 +207,9 @@ def mark_store(request, tmp_path):  # noqa: ANN001, ANN201
     if request.param == "local":
         (tmp_path / "out").mkdir()
         return Storage(str(tmp_path / "out"))
+    if request.param in ("gcs", "azure"):
+        options = request.getfixturevalue(f"{request.param}_server")
+        return Storage(f"{new_root(options)}/out", options)
     options = request.getfixturevalue("s3_server")
     return Storage(f"{new_bucket(options)}/out", options)
 
@@ -442,7 +446,7 @@ def test_a_filesystem_without_hard_links_falls_back_to_plain_writes(tiny_checkpo
     conditional writes (write, re-read after a pause) instead of failing every run."""
     import errno
 
-    from graft.engine.storage import cas
+    from graft.engine.storage import local_cas
 
     real_link = os.link
 
@@ -452,8 +456,8 @@ def test_a_filesystem_without_hard_links_falls_back_to_plain_writes(tiny_checkpo
         return real_link(src, dst, *a, **k)
 
     monkeypatch.setattr(os, "link", no_links)
-    monkeypatch.setattr(cas, "_HARD_LINKS", {})
+    monkeypatch.setattr(local_cas, "_HARD_LINKS", {})
     out = str(tmp_path / "out")
     result = run_local(make_spec(tiny_checkpoints, out))
-    assert cas._HARD_LINKS == {out: False}
+    assert local_cas._HARD_LINKS == {out: False}
     assert os.path.exists(os.path.join(out, "graft.manifest.json")) and result.manifest["run"]["resumed_shards"] == []

@@ -462,15 +462,13 @@ def test_a_throttled_s3_write_is_sent_again_by_one_bounded_layer(s3_server, monk
 @pytest.fixture(scope="module")
 def local_ray_with_faulty_fs():  # noqa: ANN201
     """A local Ray whose workers import tests/faulty_fs.py and register faulty:// as they start."""
-    import ray
 
     tests_dir = os.path.dirname(os.path.abspath(faulty_fs.__file__))
     path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20,
-             log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}, "worker_process_setup_hook": "faulty_fs.register"})
-    yield
-    ray.shutdown()
+    from conftest import local_ray
+
+    with local_ray(runtime_env={"env_vars": {"PYTHONPATH": path}, "worker_process_setup_hook": "faulty_fs.register"}):
+        yield
 
 
 def test_transient_faults_in_ray_workers_are_retried_with_bit_identical_output(

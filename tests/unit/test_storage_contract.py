@@ -1,5 +1,5 @@
-"""One storage contract, run unchanged on a local directory, memory:// and a real S3 server (moto on
-127.0.0.1)."""
+"""One storage contract, run unchanged on a local directory, memory://, a real S3 server (moto on
+127.0.0.1), the Google Cloud Storage emulator and Azurite (``cloud_servers``)."""
 from __future__ import annotations
 
 import threading
@@ -15,9 +15,17 @@ from graft.engine.errors import IntegrityError, StorageError
 from graft.engine.storage import Storage
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+@pytest.fixture(params=["local", "memory", "s3", "gcs", "azure"])
 def store(request, tmp_path):  # noqa: ANN201
     """An empty, existing directory of its own on the backend under test."""
+    if request.param in ("gcs", "azure"):
+        from cloud_servers import leftovers, new_root
+
+        options = request.getfixturevalue(f"{request.param}_server")
+        root = new_root(options)
+        yield Storage(f"{root}/store", options)
+        assert leftovers(options, root) == []  # every writer committed, or dropped its blocks / session
+        return
     if request.param == "local":
         s = Storage(str(tmp_path / "store"))
         s.makedirs()
