@@ -18,7 +18,7 @@ from graft.engine.local import run_local
 from graft.engine.manifest import MANIFEST_NAME, verify_output
 from graft.engine.runmark import RUN_MARK
 from graft.engine.specfile import spec_from_mapping
-from graft.engine.storage import AzureStorage, GCSStorage, Storage
+from graft.engine.storage import TEMP_MARK, AzureStorage, GCSStorage, Storage
 
 ROLES = ("target", "finetuned", "base")
 PROTOCOL = {"gcs": "gs", "azure": "az"}
@@ -199,3 +199,39 @@ def test_two_runs_on_one_output_exactly_one_takes_it(cloud, inputs):
     data, version = cas.read(out, RUN_MARK)
     assert cas.replace(out, RUN_MARK, data, "1" if version != "1" else "2") is None  # a stale version
     first.release()
+
+
+def _stage(options: dict, blob_path: str) -> None:
+    """Stage one block of ``container/name`` and commit nothing, as a writer killed mid-file leaves it."""
+    from azure.storage.blob import BlobServiceClient
+
+    container, _, name = blob_path.partition("/")
+    with BlobServiceClient.from_connection_string(options["az"]["connection_string"]) as client:
+        client.get_blob_client(container, name).stage_block("killed-000001", b"x" * 1024)
+
+
+def test_blocks_killed_writers_staged_are_deleted_by_the_run_and_no_others(azure_server, tiny_checkpoints):
+    """Azure's analogue of S3's unfinished multipart uploads: a crashed earlier run's writer (and one
+    killed during this run) leave staged blocks under the output's file names; the run deletes
+    those, and leaves other names' and other directories' staged blocks alone."""
+    options = azure_server
+    root = new_root(options)
+    container = root.removeprefix("az://")
+    inputs = upload(options, root, tiny_checkpoints)
+    planned = job(inputs, f"{root}/out", options)
+    shard = planned.plan.shards[-1].file
+    foreign = {f"elsewhere/{shard}", f"out/sub/{shard}", "out/notes.txt"}
+    # A temporary-marked name: no commit of this run would drop its blocks, only the cleanup.
+    crashed = f"out/.{planned.plan.shards[0].file}{TEMP_MARK}0123456789ab"
+    for name in foreign | {f"out/{shard}", crashed}:
+        _stage(options, f"{container}/{name}")
+    planted: list[str] = []
+
+    def on_shard(event: str) -> None:  # mid-run: a writer of this run killed before its commit
+        if not planted:
+            planted.append(f"out/.{shard}{TEMP_MARK}fedcba987654")
+            _stage(options, f"{container}/{planted[0]}")
+
+    run_local(planned, on_shard=on_shard)
+    assert planted
+    assert set(staged_blobs(options, root)) == foreign  # only other names' staged blocks remain
