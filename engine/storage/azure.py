@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar
 
 from fsspec.asyn import sync
 
-from ..errors import IntegrityError, NotFoundError
+from ..errors import NotFoundError
 from . import parts
 from .atomic import AtomicWriter
 from .base import Storage
@@ -67,9 +67,7 @@ class AzureStorage(Storage):
         try:
             return self._run(get)
         except ResourceModifiedError:
-            raise IntegrityError(f"{self.url(name)}: changed during the run (its ETag is no longer "
-                                 f"{version}); nothing read from it was committed, run the job again to "
-                                 f"use the new version") from None
+            raise self._changed(name, "ETag", version) from None
         except ResourceNotFoundError:
             raise FileNotFoundError(self.path(name)) from None
 

@@ -320,6 +320,12 @@ class Storage:
         except StorageError:
             return False
 
+    def _changed(self, name: str, what: str, version: str | None) -> IntegrityError:
+        """A pinned read the store refused: ``name``'s ``what`` (ETag, generation) is not the one planned."""
+        return IntegrityError(f"{self.url(name)}: changed during the run (its {what} is no longer "
+                              f"{version}); nothing read from it was committed, run the job again to "
+                              f"use the new version")
+
     def _short(self, name: str, start: int | None, end: int, got: int | None) -> IntegrityError:
         what = f"got {got}" if got is not None else "the file ends before that"
         return IntegrityError(f"{self.url(name)}: asked for bytes {start}..{end} but {what}; the file "

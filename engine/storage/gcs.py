@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Mapping
 from urllib.parse import quote
 
-from ..errors import IntegrityError, NotFoundError
+from ..errors import NotFoundError
 from .atomic import AtomicWriter
 from .base import Storage
 from .writers import DeferredCommitWriter
@@ -59,9 +59,7 @@ class GCSStorage(Storage):
             _, data = self.fs.call("GET", self.fs.url(self.path(name)), headers=headers,
                                    ifGenerationMatch=version)
         except FileExistsError:  # gcsfs's name for a 412: the generation is not the one planned
-            raise IntegrityError(f"{self.url(name)}: changed during the run (its generation is no longer "
-                                 f"{version}); nothing read from it was committed, run the job again to "
-                                 f"use the new version") from None
+            raise self._changed(name, "generation", version) from None
         return data
 
     def writer(self, name: str, size: int | None = None) -> AtomicWriter:

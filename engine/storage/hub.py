@@ -25,8 +25,8 @@ import re
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import StorageError
-from ..redaction import redact_text
 from .base import FileStat, Storage
+from . import retry
 from .retry import ShortRead
 
 if TYPE_CHECKING:
@@ -80,9 +80,9 @@ def repo_id_of(uri: str) -> str | None:
 
 
 def first_line(e: BaseException) -> str:
-    """An error's first line, credentials redacted (the Hub client's messages carry URLs)."""
-    text = str(e).strip()
-    return redact_text(text.splitlines()[0]) if text else e.__class__.__name__
+    """An error's first line, credentials redacted (the Hub client's messages carry URLs); its
+    class name when it has none."""
+    return retry.first_line(e) or e.__class__.__name__
 
 
 class HubStorage(Storage):

@@ -15,7 +15,7 @@ import fsspec
 from fsspec.asyn import sync
 
 from . import retry
-from ..errors import IntegrityError, NotFoundError
+from ..errors import NotFoundError
 from .atomic import AtomicWriter
 from .base import Storage
 from .s3write import S3PartWriter, abort_uploads, precondition_failed
@@ -83,9 +83,7 @@ class S3Storage(Storage):
             return sync(self.fs.loop, self._get_if_match, name, start, end, version)
         except Exception as e:  # noqa: BLE001
             if precondition_failed(e):
-                raise IntegrityError(f"{self.url(name)}: changed during the run (its ETag is no longer "
-                                     f"{version}); nothing read from it was committed, run the job again "
-                                     f"to use the new version") from None
+                raise self._changed(name, "ETag", version) from None
             raise
 
     async def _get_if_match(self, name: str, start: int, end: int, etag: str) -> bytes:

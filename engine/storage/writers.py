@@ -120,11 +120,10 @@ class LocalAtomicWriter(AtomicWriter):
 
 
 class _FsspecWriterBase(AtomicWriter):
-    _path: str
-
-    def _open(self, path: str, **kwargs: Any) -> Any:
+    def _open(self, make: Callable[[], Any]) -> Any:
+        """``make()``, the file to write; a failure names the file."""
         try:
-            return self.storage.write_fs.open(path, "wb", **kwargs)
+            return make()
         except Exception as e:  # noqa: BLE001
             raise self.storage._write_failed(self.name, "open for writing", e) from e
 
@@ -157,10 +156,7 @@ class DeferredCommitWriter(_FsspecWriterBase):
     def __init__(self, storage: Storage, name: str, opener: Callable[[str], Any] | None = None):
         super().__init__(storage, name)
         path = storage.path(name)
-        try:
-            self._f = opener(path) if opener else storage.write_fs._open(path, "wb", autocommit=False)
-        except Exception as e:  # noqa: BLE001
-            raise storage._write_failed(name, "open for writing", e) from e
+        self._f = self._open(lambda: opener(path) if opener else storage.write_fs._open(path, "wb", autocommit=False))
 
     def _publish(self) -> None:
         self._f.commit()
@@ -179,7 +175,7 @@ class RenameAtomicWriter(_FsspecWriterBase):
     def __init__(self, storage: Storage, name: str):
         super().__init__(storage, name)
         self._tmp = storage.path(temp_name(name))
-        self._f = self._open(self._tmp)
+        self._f = self._open(lambda: storage.write_fs.open(self._tmp, "wb"))
 
     def _publish(self) -> None:
         self.storage.fs.mv(self._tmp, self.storage.path(self.name))
