@@ -16,8 +16,8 @@ from .safetensors import MAX_HEADER_BYTES, Header, TensorEntry, read_header, str
 from .redaction import redact_uri
 from .storage import TEMP_MARK, FileStat, Storage
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "TensorRef", "Checkpoint", "open_checkpoint", "check_shard_name",
-           "unsafe_name"]
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "TensorRef", "Checkpoint", "open_checkpoint", "hf_cache_snapshot",
+           "check_shard_name", "unsafe_name"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -136,9 +136,33 @@ def _pickle_refusal(uri: str, pickles: list[str]) -> CheckpointError:
     )
 
 
+def hf_cache_snapshot(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """``uri`` itself, unless it is a repository folder of the Hugging Face cache
+    (``models--org--name`` holding ``refs/``, ``snapshots/`` and ``blobs/``, what ``hf download`` and
+    ``from_pretrained`` leave): then its snapshot of ``refs/main``, or its only snapshot. Raises
+    ``CheckpointError`` when several snapshots and no ``main`` leave the choice to the user."""
+    repo = Storage(uri, storage_options)
+    if not repo.is_local or repo.list() or not {"refs", "snapshots", "blobs"} <= set(repo.subdirectories()):
+        return uri
+    refs = Storage(f"{repo.uri}/refs", storage_options)
+    snapshots = Storage(f"{repo.uri}/snapshots", storage_options).subdirectories()
+    if "main" in refs.list():
+        commit = refs.read("main").decode("utf-8", "replace").strip()
+        if commit in snapshots:
+            return f"{repo.uri}/snapshots/{commit}"
+    if len(snapshots) == 1:
+        return f"{repo.uri}/snapshots/{snapshots[0]}"
+    shown = redact_uri(uri)
+    raise CheckpointError(f"{shown}: a Hugging Face cache folder with {len(snapshots)} snapshots and no "
+                          f"downloaded main; point graft at the one you mean: {shown}/snapshots/<commit> "
+                          f"(one of {', '.join(snapshots[:3]) or 'none'})")
+
+
 def open_checkpoint(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None) -> Checkpoint:
-    """Discover and validate the checkpoint at ``uri`` (a directory, its index, or one
-    ``.safetensors`` file)."""
+    """Discover and validate the checkpoint at ``uri`` (a directory, its index, one ``.safetensors``
+    file, or a Hugging Face cache folder: ``hf_cache_snapshot``)."""
+    if not uri.rstrip("/").endswith((".json", ".safetensors")):
+        uri = hf_cache_snapshot(uri, storage_options)
     parent, _, fname = uri.rstrip("/").rpartition("/")
     if fname == INDEX_NAME:
         uri = parent or "/"  # the index names the shards beside it: the checkpoint is that directory

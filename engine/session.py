@@ -115,6 +115,12 @@ class OutputSession:
         if foreign:
             raise OutputError(f"{uri} is not empty (it holds {', '.join(foreign[:3])}); "
                               f"graft writes only into a new or empty location: choose another output")
+        # A folder inside is somebody's data too (the parent of the inputs, say): graft's own outputs
+        # never have one.
+        folders = storage.subdirectories()
+        if folders:
+            raise OutputError(f"{uri} is not empty (it holds the folder(s) {', '.join(f + '/' for f in folders[:3])}); "
+                              f"graft writes only into a new or empty location: choose another output")
         previous = observe(storage) if marked else None
         if previous is not None and watch:
             previous = wait_until_stale(storage, previous, log)

@@ -217,6 +217,11 @@ class Storage:
         """Names of the files directly inside this directory (sorted; sub-directories left out)."""
         return sorted(self._entries())
 
+    def subdirectories(self) -> list[str]:
+        """Names of the directories (on object stores: key prefixes) directly inside this one, sorted."""
+        entries = self._retry("", "list the directory", self._ls_or_nothing)
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
     def list_stats(self) -> dict[str, FileStat | None]:
         """The files directly inside this directory (sorted), each with its stat where the listing
         carries the same size and version as ``stat`` would (``lists_stats``), else ``None``: call
@@ -225,14 +230,14 @@ class Storage:
         return {name: self._stat_of(name, info) if self.lists_stats else None
                 for name, info in sorted(entries.items())}
 
-    def _entries(self) -> dict[str, dict[str, Any]]:
-        def ls() -> list[dict[str, Any]]:
-            try:
-                return self._ls_fresh()
-            except (FileNotFoundError, NotADirectoryError):
-                return []
+    def _ls_or_nothing(self) -> list[dict[str, Any]]:
+        try:
+            return self._ls_fresh()
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
-        entries = self._retry("", "list the directory", ls)
+    def _entries(self) -> dict[str, dict[str, Any]]:
+        entries = self._retry("", "list the directory", self._ls_or_nothing)
         return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry
                 for entry in entries if entry.get("type") != "directory"}
 

@@ -6,11 +6,13 @@ on local files is the one users run everywhere.
 """
 from __future__ import annotations
 
+import os
+import stat as stat_mode
 from typing import Any, ClassVar, Mapping
 
 from . import local_cas
 from .atomic import AtomicWriter
-from .base import Storage
+from .base import FileStat, Storage
 from .readers import LocalRangeReader, RangeReader
 from .writers import LocalAtomicWriter
 
@@ -27,9 +29,29 @@ class LocalStorage(Storage):
         return 1  # the OS retries for local files
 
     def _version(self, info: Mapping[str, Any]) -> Any:
-        # Local files have no ETag; a rewrite changes the modification time.
-        mtime = info.get("mtime")
-        return super()._version(info) or (f"mtime:{mtime!r}" if mtime is not None else None)
+        # Local files have no ETag. A rewrite changes the size or the modification time, but `cp -p`
+        # and `rsync -a` restore the old mtime: the inode's change time (which no tool can set back)
+        # and the size catch those too.
+        if "mtime_ns" not in info:
+            return super()._version(info)
+        return f"size:{info['size']},mtime:{info['mtime_ns']},ctime:{info['ctime_ns']}"
+
+    # Stats and listings follow symbolic links: in the Hugging Face cache every file of a snapshot is
+    # a relative link to ``../../blobs/<sha256>``, and what graft reads (and must pin) is the blob.
+    # fsspec's listing describes the link itself (its own mtime, type "other"), its ``info`` the blob.
+
+    def _stat_once(self, name: str) -> FileStat:
+        return self._stat_of(name, _followed(self.path(name)))
+
+    def _ls_fresh(self) -> list[dict[str, Any]]:
+        entries = []
+        with os.scandir(self.root) as it:
+            for entry in it:
+                try:
+                    entries.append(_followed(entry.path))
+                except FileNotFoundError:
+                    continue  # a dangling link (an unfinished download) is no file
+        return entries
 
     def reader(self, name: str, concurrency: int = 1, version: str | None = None) -> RangeReader:
         return LocalRangeReader(self, name)
@@ -53,3 +75,12 @@ class LocalStorage(Storage):
             return local_cas.read(self, name)
         except OSError as e:
             raise self._fail(name, "read", e) from e
+
+
+def _followed(path: str) -> dict[str, Any]:
+    """What graft needs of the file at ``path``, through any symbolic links; ``FileNotFoundError``
+    when there is none (or the link dangles)."""
+    st = os.stat(path)  # follows links
+    kind = "directory" if stat_mode.S_ISDIR(st.st_mode) else "file"
+    return {"name": path, "type": kind, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns}

@@ -337,6 +337,12 @@ def test_output_that_is_already_committed_or_foreign_is_refused(tiny_checkpoints
     with pytest.raises(OutputError, match="not empty"):
         run_local(make_spec(tiny_checkpoints, str(foreign)))
     assert sorted(os.listdir(foreign)) == ["notes.txt"]
+    # Folders are somebody's data too: the parent of the inputs is no empty output.
+    parent = tmp_path / "parent"
+    (parent / "models").mkdir(parents=True)
+    with pytest.raises(OutputError, match=r"not empty \(it holds the folder\(s\) models/\)"):
+        run_local(make_spec(tiny_checkpoints, str(parent)))
+    assert sorted(os.listdir(parent)) == ["models"]
 
 
 def test_missing_tensor_is_an_error_unless_carry_target(tiny_checkpoints, tmp_path):

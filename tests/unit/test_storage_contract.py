@@ -174,10 +174,12 @@ def test_list_leaves_out_sub_directories(store):
     sub.write_bytes("inner.bin", b"2")
     assert store.list() == ["top.bin"]
     assert sub.list() == ["inner.bin"]
+    assert store.subdirectories() == ["sub"] and sub.subdirectories() == []
 
 
 def test_list_of_a_missing_directory_is_empty(store):
     assert Storage(store.uri + "/absent", store.storage_options).list() == []
+    assert Storage(store.uri + "/absent", store.storage_options).subdirectories() == []
 
 
 def test_remove_deletes_and_tolerates_a_missing_file(store):
