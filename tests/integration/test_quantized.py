@@ -13,8 +13,9 @@ import pytest
 import torch
 import yaml
 
-from quantized import (TORCH, block_of, dequantize, llama_weights, quant_config, quantize_blocks, read_tensors,
-                       real_values, save_block_fp8, save_compressed_tensors, save_plain, scale_suffix)
+from quantized import (SCALED_FP8, TORCH, block_of, dequantize, llama_weights, quant_config, quantize_blocks,
+                       read_tensors, real_values, save_block_fp8, save_compressed_tensors, save_plain,
+                       save_scaled_fp8, scale_suffix)
 from graft.engine.errors import QuantizationError
 from graft.engine.job import prepare_job
 from graft.engine.local import run_local
@@ -168,6 +169,56 @@ def test_compressed_tensors_trios_from_the_real_writer_transfer_bit_identically(
     assert any("activation scale" in w for w in job.plan.warnings) == (preset == "FP8")
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits.float()).all()
+
+
+@pytest.fixture(scope="module")
+def scaled_fp8_trio(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """``scaled_fp8_trio(layout)``: an FP8 target and base in one of ``quantized.SCALED_FP8`` (AutoFP8
+    static / dynamic, ModelOpt FP8, FBGEMM FP8) with a bf16 fine-tune, built once per layout."""
+    made: dict[str, dict[str, str]] = {}
+    base = llama_weights(0)
+
+    def make(layout: str) -> dict[str, str]:
+        if layout not in made:
+            root = tmp_path_factory.mktemp(layout)
+            made[layout] = {"target": save_scaled_fp8(llama_weights(2, base), str(root / "target"), layout, 0.125),
+                            "finetuned": save_plain(llama_weights(1, base), str(root / "finetuned")),
+                            "base": save_scaled_fp8(base, str(root / "base"), layout)}
+        return made[layout]
+    return make
+
+
+@pytest.mark.parametrize("layout", SCALED_FP8)
+def test_autofp8_modelopt_and_fbgemm_trios_transfer_into_the_targets_layout_by_the_rule(scaled_fp8_trio, tmp_path,
+                                                                                        layout):
+    paths = scaled_fp8_trio(layout)
+    out = str(tmp_path / "out")
+    # 10 rows a chunk: the per-tensor scales need their first pass over several chunks.
+    job = prepare_job(spec(paths, out, compute_dtype="float64", alpha=0.7, chunk_size=96 * 8 * 10))
+    run_local(job)
+    assert assert_follows_the_rule(paths, out, 0.7) == 14
+    target, got = read_tensors(paths["target"]), read_tensors(out)
+    assert {n: (t.dtype, t.shape) for n, t in got.items()} == {n: (t.dtype, t.shape) for n, t in target.items()}
+    w = "model.layers.1.mlp.down_proj.weight"
+    assert got[w + "_scale"].shape == ((96, 1) if layout == "fbgemm" else ())  # the target's granularity
+    # Static activation (and ModelOpt's KV-cache) scales: the target's, unchanged, with the warning.
+    carried = [n for n in got if n.endswith(("input_scale", "k_scale", "v_scale"))]
+    assert bool(carried) == (layout in ("autofp8-static", "modelopt"))
+    assert all(torch.equal(got[n], target[n]) for n in carried)
+    assert any("activation scale" in m for m in job.plan.warnings) == bool(carried)
+    assert quant_config(out) == quant_config(paths["target"])
+    assert verify_output(out).ok
+
+
+def test_a_modelopt_target_written_as_bf16_drops_its_scales_and_quantization_config(scaled_fp8_trio, tmp_path):
+    paths = scaled_fp8_trio("modelopt")
+    out = str(tmp_path / "out")
+    run_local(spec(paths, out, compute_dtype="float64", alpha=0.7, output_format="bf16"))
+    got = read_tensors(out)
+    assert {t.dtype for t in got.values()} == {torch.bfloat16} and not [n for n in got if n.endswith("_scale")]
+    for name, w in expected(paths, 0.7).items():
+        assert torch.equal(got[name], w.to(torch.bfloat16)), name
+    assert quant_config(out) is None and not os.path.exists(os.path.join(out, "hf_quant_config.json"))
 
 
 def test_output_format_bf16_dequantizes_and_drops_quantization_config(ct_trio, tmp_path):
