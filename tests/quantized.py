@@ -89,16 +89,17 @@ def is_quantized_weight(name: str, t: torch.Tensor) -> bool:
 
 def save_block_fp8(sd: dict[str, torch.Tensor], directory: str, block: tuple[int, int] = (32, 32),
                    code=torch.float8_e4m3fn, scale_dtype=torch.float32, split_scales: bool = False,
-                   pow2: bool = False) -> str:
+                   pow2: bool = False, fp8_head: bool = False, vocab_size: int | None = None) -> str:
     """A DeepSeek-V3-style checkpoint: every ``*proj.weight`` as codes + ``*.weight_scale_inv``, the
     rest bf16. ``split_scales``: the scales in a shard of their own (an index maps them), so no
     weight has its scale in the same file. ``pow2``: power-of-two scales, ``scale_fmt: ue8m0``
-    (DeepSeek-V3.1 and later)."""
+    (DeepSeek-V3.1 and later). ``fp8_head``: ``lm_head.weight`` is FP8 too; ``vocab_size``: config.json's,
+    where the weights have more rows (a resized vocabulary)."""
     os.makedirs(directory, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     for name, w in sd.items():
-        if is_quantized_weight(name, w):
+        if is_quantized_weight(name, w) or (fp8_head and name == "lm_head.weight"):
             tensors[name], scales[name + "_scale_inv"] = quantize_blocks(w, block, code, scale_dtype, pow2)
         else:
             tensors[name] = w.to(torch.bfloat16).contiguous()
@@ -114,6 +115,7 @@ def save_block_fp8(sd: dict[str, torch.Tensor], directory: str, block: tuple[int
 
         save_torch_state_dict({**tensors, **scales}, directory, max_shard_size=60_000)
     cfg = tiny_llama_config()
+    cfg.vocab_size = vocab_size or cfg.vocab_size
     cfg.quantization_config = {"quant_method": "fp8", "activation_scheme": "dynamic",
                                "fmt": "e4m3" if code == torch.float8_e4m3fn else "e5m2",
                                "weight_block_size": list(block), **({"scale_fmt": "ue8m0"} if pow2 else {})}

@@ -16,7 +16,7 @@ import yaml
 from quantized import (SCALED_FP8, TORCH, block_of, dequantize, llama_weights, quant_config, quantize_blocks,
                        read_tensors, real_values, save_block_fp8, save_compressed_tensors, save_plain,
                        save_scaled_fp8, scale_suffix)
-from graft.engine.errors import QuantizationError
+from graft.engine.errors import PlanError, QuantizationError
 from graft.engine.job import prepare_job
 from graft.engine.local import run_local
 from graft.engine.manifest import MANIFEST_NAME, verify_output
@@ -259,6 +259,35 @@ def test_an_fp8_target_with_a_config_donated_by_a_bf16_finetune_keeps_its_quanti
     run_local(spec(fp8_trio, out, files={"config.json": "finetuned"}))
     assert quant_config(out) == quant_config(fp8_trio["target"])
     assert verify_output(out).ok
+
+
+def test_a_resized_fp8_lm_head_is_refused_for_an_fp8_output_and_transfers_with_output_format_bf16(tmp_path):
+    """The fine-tune added 8 tokens: its embeddings and LM head have 136 rows, FP8 like its base's
+    and target's 128 (32x32 blocks). vocab: pad with an FP8 output is refused saying to write BF16;
+    that hint works: the shared rows are decoded and transferred, the new rows are alpha * f."""
+    base = llama_weights(0)
+    grown = llama_weights(1, base)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        grown[name] = torch.cat([grown[name], 0.02 * torch.randn(8, 96, generator=torch.Generator().manual_seed(5))])
+    paths = {"target": save_block_fp8(llama_weights(2, base), str(tmp_path / "t"), fp8_head=True),
+             "finetuned": save_block_fp8(grown, str(tmp_path / "f"), fp8_head=True, vocab_size=136),
+             "base": save_block_fp8(base, str(tmp_path / "b"), fp8_head=True)}
+    out = str(tmp_path / "out")
+    with pytest.raises(PlanError, match=r"tensor 'lm_head.weight': vocab: pad writes its rows in pieces, but the "
+                                        r"target stores it as FP8.*use output_format: bf16"):
+        prepare_job(spec(paths, out, vocab="pad", alpha=0.7))
+    run_local(spec(paths, out, vocab="pad", alpha=0.7, compute_dtype="float64", output_format="bf16",
+                   chunk_size=96 * 8 * 40))
+    t, f, b = (real_values(paths[r]) for r in ROLES)
+    got = read_tensors(out)
+    assert {g.dtype for g in got.values()} == {torch.bfloat16} and quant_config(out) is None
+    for name, ft in f.items():
+        tt, bb = t[name], b[name]
+        if ft.shape[0] > tt.shape[0]:  # the new rows count as zeros in the target and the base
+            tt, bb = (torch.cat([x, x.new_zeros(ft.shape[0] - x.shape[0], x.shape[1])]) for x in (tt, bb))
+        assert torch.equal(got[name], (tt + 0.7 * (ft - bb)).to(torch.bfloat16)), name
+    assert got["lm_head.weight"].shape == (136, 96)
+    assert json.load(open(os.path.join(out, "config.json")))["vocab_size"] == 136
 
 
 # --- refused before anything moves ---------------------------------------------------------------

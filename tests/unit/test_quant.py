@@ -308,3 +308,27 @@ def test_a_donated_hf_quant_config_is_refused_unless_the_output_is_the_modelopt_
     with pytest.raises(PlanError, match=r"hf_quant_config.json is donated by target, but it declares NVIDIA "
                                         r"ModelOpt weights and the output's are plain; leave it out"):
         plan(paths, files=files, output_format="bf16")
+
+
+def test_the_rows_of_a_resized_fp8_tensor_carry_their_own_scales():
+    from graft.engine.tasks import Scales
+
+    per_tensor = Scales("h_scale", "F32", (), (40, 32), file="f", begin=100, end=104)
+    assert per_tensor.rows(24, 16, 32) == Scales("h_scale", "F32", (), (16, 32), file="f", begin=100, end=104)
+    per_channel = Scales("h_scale", "BF16", (40, 1), (1, 32), file="f", begin=100, end=180)
+    assert per_channel.rows(24, 16, 32) == Scales("h_scale", "BF16", (16, 1), (1, 32), file="f", begin=148, end=180)
+    blocks = Scales("h_scale_inv", "F32", (3, 2), (16, 16), file="f", begin=100, end=124)
+    assert blocks.splits_at(32) and not blocks.splits_at(40)
+    assert blocks.rows(32, 8, 32) == Scales("h_scale_inv", "F32", (1, 2), (8, 16), file="f", begin=116, end=124)
+
+
+def test_a_resized_fp8_vocabulary_split_inside_a_scale_block_is_refused(tmp_path):
+    def head(rows: int) -> dict[str, torch.Tensor]:
+        return {"lm_head.weight": torch.randn(rows, 32).to(F8), "lm_head.weight_scale_inv": torch.rand(3, 2), **norm()}
+
+    # The fine-tune's new rows start at row 40, inside its 16-row blocks (rows 32..47).
+    paths = {role: write(tmp_path / role, head(48 if role == "finetuned" else 40), BLOCK_FP8) for role in ROLES}
+    with pytest.raises(PlanError, match=r"tensor 'lm_head.weight': vocab: pad takes rows from row 40 of finetuned "
+                                        r"\(.*\), inside one of its 16-row FP8 scale blocks, which graft does not "
+                                        r"split; use an unquantized release of finetuned"):
+        plan(paths, vocab="pad", output_format="bf16")
