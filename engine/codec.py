@@ -287,7 +287,6 @@ class Transcoder:
         if t.scales is None:
             assert out is not None
             out.view(rows, cols).copy_(w)  # the one rounding to a plain output dtype
-        if t.scales is None:
             if measuring:
                 assert stats is not None
                 self._add_measures(stats, parts, ranges or [], len(t.terms), out)
@@ -318,10 +317,12 @@ class Transcoder:
         encode_into(codes, w, scales, t.scales.block, row_in, scratch32)
         if measuring:
             # (out - t) on what is written: the codes decoded with their new scales (rounding to FP8
-            # can keep every code of the target, and the report must say so).
+            # can keep every code of the target, and the report must say so); only the measured rows.
             assert stats is not None
-            decode_into(w, codes, scales, t.scales.block, row_in, self._index[:rows * cols],
-                        self._tables[codes.dtype])
+            for lo, hi in ranges or []:
+                r0, r1 = lo // cols, -(-hi // cols)
+                decode_into(w[r0:r1], codes[r0:r1], scales, t.scales.block, row_in + r0,
+                            self._index[:(r1 - r0) * cols], self._tables[codes.dtype])
             self._add_measures(stats, parts, ranges or [], len(t.terms), w.view(-1))
         return scales
 

@@ -25,7 +25,8 @@ from .checkpoint import Checkpoint, TensorRef
 from .errors import QuantizationError
 from .tasks import Scales, Source
 
-__all__ = ["FP8_CODES", "SCALE_DTYPES", "HF_QUANT_CONFIG", "Scheme", "Stored", "Layout", "read_scheme", "layout_of", "layout_for"]
+__all__ = ["FP8_CODES", "SCALE_DTYPES", "HF_QUANT_CONFIG", "Scheme", "Stored", "Layout", "read_scheme", "layout_of",
+           "layout_for"]
 
 FP8_CODES = ("F8_E4M3", "F8_E5M2")
 SCALE_DTYPES = ("F32", "BF16", "F16")
@@ -189,8 +190,9 @@ def read_scheme(config: Mapping[str, Any] | None, where: str,
         algo = qc.get("quant_algo", inner.get("quant_algo") if isinstance(inner, Mapping) else None)
         if algo == "FP8":  # a scalar F32 weight_scale (and input_scale) per weight
             return Scheme("modelopt", "_scale", frozenset({"tensor"}), (), text)
-        raise _refuse(where, f"NVIDIA ModelOpt {algo} (quant_method 'modelopt', quant_algo {algo!r}; graft "
-                             f"reads its quant_algo FP8 only)", example)
+        what = f"NVIDIA ModelOpt {algo}" if algo else "NVIDIA ModelOpt with no quant_algo"
+        raise _refuse(where, f"{what} (quant_method 'modelopt', quant_algo {algo!r}; graft reads its "
+                             f"quant_algo FP8 only)", example)
     if isinstance(method, str) and method.lower() in _METHOD_NAMES:
         name = _METHOD_NAMES[method.lower()]
         raise _refuse(where, f"{name} (quant_method {method!r})", example)
