@@ -276,8 +276,10 @@ def test_a_resized_fp8_lm_head_is_refused_for_an_fp8_output_and_transfers_with_o
     with pytest.raises(PlanError, match=r"tensor 'lm_head.weight': vocab: pad writes its rows in pieces, but the "
                                         r"target stores it as FP8.*use output_format: bf16"):
         prepare_job(spec(paths, out, vocab="pad", alpha=0.7))
-    run_local(spec(paths, out, vocab="pad", alpha=0.7, compute_dtype="float64", output_format="bf16",
-                   chunk_size=96 * 8 * 40))
+    job = prepare_job(spec(paths, out, vocab="pad", alpha=0.7, compute_dtype="float64", output_format="bf16",
+                           chunk_size=96 * 8 * 40))
+    result = run_local(job)
+    assert sum(r.bytes_read for r in result.results) == job.plan.read_bytes  # each piece reads its scale rows
     t, f, b = (real_values(paths[r]) for r in ROLES)
     got = read_tensors(out)
     assert {g.dtype for g in got.values()} == {torch.bfloat16} and quant_config(out) is None
