@@ -245,7 +245,7 @@ class Transcoder:
                       terms: int, result: torch.Tensor | None) -> None:
         """Add a chunk's measures to ``stats`` (laid out as ``tasks.stat_names(terms)``): ``parts``
         per measured range (from ``values``), plus (out - t)^2 over those ranges from ``result``
-        (the rounded output, or an FP8 output's values before encoding)."""
+        (the rounded output, or an FP8 output's codes decoded with their scales)."""
         assert result is not None and self._c is not None
         names = stat_names(terms)
         sums: list[torch.Tensor | float | int] = [0] * len(names)
@@ -273,7 +273,7 @@ class Transcoder:
             every: int = 1) -> torch.Tensor | None:
         """One chunk; with ``stats`` (a combined tensor's float64 ``STATS`` on this device) the
         chunk's measures are added there, over the blocks ``kernel.sampled_ranges(..., every)``
-        picks: for an FP8 output, (out - t) is measured before encoding."""
+        picks: for an FP8 output, (out - t) is measured on the written codes, decoded."""
         t = chunk.tensor
         measuring = stats is not None and t.combine and t.adds_target and not chunk.measure
         ranges = sampled_ranges(chunk.start, chunk.count, every) if measuring else None
@@ -287,11 +287,9 @@ class Transcoder:
         if t.scales is None:
             assert out is not None
             out.view(rows, cols).copy_(w)  # the one rounding to a plain output dtype
-        if measuring:
-            assert stats is not None
-            self._add_measures(stats, parts, ranges or [], len(t.terms),
-                               w.view(-1) if t.scales is not None else out)
-        if t.scales is None:
+            if measuring:
+                assert stats is not None
+                self._add_measures(stats, parts, ranges or [], len(t.terms), out)
             return None
         scratch = self._b[:rows * cols].view(rows, cols)
         # Measured over several chunks first; a per-tensor scale over one chunk is just one block.
@@ -315,7 +313,17 @@ class Transcoder:
             scales = scales_from_amax(amax, t.dtype, t.scales.dtype, t.scales.pow2)
             row_in = 0
         scratch32 = w if w.dtype == torch.float32 else self._b.view(torch.float32)[:rows * cols].view(rows, cols)
-        encode_into(out.view(rows, cols), w, scales, t.scales.block, row_in, scratch32)
+        codes = out.view(rows, cols)
+        encode_into(codes, w, scales, t.scales.block, row_in, scratch32)
+        if measuring:
+            # (out - t) on what is written: the codes decoded with their new scales (rounding to FP8
+            # can keep every code of the target, and the report must say so); only the measured rows.
+            assert stats is not None
+            for lo, hi in ranges or []:
+                r0, r1 = lo // cols, -(-hi // cols)
+                decode_into(w[r0:r1], codes[r0:r1], scales, t.scales.block, row_in + r0,
+                            self._index[:(r1 - r0) * cols], self._tables[codes.dtype])
+            self._add_measures(stats, parts, ranges or [], len(t.terms), w.view(-1))
         return scales
 
 

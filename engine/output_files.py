@@ -15,14 +15,14 @@ from typing import Any, Mapping
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, unsafe_name
 from .errors import PlanError
 from .manifest import MANIFEST_NAME, SUMS_NAME
-from .quant import Layout
+from .quant import HF_QUANT_CONFIG, Layout
 from .report import REPORT_NAME
 from .safetensors import build_header
 from .spec import JobSpec
 from .tasks import ExecSettings, ShardTask, TensorTask
 
 __all__ = ["SideFile", "RESERVED_OUTPUT_NAMES", "QUANT_KEY", "shard_layout", "donated_files",
-           "check_side_file_size", "quant_patch", "vocab_patch", "describe_output"]
+           "check_side_file_size", "quant_patch", "quant_side_file_problems", "vocab_patch", "describe_output"]
 
 
 RESERVED_OUTPUT_NAMES = frozenset({MANIFEST_NAME, SUMS_NAME, INDEX_NAME, REPORT_NAME})
@@ -61,6 +61,18 @@ def quant_patch(spec: JobSpec, layouts: Mapping[str, Layout],
     if not isinstance(config, Mapping) or config.get(QUANT_KEY) == wanted:
         return ()
     return ((QUANT_KEY, None if wanted is None else json.dumps(wanted, sort_keys=True)),)
+
+
+def quant_side_file_problems(spec: JobSpec, layouts: Mapping[str, Layout],
+                             side_files: tuple[SideFile, ...]) -> list[str]:
+    """A donated hf_quant_config.json tells vLLM the weights are ModelOpt FP8: true only of an output
+    in the format of a ModelOpt target that donates it (graft cannot rewrite that file)."""
+    scheme = layouts["target"].scheme
+    modelopt = scheme is not None and scheme.method == "modelopt" and spec.output_format == "target"
+    return [f"{HF_QUANT_CONFIG} is donated by {s.donor}, but it declares NVIDIA ModelOpt weights and the "
+            f"output's are {'plain' if spec.output_format == 'bf16' or scheme is None else 'another format'}"
+            f"; leave it out (files: {{{HF_QUANT_CONFIG}: none}})"
+            for s in side_files if s.name == HF_QUANT_CONFIG and not (modelopt and s.donor == "target")]
 
 
 def vocab_patch(spec: JobSpec, configs: Mapping[str, Mapping[str, Any] | None],

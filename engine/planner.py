@@ -22,7 +22,7 @@ from .checkpoint import SINGLE_NAME, Checkpoint
 from .compat import config_warnings, describe_shapes, examples, family_warnings, overlap_problems, refusal
 from .errors import PlanError, QuantizationError
 from .output_files import (QUANT_KEY, RESERVED_OUTPUT_NAMES, SideFile, describe_output, donated_files,
-                           quant_patch, shard_layout, vocab_patch)
+                           quant_patch, quant_side_file_problems, shard_layout, vocab_patch)
 from .quant import FP8_CODES, Layout, Stored, layout_for, source_of
 from .safetensors import FLOATING_DTYPES
 from .spec import JobSpec
@@ -252,6 +252,9 @@ def make_plan(
 
     config_patch = quant_patch(spec, layouts, configs) + vocab_patch(spec, configs, pieces)
     side_files, side_warnings = donated_files(spec, checkpoints, config_patch)  # sizes checked first
+    stale = quant_side_file_problems(spec, layouts, side_files)
+    if stale:
+        raise PlanError(stale[0], stale)
     fits = tokenizer_fits(spec, checkpoints, tasks, pieces, vocabs)
     if fits:
         raise PlanError(fits[0], fits)

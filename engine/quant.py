@@ -2,8 +2,9 @@
 
 A *logical tensor* is what the arithmetic sees: a weight of real values. A checkpoint stores it
 either plainly (one F16/BF16/F32/F64 tensor) or as scaled FP8: codes (F8_E4M3 or F8_E5M2) plus a
-scale tensor next to them (``<name>_scale_inv`` for ``quant_method: fp8``, DeepSeek-V3 style;
-``<name>_scale`` for ``compressed-tensors``). The format is read from config.json's
+scale tensor next to them (``<name>_scale_inv`` for ``quant_method: fp8``, DeepSeek-V3 style, or
+``<name>_scale`` for per-tensor ``fp8`` as AutoFP8 / vLLM write it; ``<name>_scale`` for
+``compressed-tensors``, ``modelopt`` FP8 and ``fbgemm_fp8``). The format is read from config.json's
 ``quantization_config`` *and* checked against the tensors: an FP8 tensor is never taken for a plain
 one, and every other quantization (GPTQ, AWQ, bitsandbytes, HQQ, EETQ, MXFP4, NVFP4, int8, packed
 integer weights, unknown methods) is refused before any data moves.
@@ -24,17 +25,20 @@ from .checkpoint import Checkpoint, TensorRef
 from .errors import QuantizationError
 from .tasks import Scales, Source
 
-__all__ = ["FP8_CODES", "SCALE_DTYPES", "Scheme", "Stored", "Layout", "read_scheme", "layout_of", "layout_for"]
+__all__ = ["FP8_CODES", "SCALE_DTYPES", "HF_QUANT_CONFIG", "Scheme", "Stored", "Layout", "read_scheme", "layout_of",
+           "layout_for"]
 
 FP8_CODES = ("F8_E4M3", "F8_E5M2")
 SCALE_DTYPES = ("F32", "BF16", "F16")
+HF_QUANT_CONFIG = "hf_quant_config.json"  # NVIDIA ModelOpt's own description of its weights
 _INTEGER = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")
-_WHAT_TO_DO = ("graft transfers plain floating-point and FP8 (block, or compressed-tensors per-tensor / "
-               "per-channel / block) checkpoints: use the unquantized release of this model, or "
-               "dequantize it first (load it with transformers and save_pretrained it in bf16)")
+_WHAT_TO_DO = ("graft transfers plain floating-point and FP8 (block, per-tensor or per-channel scales: "
+               "fp8, compressed-tensors, ModelOpt FP8, FBGEMM FP8) checkpoints: use the unquantized "
+               "release of this model, or dequantize it first (load it with transformers and "
+               "save_pretrained it in bf16)")
 _METHOD_NAMES = {
     "gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "hqq": "HQQ", "eetq": "EETQ",
-    "mxfp4": "MXFP4", "modelopt": "NVIDIA ModelOpt (NVFP4 / FP8)", "fbgemm_fp8": "FBGEMM FP8",
+    "mxfp4": "MXFP4",
     "quanto": "Quanto", "torchao": "torchao", "aqlm": "AQLM", "vptq": "VPTQ", "higgs": "HIGGS",
     "bitnet": "BitNet", "spqr": "SpQR", "fp_quant": "FP-Quant", "auto-round": "AutoRound",
     "quark": "Quark", "nvfp4": "NVFP4", "gguf": "GGUF",
@@ -65,8 +69,9 @@ _SIGNATURES = {
     ".W_q": "HQQ", ".weight_scales": "EETQ",
 }
 _SIGNATURE_ENDINGS = tuple(_SIGNATURES)
-# Calibrated activation / KV-cache scales: properties of a checkpoint's activations, not weights.
-_ACTIVATION = re.compile(r"(^|\.)(input|output|activation|k|v|q)_scale$")
+# Calibrated activation / KV-cache scales (and FBGEMM's activation bound, ``input_scale_ub``, where a
+# checkpoint stores it): properties of a checkpoint's activations, not weights.
+_ACTIVATION = re.compile(r"(^|\.)((input|output|activation|k|v|q)_scale|input_scale_ub)$")
 
 
 @dataclass(frozen=True)
@@ -148,8 +153,9 @@ def _positive_pair(v: Any) -> tuple[int, int] | None:
 
 def read_scheme(config: Mapping[str, Any] | None, where: str,
                 tensors: Mapping[str, TensorRef] | None = None) -> Scheme | None:
-    """The quantization config.json declares (None: unquantized). Refuses every method but block
-    FP8 and compressed-tensors FP8; ``tensors`` (optional) supply the example named in the error."""
+    """The quantization config.json declares (None: unquantized). Refuses every method but FP8 with
+    float scales (``fp8``, ``compressed-tensors``, ``modelopt`` FP8, ``fbgemm_fp8``); ``tensors``
+    (optional) supply the example named in the error and tell per-tensor ``fp8``'s scale names."""
     qc = config.get("quantization_config") if isinstance(config, Mapping) else None
     if qc is None:
         return None
@@ -161,13 +167,13 @@ def read_scheme(config: Mapping[str, Any] | None, where: str,
     text = json.dumps(qc, sort_keys=True)
     if method == "fp8":
         scale_fmt = qc.get("scale_fmt")
-        if scale_fmt not in (None, "float32", "fp32", "ue8m0"):
+        if scale_fmt not in (None, "float", "float32", "fp32", "ue8m0"):  # "float": transformers' writer
             raise _refuse(where, f"FP8 with {scale_fmt} scales (quant_method fp8, scale_fmt {scale_fmt!r})",
                           example)
         pow2 = scale_fmt == "ue8m0"  # DeepSeek-V3.1 and later: power-of-two scales kept in F32
         wbs = qc.get("weight_block_size")
         if wbs is None:
-            return Scheme("fp8", "_scale_inv", frozenset({"tensor"}), (), text, pow2)
+            return Scheme("fp8", _per_tensor_suffix(tensors), frozenset({"tensor"}), (), text, pow2)
         block = _positive_pair(wbs)
         if block is None:
             raise QuantizationError(f"{where}: config.json quantization_config.weight_block_size is "
@@ -175,10 +181,31 @@ def read_scheme(config: Mapping[str, Any] | None, where: str,
         return Scheme("fp8", "_scale_inv", frozenset({"block"}), (block,), text, pow2)
     if method == "compressed-tensors":
         return _compressed_tensors(qc, where, example, text)
+    if method == "fbgemm_fp8":  # FBGEMM FP8: one F32 scale per output channel ([out, 1]), dynamic activations
+        return Scheme("fbgemm_fp8", "_scale", frozenset({"channel"}), (), text)
+    if method == "modelopt":
+        # NVIDIA ModelOpt: quant_algo at the top (config.json) or under "quantization" (the layout of
+        # its hf_quant_config.json, which some releases copy into config.json).
+        inner = qc.get("quantization")
+        algo = qc.get("quant_algo", inner.get("quant_algo") if isinstance(inner, Mapping) else None)
+        if algo == "FP8":  # a scalar F32 weight_scale (and input_scale) per weight
+            return Scheme("modelopt", "_scale", frozenset({"tensor"}), (), text)
+        what = f"NVIDIA ModelOpt {algo}" if algo else "NVIDIA ModelOpt with no quant_algo"
+        raise _refuse(where, f"{what} (quant_method 'modelopt', quant_algo {algo!r}; graft reads its "
+                             f"quant_algo FP8 only)", example)
     if isinstance(method, str) and method.lower() in _METHOD_NAMES:
         name = _METHOD_NAMES[method.lower()]
         raise _refuse(where, f"{name} (quant_method {method!r})", example)
     raise _refuse(where, f"an unknown method (quant_method {method!r})", example)
+
+
+def _per_tensor_suffix(tensors: Mapping[str, TensorRef] | None) -> str:
+    """Per-tensor ``fp8`` scales are ``weight_scale_inv`` as transformers writes them, ``weight_scale``
+    as AutoFP8 and vLLM do (codes x scale either way): the checkpoint's own names tell which."""
+    names = tensors or {}
+    if any(n.endswith(".weight_scale") for n in names) and not any(n.endswith("_scale_inv") for n in names):
+        return "_scale"
+    return "_scale_inv"
 
 
 def _compressed_tensors(qc: Mapping[str, Any], where: str, example: Mapping[str, TensorRef], text: str) -> Scheme:
@@ -269,6 +296,12 @@ def layout_of(ckpt: Checkpoint, scheme: Scheme | None, role: str) -> Layout:
             raise _refuse(where, what, name)
     if scheme is None:
         fp8 = next((n for n, r in tensors.items() if r.dtype in FP8_CODES), None)
+        if fp8 is not None and HF_QUANT_CONFIG in ckpt.side_files:
+            raise QuantizationError(
+                f"{where}: tensor {fp8!r} is {tensors[fp8].dtype} and its quantization is declared only in "
+                f"{HF_QUANT_CONFIG} (an older NVIDIA ModelOpt export), which graft does not read; copy "
+                f"that file's \"quantization\" object into config.json as quantization_config, with "
+                f"\"quant_method\": \"modelopt\" added (as newer ModelOpt exports write it)")
         if fp8 is not None:
             raise QuantizationError(
                 f"{where}: tensor {fp8!r} is {tensors[fp8].dtype} but config.json declares no "

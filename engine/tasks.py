@@ -9,7 +9,7 @@ pickle, comparable with ``==``. How a shard splits into chunks and reads is ``ch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .safetensors import DTYPE_SIZES
 
@@ -107,6 +107,21 @@ class Scales(OutScales):
 
     def as_output(self) -> OutScales:
         return OutScales(self.name, self.dtype, self.shape, self.block, self.pow2)
+
+    def splits_at(self, first: int) -> bool:
+        """Code rows from ``first`` on have scales of their own: one scale for the whole tensor, or
+        ``first`` on a scale-block boundary."""
+        return self.numel == 1 or first % self.block[0] == 0
+
+    def rows(self, first: int, count: int, cols: int) -> Scales:
+        """The scales of code rows ``[first, first + count)`` (``splits_at(first)``) as those of a
+        ``count`` x ``cols`` tensor: a piece of a resized vocabulary, read where its rows are."""
+        if self.numel == 1:  # one scale covers any rows
+            return replace(self, block=(count, cols))
+        bo, row = self.block[0], self.shape[-1] * DTYPE_SIZES[self.dtype]
+        lo, hi = first // bo, -(-(first + count) // bo)
+        return replace(self, shape=(hi - lo, self.shape[-1]), block=(min(bo, count), self.block[1]),
+                       begin=self.begin + lo * row, end=self.begin + hi * row)
 
 
 @dataclass(frozen=True)

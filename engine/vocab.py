@@ -205,8 +205,9 @@ def _rows_of(src: Source, first: int | None, count: int, cols: int) -> Source:
     if first is None:
         return zero_source(src.role, src.dtype)
     row = cols * DTYPE_SIZES[src.dtype]
+    scales = src.scales.rows(first, count, cols) if src.scales is not None else None  # FP8 rows: their scales
     return Source(src.role, src.file, src.dtype, src.begin + first * row, src.begin + (first + count) * row,
-                  src.version)
+                  src.version, scales)
 
 
 def pieces(name: str, dtype: str, cols: int, alpha: float, sources: Mapping[str, Source],

@@ -47,10 +47,10 @@ def resized_pieces(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
             problems.append(f"tensor {name!r} is {stored[odd[0]].codes.dtype} in {odd[0]} "
                             f"({checkpoints[odd[0]].uri}); cannot compute a float difference from it")
             continue
-        if scales is not None or any(st.scales is not None for st in stored.values()):
-            problems.append(f"tensor {name!r}: vocab: {spec.vocab} needs plain (unquantized) rows, but it is "
-                            f"stored as FP8 in some checkpoint; use output_format: bf16 or an unquantized "
-                            f"release")
+        if scales is not None:  # FP8 inputs are decoded row by row; an FP8 output's scales are not split
+            problems.append(f"tensor {name!r}: vocab: {spec.vocab} writes its rows in pieces, but the target "
+                            f"stores it as FP8, whose scales graft does not split; use output_format: bf16 "
+                            f"(the whole output in BF16), or a target that stores it unquantized")
             continue
         if spec.vocab == "pad":
             lost = [r for r in ("target", "base") if rows[r] > rows["finetuned"]]
@@ -77,6 +77,16 @@ def resized_pieces(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
                     break
             rowmap = vocab_rows.align_map(vocabs, rows, out_role)
         sources = {r: source_of(checkpoints[r], canon[r], st) for r, st in stored.items()}
+        split = next(((r, first, s.scales.block[0]) for run in rowmap.runs for r, s in sources.items()
+                      for first in (run.of(r),) if s.scales is not None and first
+                      and not s.scales.splits_at(first)), None)
+        if split is not None:
+            r, first, bo = split
+            problems.append(f"tensor {name!r}: vocab: {spec.vocab} takes rows from row {first} of {r} "
+                            f"({checkpoints[r].uri}), inside one of its {bo}-row FP8 scale blocks, which "
+                            f"graft does not split; use an unquantized release of {r}, or dequantize it "
+                            f"first")
+            continue
         pieces[name] = vocab_rows.pieces(name, dtype, t.codes.shape[1], alpha, sources, rowmap)
         report.append((name, rowmap.describe()))
     return pieces, report, problems, vocabs

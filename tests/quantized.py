@@ -5,6 +5,11 @@
   transformers' ``LlamaConfig``.
 - compressed-tensors FP8 (per tensor, per channel, block): written by the ``compressed_tensors``
   library itself (``ModelCompressor``), as llm-compressor does.
+- Per-tensor and per-channel FP8 as AutoFP8 / vLLM (``quant_method: fp8``), NVIDIA ModelOpt
+  (``modelopt``, ``quant_algo: FP8``) and FBGEMM (``fbgemm_fp8``) release it: ``save_scaled_fp8``.
+  Their writers need a GPU (or are not on PyPI), so the tensors are written with ``safetensors`` in
+  exactly their documented layout; FBGEMM's config.json block comes from transformers' own
+  ``FbgemmFp8Config``.
 
 ``quantize_blocks`` / ``dequantize`` are the README's reference rule written out block by block in
 float64, deliberately unlike graft's vectorized codec, so a bit-identical match means something.
@@ -84,16 +89,17 @@ def is_quantized_weight(name: str, t: torch.Tensor) -> bool:
 
 def save_block_fp8(sd: dict[str, torch.Tensor], directory: str, block: tuple[int, int] = (32, 32),
                    code=torch.float8_e4m3fn, scale_dtype=torch.float32, split_scales: bool = False,
-                   pow2: bool = False) -> str:
+                   pow2: bool = False, fp8_head: bool = False, vocab_size: int | None = None) -> str:
     """A DeepSeek-V3-style checkpoint: every ``*proj.weight`` as codes + ``*.weight_scale_inv``, the
     rest bf16. ``split_scales``: the scales in a shard of their own (an index maps them), so no
     weight has its scale in the same file. ``pow2``: power-of-two scales, ``scale_fmt: ue8m0``
-    (DeepSeek-V3.1 and later)."""
+    (DeepSeek-V3.1 and later). ``fp8_head``: ``lm_head.weight`` is FP8 too; ``vocab_size``: config.json's,
+    where the weights have more rows (a resized vocabulary)."""
     os.makedirs(directory, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     for name, w in sd.items():
-        if is_quantized_weight(name, w):
+        if is_quantized_weight(name, w) or (fp8_head and name == "lm_head.weight"):
             tensors[name], scales[name + "_scale_inv"] = quantize_blocks(w, block, code, scale_dtype, pow2)
         else:
             tensors[name] = w.to(torch.bfloat16).contiguous()
@@ -109,9 +115,58 @@ def save_block_fp8(sd: dict[str, torch.Tensor], directory: str, block: tuple[int
 
         save_torch_state_dict({**tensors, **scales}, directory, max_shard_size=60_000)
     cfg = tiny_llama_config()
+    cfg.vocab_size = vocab_size or cfg.vocab_size
     cfg.quantization_config = {"quant_method": "fp8", "activation_scheme": "dynamic",
                                "fmt": "e4m3" if code == torch.float8_e4m3fn else "e5m2",
                                "weight_block_size": list(block), **({"scale_fmt": "ue8m0"} if pow2 else {})}
+    cfg.save_pretrained(directory)
+    return directory
+
+
+SCALED_FP8 = ("autofp8-static", "autofp8-dynamic", "modelopt", "fbgemm")
+
+
+def save_scaled_fp8(sd: dict[str, torch.Tensor], directory: str, layout: str, input_scale: float = 0.0625) -> str:
+    """A per-tensor or per-channel FP8 checkpoint as released on the Hub, every ``*proj.weight`` as
+    F8_E4M3 codes + F32 ``weight_scale`` (codes x scale), the rest bf16:
+
+    - ``autofp8-static`` / ``autofp8-dynamic``: AutoFP8 / vLLM, ``{quant_method: fp8,
+      activation_scheme, ignored_layers}``, a scalar (shape []) ``weight_scale``; static adds a
+      scalar ``input_scale`` per weight.
+    - ``modelopt``: NVIDIA ModelOpt FP8, ``{quant_method: modelopt, quant_algo: FP8, ...}`` in
+      config.json and hf_quant_config.json; scalar ``weight_scale`` and ``input_scale``, and
+      ``k_scale`` / ``v_scale`` on k_proj / v_proj (its FP8 KV cache).
+    - ``fbgemm``: FBGEMM FP8 (``FbgemmFp8Config``), ``weight_scale`` of shape [out, 1], dynamic
+      activations.
+    Scales are amax / 448 of the tensor (or row), by ``quantize_blocks``."""
+    os.makedirs(directory, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in sd.items():
+        if not is_quantized_weight(name, w):
+            tensors[name] = w.to(torch.bfloat16).contiguous()
+            continue
+        block = (1, w.shape[1]) if layout == "fbgemm" else tuple(w.shape)
+        tensors[name], scale = quantize_blocks(w, block)
+        tensors[name + "_scale"] = scale if layout == "fbgemm" else scale.reshape(())
+        if layout in ("autofp8-static", "modelopt"):
+            tensors[name[:-len("weight")] + "input_scale"] = torch.tensor(input_scale)
+        if layout == "modelopt" and name.endswith(("k_proj.weight", "v_proj.weight")):
+            tensors[name[:-len("weight")] + name[-len("k_proj.weight")] + "_scale"] = torch.tensor(1.0)
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    cfg = tiny_llama_config()
+    if layout.startswith("autofp8"):
+        cfg.quantization_config = {"quant_method": "fp8", "activation_scheme": layout.split("-")[1],
+                                   "ignored_layers": ["lm_head"]}
+    elif layout == "modelopt":
+        quantization = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}
+        producer = {"name": "modelopt", "version": "0.29.0"}
+        cfg.quantization_config = {"quant_method": "modelopt", **quantization, "producer": producer}
+        with open(os.path.join(directory, "hf_quant_config.json"), "w") as f:
+            json.dump({"producer": producer, "quantization": quantization}, f)
+    else:
+        from transformers import FbgemmFp8Config
+
+        cfg.quantization_config = FbgemmFp8Config(modules_to_not_convert=["lm_head"]).to_dict()
     cfg.save_pretrained(directory)
     return directory
 
@@ -195,7 +250,9 @@ def quant_config(directory: str) -> dict | None:
 
 def scale_suffix(directory: str) -> str:
     qc = quant_config(directory)
-    return "_scale_inv" if qc and qc["quant_method"] == "fp8" else "_scale"
+    if qc and qc["quant_method"] == "fp8":  # block FP8 and transformers' per-tensor; AutoFP8's are _scale
+        return "_scale_inv" if any(n.endswith("_scale_inv") for n in read_tensors(directory)) else "_scale"
+    return "_scale"
 
 
 def block_of(codes: torch.Tensor, scales: torch.Tensor, qc: dict) -> tuple[int, int]:
@@ -219,7 +276,7 @@ def real_values(directory: str) -> dict[str, torch.Tensor]:
     suffix = scale_suffix(directory)
     out = {}
     for name, t in raw.items():
-        if name.endswith(suffix) or name.endswith("input_scale"):
+        if name.endswith(suffix) or name.endswith(("input_scale", ".k_scale", ".v_scale")):
             continue
         if t.dtype in FMAX:
             scales = raw[name + suffix]

@@ -13,9 +13,10 @@ import pytest
 import torch
 import yaml
 
-from quantized import (TORCH, block_of, dequantize, llama_weights, quant_config, quantize_blocks, read_tensors,
-                       real_values, save_block_fp8, save_compressed_tensors, save_plain, scale_suffix)
-from graft.engine.errors import QuantizationError
+from quantized import (SCALED_FP8, TORCH, block_of, dequantize, llama_weights, quant_config, quantize_blocks,
+                       read_tensors, real_values, save_block_fp8, save_compressed_tensors, save_plain,
+                       save_scaled_fp8, scale_suffix)
+from graft.engine.errors import PlanError, QuantizationError
 from graft.engine.job import prepare_job
 from graft.engine.local import run_local
 from graft.engine.manifest import MANIFEST_NAME, verify_output
@@ -170,6 +171,56 @@ def test_compressed_tensors_trios_from_the_real_writer_transfer_bit_identically(
     assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits.float()).all()
 
 
+@pytest.fixture(scope="module")
+def scaled_fp8_trio(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """``scaled_fp8_trio(layout)``: an FP8 target and base in one of ``quantized.SCALED_FP8`` (AutoFP8
+    static / dynamic, ModelOpt FP8, FBGEMM FP8) with a bf16 fine-tune, built once per layout."""
+    made: dict[str, dict[str, str]] = {}
+    base = llama_weights(0)
+
+    def make(layout: str) -> dict[str, str]:
+        if layout not in made:
+            root = tmp_path_factory.mktemp(layout)
+            made[layout] = {"target": save_scaled_fp8(llama_weights(2, base), str(root / "target"), layout, 0.125),
+                            "finetuned": save_plain(llama_weights(1, base), str(root / "finetuned")),
+                            "base": save_scaled_fp8(base, str(root / "base"), layout)}
+        return made[layout]
+    return make
+
+
+@pytest.mark.parametrize("layout", SCALED_FP8)
+def test_autofp8_modelopt_and_fbgemm_trios_transfer_into_the_targets_layout_by_the_rule(scaled_fp8_trio, tmp_path,
+                                                                                        layout):
+    paths = scaled_fp8_trio(layout)
+    out = str(tmp_path / "out")
+    # 10 rows a chunk: the per-tensor scales need their first pass over several chunks.
+    job = prepare_job(spec(paths, out, compute_dtype="float64", alpha=0.7, chunk_size=96 * 8 * 10))
+    run_local(job)
+    assert assert_follows_the_rule(paths, out, 0.7) == 14
+    target, got = read_tensors(paths["target"]), read_tensors(out)
+    assert {n: (t.dtype, t.shape) for n, t in got.items()} == {n: (t.dtype, t.shape) for n, t in target.items()}
+    w = "model.layers.1.mlp.down_proj.weight"
+    assert got[w + "_scale"].shape == ((96, 1) if layout == "fbgemm" else ())  # the target's granularity
+    # Static activation (and ModelOpt's KV-cache) scales: the target's, unchanged, with the warning.
+    carried = [n for n in got if n.endswith(("input_scale", "k_scale", "v_scale"))]
+    assert bool(carried) == (layout in ("autofp8-static", "modelopt"))
+    assert all(torch.equal(got[n], target[n]) for n in carried)
+    assert any("activation scale" in m for m in job.plan.warnings) == bool(carried)
+    assert quant_config(out) == quant_config(paths["target"])
+    assert verify_output(out).ok
+
+
+def test_a_modelopt_target_written_as_bf16_drops_its_scales_and_quantization_config(scaled_fp8_trio, tmp_path):
+    paths = scaled_fp8_trio("modelopt")
+    out = str(tmp_path / "out")
+    run_local(spec(paths, out, compute_dtype="float64", alpha=0.7, output_format="bf16"))
+    got = read_tensors(out)
+    assert {t.dtype for t in got.values()} == {torch.bfloat16} and not [n for n in got if n.endswith("_scale")]
+    for name, w in expected(paths, 0.7).items():
+        assert torch.equal(got[name], w.to(torch.bfloat16)), name
+    assert quant_config(out) is None and not os.path.exists(os.path.join(out, "hf_quant_config.json"))
+
+
 def test_output_format_bf16_dequantizes_and_drops_quantization_config(ct_trio, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -208,6 +259,37 @@ def test_an_fp8_target_with_a_config_donated_by_a_bf16_finetune_keeps_its_quanti
     run_local(spec(fp8_trio, out, files={"config.json": "finetuned"}))
     assert quant_config(out) == quant_config(fp8_trio["target"])
     assert verify_output(out).ok
+
+
+def test_a_resized_fp8_lm_head_is_refused_for_an_fp8_output_and_transfers_with_output_format_bf16(tmp_path):
+    """The fine-tune added 8 tokens: its embeddings and LM head have 136 rows, FP8 like its base's
+    and target's 128 (32x32 blocks). vocab: pad with an FP8 output is refused saying to write BF16;
+    that hint works: the shared rows are decoded and transferred, the new rows are alpha * f."""
+    base = llama_weights(0)
+    grown = llama_weights(1, base)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        grown[name] = torch.cat([grown[name], 0.02 * torch.randn(8, 96, generator=torch.Generator().manual_seed(5))])
+    paths = {"target": save_block_fp8(llama_weights(2, base), str(tmp_path / "t"), fp8_head=True),
+             "finetuned": save_block_fp8(grown, str(tmp_path / "f"), fp8_head=True, vocab_size=136),
+             "base": save_block_fp8(base, str(tmp_path / "b"), fp8_head=True)}
+    out = str(tmp_path / "out")
+    with pytest.raises(PlanError, match=r"tensor 'lm_head.weight': vocab: pad writes its rows in pieces, but the "
+                                        r"target stores it as FP8.*use output_format: bf16"):
+        prepare_job(spec(paths, out, vocab="pad", alpha=0.7))
+    job = prepare_job(spec(paths, out, vocab="pad", alpha=0.7, compute_dtype="float64", output_format="bf16",
+                           chunk_size=96 * 8 * 40))
+    result = run_local(job)
+    assert sum(r.bytes_read for r in result.results) == job.plan.read_bytes  # each piece reads its scale rows
+    t, f, b = (real_values(paths[r]) for r in ROLES)
+    got = read_tensors(out)
+    assert {g.dtype for g in got.values()} == {torch.bfloat16} and quant_config(out) is None
+    for name, ft in f.items():
+        tt, bb = t[name], b[name]
+        if ft.shape[0] > tt.shape[0]:  # the new rows count as zeros in the target and the base
+            tt, bb = (torch.cat([x, x.new_zeros(ft.shape[0] - x.shape[0], x.shape[1])]) for x in (tt, bb))
+        assert torch.equal(got[name], (tt + 0.7 * (ft - bb)).to(torch.bfloat16)), name
+    assert got["lm_head.weight"].shape == (136, 96)
+    assert json.load(open(os.path.join(out, "config.json")))["vocab_size"] == 136
 
 
 # --- refused before anything moves ---------------------------------------------------------------

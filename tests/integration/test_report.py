@@ -170,7 +170,7 @@ def test_fp8_tensors_are_measured_on_their_real_values_every_element(fp8_trio, t
     from quantized import read_tensors, real_values
 
     out = str(tmp_path / "out")
-    run_local(make_spec(fp8_trio, out), workers=1)  # sampled: these tensors fit one block, measured whole
+    run_local(make_spec(fp8_trio, out, compute_dtype="float64"), workers=1)  # sampled: these tensors fit one block, measured whole
     t, f, b = (real_values(fp8_trio[r]) for r in ("target", "finetuned", "base"))
     codes = {n for n, x in read_tensors(out).items() if x.dtype == torch.float8_e4m3fn}
     entries = {e["name"]: e for e in load_report(out)["tensors"]}
@@ -178,10 +178,35 @@ def test_fp8_tensors_are_measured_on_their_real_values_every_element(fp8_trio, t
     for name in codes:
         entry = entries[name]
         assert entry["measured"] == entry["elements"] == t[name].numel()
-        # out - t is measured on the values before they are encoded: compare the inputs' measures.
-        want = expected(t[name], f[name], b[name], t[name])
-        for key in ("ft_delta_norm", "base_move_norm", "cosine", "target_norm"):
+        # out - t is measured on what was written: the output's codes decoded with their scales.
+        want = expected(t[name], f[name], b[name], real_values(out)[name])
+        for key in ("ft_delta_norm", "base_move_norm", "cosine", "target_norm", "out_delta_norm"):
             assert entry[key] == pytest.approx(want[key], rel=1e-4, abs=1e-9), (name, key)
+
+
+def test_an_fp8_output_that_kept_every_code_of_the_target_reports_no_change_and_lost_in_rounding(tmp_path):
+    """A fine-tune that shrinks each weight of its base by about 1e-7 (plain F32, a float32 ulp or
+    two), far below the FP8 step (1/16 of a value at best), onto a target with power-of-two scales
+    (ue8m0; a block's amax only shrinks, so its scale stays): every code and scale of the output has
+    the target's value (checked). The report measures what was written: out_delta_norm 0, and
+    lost_in_rounding (before, it measured the values before encoding: out_delta_norm = ft_delta_norm)."""
+    from quantized import llama_weights, read_tensors, save_block_fp8, save_plain
+
+    base = llama_weights(0)
+    paths = {"target": save_block_fp8(base, str(tmp_path / "t"), pow2=True),
+             "finetuned": save_plain({n: x * (1 - 1e-7) for n, x in base.items()}, str(tmp_path / "f"), torch.float32),
+             "base": save_plain(base, str(tmp_path / "b"), torch.float32)}
+    out = str(tmp_path / "out")
+    run_local(make_spec(paths, out, report="exact", compute_dtype="float64"), workers=1)
+    got, target = read_tensors(out), read_tensors(paths["target"])
+    codes = [n for n, x in got.items() if x.dtype == torch.float8_e4m3fn]
+    assert len(codes) == 14 and all(torch.equal(got[n].float(), target[n].float())  # (a code of 0 may be -0)
+                                    and torch.equal(got[n + "_scale_inv"], target[n + "_scale_inv"]) for n in codes)
+    entries = {e["name"]: e for e in load_report(out)["tensors"]}
+    lost = {f["tensor"] for f in load_report(out)["flags"] if f["kind"] == "lost_in_rounding"}
+    for name in codes:
+        assert entries[name]["out_delta_norm"] == 0.0 and entries[name]["ft_delta_norm"] > 0, name
+        assert name in lost, name
 
 
 def test_shards_kept_from_a_run_without_the_report_are_listed_as_unmeasured(tiny_checkpoints, tmp_path):

@@ -185,6 +185,34 @@ def test_reads_of_a_chunk_cover_exactly_its_codes_and_its_scale_rows():
     assert shard_read_bytes(shard) == 100 * 70 * (2 + 2 + 1) + 48
 
 
+def test_an_fp8_outputs_sampled_change_is_measured_on_its_decoded_codes():
+    """Blocks 0 and 32 of 256Ki elements (rows 0-31 and 1024-1055 of one chunk): (out - t) over
+    them is the written codes times their new scales, minus the target, decoded row span by span."""
+    from graft.engine.kernel import CPU_BLOCK, STATS
+
+    rows, cols = 1088, 8192
+    torch.manual_seed(37)
+    codes, scales = quantize_blocks(torch.randn(rows, cols) * 0.02, (128, 128))
+    t = dequantize(codes, scales, (128, 128))
+    f = torch.randn(rows, cols).to(torch.bfloat16)
+    sc = Scales("w_scale_inv", "F32", tuple(scales.shape), (128, 128), file="s", begin=0, end=scales.numel() * 4)
+    task = TensorTask("w", "F8_E4M3", (rows, cols), Source("target", "t", "F8_E4M3", 0, rows * cols, None, sc),
+                      (Term(Source("finetuned", "f", "BF16", 0, rows * cols * 2),
+                            Source("base", "b", "BF16", 0, rows * cols * 2), 0.01),), sc.as_output())
+    (chunk,) = iter_chunks(ShardTask(0, "o", (task,), (), 0, ExecSettings("float32", 2**30, False)))
+    stats = torch.zeros(len(STATS), dtype=torch.float64)
+    out = torch.empty(rows * cols, dtype=torch.float8_e4m3fn)
+    inputs = {("target", "codes"): codes.view(-1), ("target", "scales"): scales.reshape(-1),
+              ("finetuned", "codes"): f.view(-1), ("base", "codes"): torch.zeros(rows * cols, dtype=torch.bfloat16)}
+    new = Transcoder("float32", chunk.count).run(chunk, inputs, out, "o", stats, 32)
+    got = dict(zip(STATS, stats.tolist()))
+    assert got["measured"] == 2 * CPU_BLOCK
+    written = dequantize(out.view(rows, cols), new, (128, 128)).reshape(-1)
+    picked = torch.cat([torch.arange(0, CPU_BLOCK), torch.arange(32 * CPU_BLOCK, 33 * CPU_BLOCK)])
+    change = written[picked] - t.reshape(-1)[picked]
+    assert got["out_delta_sq"] == pytest.approx(float(change @ change), rel=1e-5)
+
+
 def test_the_report_samples_the_same_grid_blocks_on_the_codec_path():
     from graft.engine.kernel import CPU_BLOCK, STATS
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from graft.engine.checkpoint import open_checkpoint
-from graft.engine.errors import QuantizationError
+from graft.engine.errors import PlanError, QuantizationError
 from graft.engine.planner import QUANT_KEY, make_plan
 from graft.engine.quant import layout_of, read_scheme
 from graft.engine.specfile import spec_from_mapping
@@ -178,6 +178,66 @@ def test_compressed_tensors_scales_per_tensor_channel_and_block(tmp_path, strate
     assert "model.layers.0.mlp.up_proj.input_scale" not in lay.tensors
 
 
+# Per-tensor / per-channel FP8 as released on the Hub (tests/quantized.py::save_scaled_fp8 writes
+# whole checkpoints in these layouts; the config blocks here are theirs).
+AUTOFP8 = {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+MODELOPT = {"quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_quant_algo": "FP8",
+            "exclude_modules": ["lm_head"], "producer": {"name": "modelopt", "version": "0.29.0"}}
+
+
+def fbgemm_config() -> dict:
+    from transformers import FbgemmFp8Config
+
+    return json.loads(json.dumps(FbgemmFp8Config(modules_to_not_convert=["lm_head"]).to_dict()))
+
+
+def transformers_per_tensor_config() -> dict:
+    from transformers import FineGrainedFP8Config
+
+    return json.loads(json.dumps(FineGrainedFP8Config(weight_block_size=None, activation_scheme="static").to_dict()))
+
+
+UP = "model.layers.0.mlp.up_proj."
+
+
+@pytest.mark.parametrize("qc,suffix,scale_shape,block,activations", [
+    (AUTOFP8, "_scale", (), (40, 32), ["input_scale"]),
+    ({**AUTOFP8, "activation_scheme": "dynamic"}, "_scale", (), (40, 32), []),
+    (MODELOPT, "_scale", (), (40, 32), ["input_scale", "k_scale"]),
+    ({"quant_method": "modelopt", "quantization": {"quant_algo": "FP8"}}, "_scale", (), (40, 32), ["input_scale"]),
+    ("fbgemm", "_scale", (40, 1), (1, 32), []),
+    ("transformers", "_scale_inv", (), (40, 32), ["activation_scale"]),
+], ids=["autofp8-static", "autofp8-dynamic", "modelopt", "modelopt-nested", "fbgemm", "transformers-per-tensor"])
+def test_per_tensor_and_per_channel_fp8_releases_are_understood(tmp_path, qc, suffix, scale_shape, block, activations):
+    qc = fbgemm_config() if qc == "fbgemm" else transformers_per_tensor_config() if qc == "transformers" else qc
+    tensors = {**fp8_weights(40, 32, scale_shape, suffix), **{UP + a: torch.tensor(0.5) for a in activations}}
+    lay = layout(write(tmp_path / "base", tensors, qc))
+    w = lay.tensors[UP + "weight"]
+    assert w.scales.name == UP + "weight" + suffix and w.block == block
+    assert set(lay.activation_scales) == {UP + a for a in activations}
+    assert set(lay.tensors) == {UP + "weight", "model.norm.weight"}
+
+
+@pytest.mark.parametrize("tensors,qc,expected", [
+    (fp8_weights(40, 32, (), "_scale"), {**MODELOPT, "quant_algo": "W4A8_AWQ"},
+     "is quantized with NVIDIA ModelOpt W4A8_AWQ (quant_method 'modelopt', quant_algo 'W4A8_AWQ'; graft reads its quant_algo FP8 only)"),
+    (fp8_weights(40, 32, (), "_scale"), "fbgemm", "of shape [] for codes of shape [40, 32] matches none of the declared scale granularities (channel)"),
+    (fp8_weights(40, 32, (40, 1), "_scale"), MODELOPT, "matches none of the declared scale granularities (tensor)"),
+], ids=["modelopt-other-algo", "fbgemm-per-tensor-scale", "modelopt-per-channel-scale"])
+def test_fp8_releases_in_a_layout_other_than_their_method_declares_are_refused(tmp_path, tensors, qc, expected):
+    qc = fbgemm_config() if qc == "fbgemm" else qc
+    assert expected in refusal(write(tmp_path / "base", tensors, qc))
+
+
+def test_fp8_declared_only_in_modelopts_hf_quant_config_is_refused_saying_how_to_declare_it(tmp_path):
+    path = write(tmp_path / "base", fp8_weights(40, 32, (), "_scale"), None)
+    (tmp_path / "base" / "hf_quant_config.json").write_text(json.dumps(
+        {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8"}}))
+    msg = refusal(path)
+    assert "declared only in hf_quant_config.json (an older NVIDIA ModelOpt export)" in msg
+    assert "\"quant_method\": \"modelopt\"" in msg
+
+
 # --- planning across formats ---------------------------------------------------------------------
 
 def trio(tmp_path, target_qc=BLOCK_FP8, finetuned_qc=None) -> dict[str, str]:
@@ -238,3 +298,37 @@ def test_every_refused_checkpoint_of_a_trio_is_listed(tmp_path):
         plan(paths)
     assert [p.split(" ", 1)[0] for p in caught.value.problems] == ["finetuned", "base"]
     assert "and 1 more problem" in str(caught.value)
+
+
+def test_a_donated_hf_quant_config_is_refused_unless_the_output_is_the_modelopt_targets_format(tmp_path):
+    paths = {role: write(tmp_path / role, fp8_weights(40, 32, (), "_scale"), MODELOPT) for role in ROLES}
+    (tmp_path / "target" / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
+    files = {"hf_quant_config.json": "target"}
+    assert [s.name for s in plan(paths, files=files).side_files] == ["config.json", "hf_quant_config.json"]
+    with pytest.raises(PlanError, match=r"hf_quant_config.json is donated by target, but it declares NVIDIA "
+                                        r"ModelOpt weights and the output's are plain; leave it out"):
+        plan(paths, files=files, output_format="bf16")
+
+
+def test_the_rows_of_a_resized_fp8_tensor_carry_their_own_scales():
+    from graft.engine.tasks import Scales
+
+    per_tensor = Scales("h_scale", "F32", (), (40, 32), file="f", begin=100, end=104)
+    assert per_tensor.rows(24, 16, 32) == Scales("h_scale", "F32", (), (16, 32), file="f", begin=100, end=104)
+    per_channel = Scales("h_scale", "BF16", (40, 1), (1, 32), file="f", begin=100, end=180)
+    assert per_channel.rows(24, 16, 32) == Scales("h_scale", "BF16", (16, 1), (1, 32), file="f", begin=148, end=180)
+    blocks = Scales("h_scale_inv", "F32", (3, 2), (16, 16), file="f", begin=100, end=124)
+    assert blocks.splits_at(32) and not blocks.splits_at(40)
+    assert blocks.rows(32, 8, 32) == Scales("h_scale_inv", "F32", (1, 2), (8, 16), file="f", begin=116, end=124)
+
+
+def test_a_resized_fp8_vocabulary_split_inside_a_scale_block_is_refused(tmp_path):
+    def head(rows: int) -> dict[str, torch.Tensor]:
+        return {"lm_head.weight": torch.randn(rows, 32).to(F8), "lm_head.weight_scale_inv": torch.rand(3, 2), **norm()}
+
+    # The fine-tune's new rows start at row 40, inside its 16-row blocks (rows 32..47).
+    paths = {role: write(tmp_path / role, head(48 if role == "finetuned" else 40), BLOCK_FP8) for role in ROLES}
+    with pytest.raises(PlanError, match=r"tensor 'lm_head.weight': vocab: pad takes rows from row 40 of finetuned "
+                                        r"\(.*\), inside one of its 16-row FP8 scale blocks, which graft does not "
+                                        r"split; use an unquantized release of finetuned"):
+        plan(paths, vocab="pad", output_format="bf16")
