@@ -15,6 +15,10 @@ from V to V + k rows. ``vocab`` in the job spec says what to do:
   in ``pad``. Tokens only in a vocabulary that is not the output's are left out (counted in the
   report).
 
+In both, a row the base lacks but the target has (a target that already grew the fine-tune's
+tokens) has no difference to transfer: it is the target's row, unchanged (the fine-tune's row is
+not read; alpha * f would add a second, independently trained embedding of the token to it).
+
 A ``RowMap`` is a few ``Run``s of consecutive output rows, each a contiguous row range (or zeros) of
 every checkpoint: streamed as contiguous byte ranges like any tensor (``TensorTask.piece``).
 """
@@ -57,6 +61,7 @@ class RowMap:
     rows: int
     runs: tuple[Run, ...]
     added: int = 0  # rows the target lacks: alpha * f (or alpha * (f - b))
+    kept: int = 0  # rows the base lacks and the target has: the target's row, no difference
     matched: int = 0  # rows of a token all three have
     moved: int = 0  # rows taken from another row number in some checkpoint (reordered tokens)
     padding: int = 0  # rows with no token, matched by position
@@ -69,6 +74,9 @@ class RowMap:
             parts.append(f"{self.matched} matched by {self.by}")
         if self.moved:
             parts.append(f"{self.moved} taken from other row numbers (reordered)")
+        if self.kept:
+            parts.append(f"{self.kept} the target's unchanged (the base lacks them: no difference to "
+                         f"transfer)")
         parts.append(f"{self.added} added from the fine-tune (zeros in the checkpoints that lack them)")
         if self.padding:
             parts.append(f"{self.padding} padding rows matched by position")
@@ -135,14 +143,23 @@ def _runs(sources: list[dict[str, int | None]]) -> tuple[Run, ...]:
     return tuple(runs)
 
 
+def _no_diff(src: dict[str, int | None]) -> dict[str, int | None]:
+    """A row the target has and the base lacks has no difference: the fine-tune's is not read."""
+    if src["target"] is not None and src["base"] is None:
+        return {**src, "finetuned": None}
+    return src
+
+
 def pad_map(rows: Mapping[str, int]) -> RowMap:
-    """``vocab: pad``: the fine-tune's row count, each checkpoint's rows by position, zeros past them."""
+    """``vocab: pad``: the fine-tune's row count, each checkpoint's rows by position, zeros past them
+    (and none of the fine-tune's where the target has the row and the base does not)."""
     n = rows["finetuned"]
     cuts = sorted({0, n, *(min(rows[r], n) for r in ROLES)})
-    runs = tuple(Run(a, b - a, tuple((r, a if a < rows[r] else None) for r in ROLES))
+    runs = tuple(Run(a, b - a, tuple(_no_diff({r: a if a < rows[r] else None for r in ROLES}).items()))
                  for a, b in zip(cuts, cuts[1:]) if b > a)
-    added = n - min(rows["target"], n)
-    return RowMap(n, runs, added=added, matched=n - added, by="position")
+    have = min(rows["target"], n)
+    kept = have - min(rows["base"], have)
+    return RowMap(n, runs, added=n - have, kept=kept, matched=have - kept, by="position")
 
 
 def read_vocab(tokenizer: Any) -> dict[str, int] | None:
@@ -177,11 +194,11 @@ def align_map(vocabs: Mapping[str, Mapping[str, int]], rows: Mapping[str, int], 
     for token, i in vocabs[out_role].items():
         token_of.setdefault(i, token)
     sources: list[dict[str, int | None]] = []
-    added = matched = moved = padding = 0
+    added = matched = moved = padding = kept = 0
     for r in range(n):
         token = token_of.get(r)
         if token is None:
-            src = {k: (r if r < rows[k] else None) for k in ROLES}
+            src = _no_diff({k: (r if r < rows[k] else None) for k in ROLES})
             padding += 1
         else:
             src = {}
@@ -190,14 +207,16 @@ def align_map(vocabs: Mapping[str, Mapping[str, int]], rows: Mapping[str, int], 
                 src[k] = i if i is not None and i < rows[k] else None
             if src["target"] is None:
                 added += 1
-            elif all(src[k] is not None for k in ROLES):
+            elif src["base"] is None:
+                src = _no_diff(src)
+                kept += 1
+            elif src["finetuned"] is not None:
                 matched += 1
             if any(src[k] is not None and src[k] != r for k in ROLES):
                 moved += 1
         sources.append(src)
-    kept = set(vocabs[out_role])
-    dropped = sum(1 for token in vocabs["target"] if token not in kept)
-    return RowMap(n, _runs(sources), added=added, matched=matched, moved=moved, padding=padding,
+    dropped = sum(1 for token in vocabs["target"] if token not in vocabs[out_role])
+    return RowMap(n, _runs(sources), added=added, kept=kept, matched=matched, moved=moved, padding=padding,
                   dropped=dropped)
 
 

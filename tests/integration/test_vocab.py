@@ -278,3 +278,36 @@ def test_graft_plan_reports_the_row_mapping_and_the_config_change(tied_trio, tmp
     assert "model.embed_tokens.weight: 35 rows, 32 matched by position, 3 added from the fine-tune" in r.stdout
     assert "config.json: vocab_size set to 35" in r.stdout
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def grown_target(tmp_path_factory):  # noqa: ANN201
+    """A target that already grew the fine-tune's 3 chat tokens (embeddings and head at 35 rows,
+    trained on its own); the base has 32 rows."""
+    root = tmp_path_factory.mktemp("vocab-grown")
+    paths = {"base": _save(_model(len(WORDS), 0, False), _tokenizer(WORDS), root / "base")}
+    target = _model(len(WORDS), 0, False)
+    target.resize_token_embeddings(len(WORDS) + len(ADDED))
+    _nudge(target, 1)
+    paths["target"] = _save(target, _tokenizer(WORDS, ADDED), root / "target")
+    paths["finetuned"] = _chat_finetune(root, False)
+    return paths
+
+
+@pytest.mark.parametrize("vocab", ["pad", "align"])
+def test_rows_the_base_lacks_and_the_target_has_are_the_targets_unchanged(grown_target, tmp_path, vocab):
+    """Those rows have no difference to transfer: t + alpha * f would add the fine-tune's embedding
+    of the token to the target's own (two independent embeddings). Bit-exact against float64."""
+    out = tmp_path / "out"
+    result = _run(grown_target, out, vocab=vocab, alpha=0.75)
+    t, f, b = (_tensors(grown_target[r]) for r in ("target", "finetuned", "base"))
+    got = _tensors(str(out))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert got[name].shape == t[name].shape == f[name].shape == (35, 16)
+        want = (t[name][:32].double() + 0.75 * (f[name][:32].double() - b[name].double())).to(torch.bfloat16)
+        assert torch.equal(got[name][:32], want), name
+        assert torch.equal(got[name][32:], t[name][32:]), name  # the target's rows, bit for bit
+        report = result.manifest["plan"]["vocab"][name]
+        assert ("3 the target's unchanged (the base lacks them: no difference to transfer)" in report
+                and "0 added from the fine-tune" in report), report
+    _loads_and_runs_the_new_tokens(str(out), 35)
