@@ -138,8 +138,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  {name}: {rows}")
         for name, change in summary["config_changes"].items():
             for key, value in change.items():
-                if key == "vocab_size":
-                    print(f"  {name}: vocab_size set to {value} (the output's embedding rows)")
+                leaf = key.rpartition(".")[2]  # a key of a text sub-config: text_config.vocab_size
+                if leaf == "vocab_size":
+                    print(f"  {name}: {key} set to {value} (the output's embedding rows)")
+                elif leaf == "tie_word_embeddings":
+                    print(f"  {name}: {key} set to {json.dumps(value)} (the output's LM head "
+                          f"{'is its embeddings' if value else 'is its own'})")
                 else:
                     print(f"  {name}: {key} " + ("removed" if value is None else "set to the target's"))
         for s in summary["shards"]:

@@ -24,22 +24,29 @@ every checkpoint: streamed as contiguous byte ranges like any tensor (``TensorTa
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from .checkpoint import Checkpoint
 from .errors import PlanError
 from .safetensors import DTYPE_SIZES
 from .tasks import ROLES, Source, TensorTask, Term, zero_source
 
-__all__ = ["VOCAB_TENSOR", "Run", "RowMap", "is_vocab_tensor", "untie", "pad_map", "align_map",
-           "read_vocab", "tokenizer_size", "pieces", "load_vocabs"]
+__all__ = ["VOCAB_TENSOR", "TEXT_CONFIGS", "Run", "RowMap", "is_vocab_tensor", "config_entries", "untie",
+           "output_ties", "pad_map", "align_map", "read_vocab", "tokenizer_size", "pieces", "load_vocabs"]
 
-# Embedding and LM-head weights by the names transformers' families give them.
+# Tensors with one row per token, by the names transformers' families give them: embedding and
+# LM-head weights, and an LM head's bias (Phi-1/2: one entry per token, resized with the head).
 VOCAB_TENSOR = re.compile(r"((^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out|embed_in)"
-                          r"|^(tok_embeddings|shared|output))\.weight$")
+                          r"|^(tok_embeddings|shared|output))\.weight$"
+                          r"|((^|\.)(lm_head|embed_out)|^output)\.bias$")
 TOKENIZER = "tokenizer.json"
+# The sub-configs of a multimodal config.json that describe its language model (Gemma 3, LLaVA:
+# text_config; InternVL: llm_config; DeepSeek-VL: language_config): their vocab_size and
+# tie_word_embeddings describe the same embeddings as top-level ones would.
+TEXT_CONFIGS = ("text_config", "llm_config", "language_config")
 
 
 @dataclass(frozen=True)
@@ -85,16 +92,28 @@ class RowMap:
         return ", ".join(parts)
 
 
+def config_entries(config: Mapping[str, Any] | None, key: str) -> dict[str, Any]:
+    """``key``'s values in a parsed config.json by dotted path: the top-level ``key``, and
+    ``<sub>.<key>`` in each of the ``TEXT_CONFIGS`` that holds it."""
+    if not isinstance(config, Mapping):
+        return {}
+    out = {key: config[key]} if key in config else {}
+    for sub in TEXT_CONFIGS:
+        if isinstance(config.get(sub), Mapping) and key in config[sub]:
+            out[f"{sub}.{key}"] = config[sub][key]
+    return out
+
+
 def is_vocab_tensor(name: str, rows: Mapping[str, int], configs: Mapping[str, Mapping[str, Any] | None]) -> bool:
-    """An embedding or LM head: by its name, or because every checkpoint's row count is its
-    config.json ``vocab_size``."""
+    """An embedding, LM head or head bias: by its name, or because every checkpoint's row count is
+    its config.json ``vocab_size`` (top-level or in a text sub-config)."""
     if VOCAB_TENSOR.search(name):
         return True
-    sizes = {r: c.get("vocab_size") for r, c in configs.items() if isinstance(c, Mapping)}
-    return all(r in sizes and sizes[r] == n for r, n in rows.items())
+    return all(n in config_entries(configs.get(r), "vocab_size").values() for r, n in rows.items())
 
 
 _HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
+_HEAD = re.compile(r"((^|\.)(lm_head|embed_out)|^output)\.weight$")
 _EMBEDDING = re.compile(r"((^|\.)(embed_tokens|wte|word_embeddings|embed_in)|^tok_embeddings)\.weight$")
 
 
@@ -126,6 +145,18 @@ def untie(logical: Mapping[str, Mapping[str, Any]], configs: Mapping[str, Mappin
                              f"(tie_word_embeddings) and so does the output, which takes only the "
                              f"embeddings' difference")
     return out, notes
+
+
+def output_ties(names: Iterable[str], target_config: Mapping[str, Any] | None) -> bool | None:
+    """The ``tie_word_embeddings`` that describes an output of tensors ``names`` (None: it has no
+    embeddings). An output with embeddings and no LM head must tie (a loader that unties would
+    initialise the head at random); one with a head ties only if the target did (it stores both)."""
+    names = list(names)
+    if not any(_EMBEDDING.search(n) for n in names):
+        return None
+    if not any(_HEAD.search(n) for n in names):
+        return True
+    return any(v is True for v in config_entries(target_config, "tie_word_embeddings").values())
 
 
 def _runs(sources: list[dict[str, int | None]]) -> tuple[Run, ...]:
@@ -228,13 +259,15 @@ def _rows_of(src: Source, first: int | None, count: int, cols: int) -> Source:
                   src.version)
 
 
-def pieces(name: str, dtype: str, cols: int, alpha: float, sources: Mapping[str, Source],
+def pieces(name: str, dtype: str, row: tuple[int, ...], alpha: float, sources: Mapping[str, Source],
            rowmap: RowMap) -> tuple[TensorTask, ...]:
-    """The ``TensorTask`` pieces of one row-mapped tensor, in row order."""
+    """The ``TensorTask`` pieces of one row-mapped tensor, in row order; ``row`` is the shape of one
+    row (``(cols,)``; ``()`` for a head bias, one value per token)."""
     out = []
+    cols = math.prod(row)
     for run in rowmap.runs:
         by_role = {k: _rows_of(sources[k], run.of(k), run.count, cols) for k in ROLES}
-        out.append(TensorTask(name, dtype, (run.count, cols), by_role["target"],
+        out.append(TensorTask(name, dtype, (run.count, *row), by_role["target"],
                               (Term(by_role["finetuned"], by_role["base"], alpha),), piece=(run.out, rowmap.rows)))
     return tuple(out)
 

@@ -46,7 +46,7 @@ def test_a_token_beyond_a_checkpoints_rows_counts_as_missing():
 def test_pieces_are_contiguous_byte_ranges_of_each_checkpoint():
     src = {r: Source(r, f"{r}.safetensors", "BF16", 100, 100 + 6 * 4 * 2) for r in ("target", "finetuned", "base")}
     m = pad_map({"target": 4, "finetuned": 6, "base": 4})
-    parts = pieces("model.embed_tokens.weight", "BF16", 4, 1.0, src, m)
+    parts = pieces("model.embed_tokens.weight", "BF16", (4,), 1.0, src, m)
     assert [p.piece for p in parts] == [(0, 6), (4, 6)]
     assert parts[0].target.begin == 100 and parts[0].target.end == 100 + 4 * 8
     (term,) = parts[1].terms
