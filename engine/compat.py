@@ -110,8 +110,8 @@ def config_warnings(spec: JobSpec, configs: Mapping[str, Mapping[str, Any] | Non
     tc = configs.get("target")
     donor = spec.donor_for("config.json")
     gets = (f"the output takes {donor}'s config.json, its vocab_size, tie_word_embeddings and "
-            f"quantization_config set to describe the output's weights" if donor else
-            "the output has no config.json (files says none)")
+            f"quantization_config set to describe the output's weights" if donor and configs.get(donor)
+            else f"the output has no config.json ({f'{donor} has none' if donor else 'files says none'})")
     for i in range(len(spec.diffs)):
         ft = spec.diff_roles(i)[0]
         fc = configs.get(ft)
