@@ -207,12 +207,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _stored_as(ckpt: Any) -> str:
     """How a checkpoint stores its weights, or why graft would refuse it (inspect never fails on it)."""
-    from graft.engine.errors import QuantizationError
+    from graft.engine.errors import CheckpointError, QuantizationError
     from graft.engine.quant import layout_for
 
     try:
         return layout_for(ckpt, ckpt.read_json("config.json"), "checkpoint").describe()
-    except QuantizationError as e:
+    except (QuantizationError, CheckpointError) as e:  # a malformed config.json: a plan refuses it
         return f"not transferable by graft: {e}"
 
 
