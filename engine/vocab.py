@@ -2,7 +2,8 @@
 three checkpoints, and whether the output's tokenizer fits its embeddings.
 
 Chat fine-tunes add tokens (``<|im_start|>``, tool tokens) and grow ``embed_tokens`` / ``lm_head``
-from V to V + k rows. ``vocab`` in the job spec says what to do:
+(and a head's bias, one value per token) from V to V + k rows. ``vocab`` in the job spec says what
+to do:
 
 - ``error``: refuse, naming the tensors, the row counts and the two ways below;
 - ``pad`` (Lin et al.'s semantics): rows a checkpoint lacks count as zeros. The output has the

@@ -100,7 +100,7 @@ def output_vocab_rows(tasks: Mapping[str, TensorTask], pieces: Mapping[str, tupl
     (Another vocabulary, a Q-Former's, has other rows in the target and is left alone.)"""
     if not pieces:
         return None, []
-    rows = _output_rows(tasks, pieces)
+    rows = {**_output_rows(tasks, pieces), **{n: p[0].piece[1] for n, p in pieces.items()}}  # type: ignore[index]
     before = {target_rows[n] for n in pieces}
     group = {n: r for n, r in rows.items() if n in pieces or target_rows.get(n) in before}
     if len(set(group.values())) == 1:
