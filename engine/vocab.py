@@ -119,7 +119,9 @@ _EMBEDDING = re.compile(r"((^|\.)(embed_tokens|wte|word_embeddings|embed_in)|^to
 
 
 def _tied(config: Mapping[str, Any] | None) -> bool:
-    return isinstance(config, Mapping) and config.get("tie_word_embeddings") is True
+    """config.json says the head is the embeddings: at the top level, else in a text sub-config."""
+    said = config_entries(config, "tie_word_embeddings")
+    return said.get("tie_word_embeddings", next(iter(said.values()), None)) is True
 
 
 def untie(logical: Mapping[str, Mapping[str, Any]], configs: Mapping[str, Mapping[str, Any] | None],
@@ -157,7 +159,7 @@ def output_ties(names: Iterable[str], target_config: Mapping[str, Any] | None) -
         return None
     if not any(_HEAD.search(n) for n in names):
         return True
-    return any(v is True for v in config_entries(target_config, "tie_word_embeddings").values())
+    return _tied(target_config)
 
 
 def _runs(sources: list[dict[str, int | None]]) -> tuple[Run, ...]:

@@ -481,3 +481,16 @@ def test_config_warnings_compare_text_configs_and_name_the_donor(ckpts):
                   if "config.json differs" in w]
     assert "text_config.vocab_size: target 32 vs finetuned 36" in warning
     assert "the output takes finetuned's config.json, its vocab_size, tie_word_embeddings" in warning
+
+
+def test_a_head_tied_in_text_config_is_tied_like_a_top_level_one(tmp_path):
+    """Gemma 3 style: tie_word_embeddings in text_config. The untied fine-tune's own head is left
+    out (the output ties, like the target), and its config.json is made to say so."""
+    paths = _tied(tmp_path)
+    paths["finetuned"] = _single(tmp_path / "untied", _weights(seed=2), side={"config.json": "{}"})
+    tied, untied = ({"text_config": {"tie_word_embeddings": v}} for v in (True, False))
+    plan = _plan(paths, {"target": tied, "finetuned": untied, "base": tied}, files={"config.json": "finetuned"})
+    assert "lm_head.weight" not in plan.weight_map()
+    assert any("finetuned's lm_head.weight is left out" in w for w in plan.warnings)
+    (config,) = [s for s in plan.side_files if s.name == "config.json"]
+    assert config.patch == (("text_config.tie_word_embeddings", "true"),)
