@@ -142,8 +142,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 if leaf == "vocab_size":
                     print(f"  {name}: {key} set to {value} (the output's embedding rows)")
                 elif leaf == "tie_word_embeddings":
-                    print(f"  {name}: {key} set to {json.dumps(value)} (the output's LM head "
-                          f"{'is its embeddings' if value else 'is its own'})")
+                    print(f"  {name}: {key} set to {json.dumps(value)} (as the output's LM head is)")
                 else:
                     print(f"  {name}: {key} " + ("removed" if value is None else "set to the target's"))
         for s in summary["shards"]:
