@@ -138,8 +138,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  {name}: {rows}")
         for name, change in summary["config_changes"].items():
             for key, value in change.items():
-                if key == "vocab_size":
-                    print(f"  {name}: vocab_size set to {value} (the output's embedding rows)")
+                leaf = key.rpartition(".")[2]  # a key of a text sub-config: text_config.vocab_size
+                if leaf == "vocab_size":
+                    print(f"  {name}: {key} set to {value} (the output's embedding rows)")
+                elif leaf == "tie_word_embeddings":
+                    print(f"  {name}: {key} set to {json.dumps(value)} (as the output's LM head is)")
                 else:
                     print(f"  {name}: {key} " + ("removed" if value is None else "set to the target's"))
         for s in summary["shards"]:
@@ -203,12 +206,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _stored_as(ckpt: Any) -> str:
     """How a checkpoint stores its weights, or why graft would refuse it (inspect never fails on it)."""
-    from graft.engine.errors import QuantizationError
+    from graft.engine.errors import CheckpointError, QuantizationError
     from graft.engine.quant import layout_for
 
     try:
         return layout_for(ckpt, ckpt.read_json("config.json"), "checkpoint").describe()
-    except QuantizationError as e:
+    except (QuantizationError, CheckpointError) as e:  # a malformed config.json: a plan refuses it
         return f"not transferable by graft: {e}"
 
 

@@ -75,20 +75,28 @@ class Checkpoint:
         size = self.side_sizes.get(name)
         return size if size is not None else self.storage.stat(name).size
 
-    def read_json(self, name: str) -> Any | None:
-        """A side file parsed as JSON, or None if absent or unparsable. A file that is listed but
-        cannot be read (the store failed, after retries) is an error, not a missing config; so is
-        one too big to be one (it would be read whole into memory, before any plan could refuse it)."""
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        """A side file graft reads to plan (config.json, tokenizer.json), parsed as a JSON object;
+        None if absent. A file that is listed but cannot be read (the store failed, after retries)
+        is an error, not a missing config; so is one too big to be one (it would be read whole into
+        memory, before any plan could refuse it), and so is one that is not a JSON object (a
+        truncated download, an array): it would plan on a guess and be copied into the output."""
         if name not in self.side_files:
             return None
+        where = self.storage.url(name)
         size = self.side_file_size(name)
         if size > MAX_INDEX_BYTES:
-            raise CheckpointError(f"{self.storage.url(name)}: {size} bytes, over the {MAX_INDEX_BYTES}-byte "
+            raise CheckpointError(f"{where}: {size} bytes, over the {MAX_INDEX_BYTES}-byte "
                                   f"limit for a JSON config; it is not one: remove or rename it")
         try:
-            return json.loads(self.storage.read(name))
-        except ValueError:
-            return None
+            obj = json.loads(self.storage.read(name))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{where}: not valid JSON ({e.__class__.__name__}: {e}); graft reads it "
+                                  f"to plan: fix or re-download it") from None
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{where}: not a JSON object (it holds a {type(obj).__name__}); graft "
+                                  f"reads it to plan: fix or re-download it")
+        return obj
 
 
 def unsafe_name(name: Any) -> str | None:

@@ -20,6 +20,7 @@ from . import __version__
 from .errors import IntegrityError
 from .job import Job
 from .manifest import MANIFEST_FORMAT, OutputFile
+from .output_files import apply_patch
 from .provenance import DIFF_KIND, content_digests
 from .report import REPORT_NAME, build as build_report
 from .spec import JobSpec
@@ -68,7 +69,7 @@ def copy_side_files(job: Job, write: Callable[[str, bytes], OutputFile]
 
 
 def _patched(data: bytes, patch: tuple[tuple[str, str | None], ...], where: str) -> bytes:
-    """A JSON object file with top-level keys set (or removed, for None) as the plan says."""
+    """A JSON object file with keys set (or removed, for None) as the plan says (``apply_patch``)."""
     try:
         obj = json.loads(data)
     except ValueError as e:
@@ -77,11 +78,7 @@ def _patched(data: bytes, patch: tuple[tuple[str, str | None], ...], where: str)
     if not isinstance(obj, dict):
         raise IntegrityError(f"{where}: not a JSON object; graft must change it to match the output's "
                              f"weights, fix the file")
-    for key, value in patch:
-        if value is None:
-            obj.pop(key, None)
-        else:
-            obj[key] = json.loads(value)
+    apply_patch(obj, patch)  # the bytes planned on: reads are pinned to the version planned
     return json.dumps(obj, indent=2).encode() + b"\n"
 
 

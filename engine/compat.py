@@ -14,6 +14,7 @@ from .errors import PlanError
 from .quant import Stored
 from .safetensors import FLOATING_DTYPES
 from .spec import JobSpec
+from .vocab import config_entries
 
 __all__ = ["refusal", "family_warnings", "family_problems", "overlap_problems", "config_warnings",
            "examples", "describe_shapes"]
@@ -103,16 +104,24 @@ def _overlap(role: str, checkpoints: Mapping[str, Checkpoint], have: Mapping[str
 
 
 def config_warnings(spec: JobSpec, configs: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
+    """The ``_CONFIG_FIELDS`` on which the target's and each fine-tune's config.json differ, at the top
+    level or in a text sub-config (``vocab.config_entries``), and which config.json the output gets."""
     out = []
     tc = configs.get("target")
+    donor = spec.donor_for("config.json")
+    gets = (f"the output takes {donor}'s config.json, its vocab_size, tie_word_embeddings and "
+            f"quantization_config set to describe the output's weights" if donor and configs.get(donor)
+            else f"the output has no config.json ({f'{donor} has none' if donor else 'files says none'})")
     for i in range(len(spec.diffs)):
         ft = spec.diff_roles(i)[0]
         fc = configs.get(ft)
         if not tc or not fc:
             continue
-        diffs = [f"{k}: target {tc.get(k)!r} vs {ft} {fc.get(k)!r}"
-                 for k in _CONFIG_FIELDS if tc.get(k) != fc.get(k)]
+        diffs = []
+        for k in _CONFIG_FIELDS:
+            mine, theirs = config_entries(tc, k), config_entries(fc, k)
+            diffs += [f"{p}: target {mine.get(p)!r} vs {ft} {theirs.get(p)!r}"
+                      for p in dict.fromkeys([*mine, *theirs]) if mine.get(p) != theirs.get(p)]
         if diffs:
-            out.append(f"config.json differs between target and {ft} in {'; '.join(diffs)}; the output "
-                       f"takes the target's config.json")
+            out.append(f"config.json differs between target and {ft} in {'; '.join(diffs)}; {gets}")
     return out

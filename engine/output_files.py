@@ -3,14 +3,16 @@
 - ``shard_layout``: the tasks grouped into output shards, mirroring the target's files (a drop-in
   replacement) or packed to ``max_shard_size``; each shard's size is known from its header.
 - ``side_files``: the non-weight files each donor gives the output (sizes capped before any data
-  moves), and ``quant_patch`` / ``vocab_patch``: the config.json keys that must describe the
-  output's weights rather than the donor's.
+  moves), and ``quant_patch`` / ``weights_patch``: the config.json keys that must describe the
+  output's weights rather than the donor's (``quantization_config``; ``vocab_size`` and
+  ``tie_word_embeddings``, top-level and in a multimodal model's text sub-config), whichever
+  checkpoint donates it; ``apply_patch`` makes the change.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, unsafe_name
 from .errors import PlanError
@@ -20,22 +22,26 @@ from .report import REPORT_NAME
 from .safetensors import build_header
 from .spec import JobSpec
 from .tasks import ExecSettings, ShardTask, TensorTask
+from .vocab import config_entries, output_ties
 
 __all__ = ["SideFile", "RESERVED_OUTPUT_NAMES", "QUANT_KEY", "shard_layout", "donated_files",
-           "check_side_file_size", "quant_patch", "quant_side_file_problems", "vocab_patch", "describe_output"]
+           "check_side_file_size", "quant_patch", "quant_side_file_problems", "weights_patch", "apply_patch",
+           "describe_output"]
 
 
 RESERVED_OUTPUT_NAMES = frozenset({MANIFEST_NAME, SUMS_NAME, INDEX_NAME, REPORT_NAME})
 
 # The key of config.json that says how the weights are stored; the output's must match its weights.
 QUANT_KEY = "quantization_config"
+_ABSENT = object()  # a config.json key the donated file does not have
 
 
 @dataclass(frozen=True)
 class SideFile:
-    """A non-weight file copied from the ``donor`` checkpoint: verbatim, unless ``patch`` sets
-    top-level JSON keys (``(key, JSON text)``; None removes the key), e.g. config.json's
-    ``quantization_config`` so that it describes the output's weights."""
+    """A non-weight file copied from the ``donor`` checkpoint: verbatim, unless ``patch`` sets JSON
+    keys (``(path, JSON text)``, the path dotted for a key of a sub-object, ``text_config.vocab_size``;
+    None removes the key), e.g. config.json's ``quantization_config`` so that it describes the
+    output's weights (``apply_patch``)."""
 
     name: str
     donor: str
@@ -75,17 +81,49 @@ def quant_side_file_problems(spec: JobSpec, layouts: Mapping[str, Layout],
             for s in side_files if s.name == HF_QUANT_CONFIG and not (modelopt and s.donor == "target")]
 
 
-def vocab_patch(spec: JobSpec, configs: Mapping[str, Mapping[str, Any] | None],
-                pieces: Mapping[str, tuple[TensorTask, ...]]) -> tuple[tuple[str, str | None], ...]:
-    """config.json's ``vocab_size`` set to the output's embedding rows when the vocabulary was resized."""
-    if not pieces:
-        return ()
-    rows = next(iter(pieces.values()))[0].piece[1]  # type: ignore[index]
+def weights_patch(spec: JobSpec, configs: Mapping[str, Mapping[str, Any] | None], names: Iterable[str],
+                  vocab_rows: int | None) -> tuple[tuple[str, str | None], ...]:
+    """The changes config.json needs so its ``vocab_size`` and ``tie_word_embeddings`` (top-level,
+    and in a text sub-config) describe the output's tensors ``names``, whichever checkpoint donates it.
+
+    ``vocab_size``: the output's rows where the vocabulary was resized (``vocab_rows``);
+    ``tie_word_embeddings``: ``output_ties``; otherwise the target's value (the output has the
+    target's tensors). A donated config that does not say is given the key where the target's
+    says (a resized vocabulary: at the top level in any case), as its class default need not
+    describe the output. Empty when the donated file already describes the output."""
     donor = spec.donor_for("config.json")
     config = configs.get(donor) if donor else None
-    if not isinstance(config, Mapping) or config.get("vocab_size") in (None, rows):
+    if not isinstance(config, Mapping):
         return ()
-    return (("vocab_size", json.dumps(rows)),)
+    target = configs.get("target")
+    wanted = {"vocab_size": vocab_rows, "tie_word_embeddings": output_ties(names, target)}
+    out = []
+    for key, value in wanted.items():
+        theirs = config_entries(target, key)
+        have: dict[str, Any] = config_entries(config, key) or {
+            p: _ABSENT for p in theirs if "." not in p or isinstance(config.get(p.split(".")[0]), Mapping)}
+        if not have and key == "vocab_size" and value is not None:
+            have = {key: _ABSENT}  # resized: no class default can describe both the target and the output
+        for path, now in have.items():
+            want = theirs.get(path, now) if value is None else value
+            if want is not _ABSENT and now != want:
+                out.append((path, json.dumps(want)))
+    return tuple(out)
+
+
+def apply_patch(obj: dict[str, Any], patch: tuple[tuple[str, str | None], ...]) -> dict[str, Any]:
+    """``obj`` (a parsed JSON object) with the ``SideFile.patch`` changes made, in place; a dotted
+    path's parents must be objects already (the plan patches only keys it found)."""
+    for path, value in patch:
+        *parents, key = path.split(".")
+        at = obj
+        for p in parents:
+            at = at[p]
+        if value is None:
+            at.pop(key, None)
+        else:
+            at[key] = json.loads(value)
+    return obj
 
 
 def shard_layout(spec: JobSpec, tgt: Checkpoint, tasks: Mapping[str, TensorTask], settings: ExecSettings,

@@ -22,12 +22,12 @@ from .checkpoint import SINGLE_NAME, Checkpoint
 from .compat import config_warnings, describe_shapes, examples, family_warnings, overlap_problems, refusal
 from .errors import PlanError, QuantizationError
 from .output_files import (QUANT_KEY, RESERVED_OUTPUT_NAMES, SideFile, describe_output, donated_files,
-                           quant_patch, quant_side_file_problems, shard_layout, vocab_patch)
+                           quant_patch, quant_side_file_problems, shard_layout, weights_patch)
 from .quant import FP8_CODES, Layout, Stored, layout_for, source_of
 from .safetensors import FLOATING_DTYPES
 from .spec import JobSpec
 from .tasks import REPORT_EVERY, ROLES, ExecSettings, OutScales, ShardTask, Source, TensorTask, Term, zero_source
-from .vocab_plan import resized_pieces, tokenizer_fits
+from .vocab_plan import output_vocab_rows, resized_pieces, tokenizer_fits
 
 __all__ = [
     "ROLES",
@@ -166,7 +166,7 @@ def make_plan(
             continue
         stored = {"target": t, **{r: st for i in active for r, st in zip(spec.diff_roles(i), pairs[i])}}
         shapes = {r: st.codes.shape for r, st in stored.items()}  # type: ignore[union-attr]
-        if (len(shape) == 2 and all(s[1:] == shape[1:] for s in shapes.values())
+        if (len(shape) in (1, 2) and all(s[1:] == shape[1:] for s in shapes.values())
                 and (len(set(shapes.values())) > 1
                      or (spec.vocab == "align" and vocab_rows.VOCAB_TENSOR.search(name)))
                 and vocab_rows.is_vocab_tensor(name, {r: s[0] for r, s in shapes.items()}, configs)):
@@ -201,6 +201,9 @@ def make_plan(
     for name, parts in pieces.items():
         tasks[name] = parts[0]
         combined += 1
+    target_rows = {n: t.codes.shape[0] for n, t in logical["target"].items() if t.codes.shape}
+    vocab_size, disagree = output_vocab_rows(tasks, pieces, target_rows)
+    problems.extend(disagree)
 
     activations = layouts["target"].activation_scales
     if activations and spec.output_format == "target":
@@ -250,7 +253,7 @@ def make_plan(
                         + f"): computed in {spec.compute_dtype}, written in the target's dtypes")
     warnings.extend(config_warnings(spec, configs))
 
-    config_patch = quant_patch(spec, layouts, configs) + vocab_patch(spec, configs, pieces)
+    config_patch = quant_patch(spec, layouts, configs) + weights_patch(spec, configs, tasks, vocab_size)
     side_files, side_warnings = donated_files(spec, checkpoints, config_patch)  # sizes checked first
     stale = quant_side_file_problems(spec, layouts, side_files)
     if stale:

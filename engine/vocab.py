@@ -2,7 +2,8 @@
 three checkpoints, and whether the output's tokenizer fits its embeddings.
 
 Chat fine-tunes add tokens (``<|im_start|>``, tool tokens) and grow ``embed_tokens`` / ``lm_head``
-from V to V + k rows. ``vocab`` in the job spec says what to do:
+(and a head's bias, one value per token) from V to V + k rows. ``vocab`` in the job spec says what
+to do:
 
 - ``error``: refuse, naming the tensors, the row counts and the two ways below;
 - ``pad`` (Lin et al.'s semantics): rows a checkpoint lacks count as zeros. The output has the
@@ -15,27 +16,38 @@ from V to V + k rows. ``vocab`` in the job spec says what to do:
   in ``pad``. Tokens only in a vocabulary that is not the output's are left out (counted in the
   report).
 
+In both, a row the base lacks but the target has (a target that already grew the fine-tune's
+tokens) has no difference to transfer: it is the target's row, unchanged (the fine-tune's row is
+not read; alpha * f would add a second, independently trained embedding of the token to it).
+
 A ``RowMap`` is a few ``Run``s of consecutive output rows, each a contiguous row range (or zeros) of
 every checkpoint: streamed as contiguous byte ranges like any tensor (``TensorTask.piece``).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from .checkpoint import Checkpoint
 from .errors import PlanError
 from .safetensors import DTYPE_SIZES
 from .tasks import ROLES, Source, TensorTask, Term, zero_source
 
-__all__ = ["VOCAB_TENSOR", "Run", "RowMap", "is_vocab_tensor", "untie", "pad_map", "align_map",
-           "read_vocab", "tokenizer_size", "pieces", "load_vocabs"]
+__all__ = ["VOCAB_TENSOR", "TEXT_CONFIGS", "Run", "RowMap", "is_vocab_tensor", "config_entries", "untie",
+           "output_ties", "pad_map", "align_map", "read_vocab", "tokenizer_size", "pieces", "load_vocabs"]
 
-# Embedding and LM-head weights by the names transformers' families give them.
+# Tensors with one row per token, by the names transformers' families give them: embedding and
+# LM-head weights, and an LM head's bias (Phi-1/2: one entry per token, resized with the head).
 VOCAB_TENSOR = re.compile(r"((^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out|embed_in)"
-                          r"|^(tok_embeddings|shared|output))\.weight$")
+                          r"|^(tok_embeddings|shared|output))\.weight$"
+                          r"|((^|\.)(lm_head|embed_out)|^output)\.bias$")
 TOKENIZER = "tokenizer.json"
+# The sub-configs of a multimodal config.json that describe its language model (Gemma 3, LLaVA:
+# text_config; InternVL: llm_config; DeepSeek-VL: language_config): their vocab_size and
+# tie_word_embeddings describe the same embeddings as top-level ones would.
+TEXT_CONFIGS = ("text_config", "llm_config", "language_config")
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class RowMap:
     rows: int
     runs: tuple[Run, ...]
     added: int = 0  # rows the target lacks: alpha * f (or alpha * (f - b))
+    kept: int = 0  # rows the base lacks and the target has: the target's row, no difference
     matched: int = 0  # rows of a token all three have
     moved: int = 0  # rows taken from another row number in some checkpoint (reordered tokens)
     padding: int = 0  # rows with no token, matched by position
@@ -69,6 +82,9 @@ class RowMap:
             parts.append(f"{self.matched} matched by {self.by}")
         if self.moved:
             parts.append(f"{self.moved} taken from other row numbers (reordered)")
+        if self.kept:
+            parts.append(f"{self.kept} the target's unchanged (the base lacks them: no difference to "
+                         f"transfer)")
         parts.append(f"{self.added} added from the fine-tune (zeros in the checkpoints that lack them)")
         if self.padding:
             parts.append(f"{self.padding} padding rows matched by position")
@@ -77,21 +93,35 @@ class RowMap:
         return ", ".join(parts)
 
 
+def config_entries(config: Mapping[str, Any] | None, key: str) -> dict[str, Any]:
+    """``key``'s values in a parsed config.json by dotted path: the top-level ``key``, and
+    ``<sub>.<key>`` in each of the ``TEXT_CONFIGS`` that holds it."""
+    if not isinstance(config, Mapping):
+        return {}
+    out = {key: config[key]} if key in config else {}
+    for sub in TEXT_CONFIGS:
+        if isinstance(config.get(sub), Mapping) and key in config[sub]:
+            out[f"{sub}.{key}"] = config[sub][key]
+    return out
+
+
 def is_vocab_tensor(name: str, rows: Mapping[str, int], configs: Mapping[str, Mapping[str, Any] | None]) -> bool:
-    """An embedding or LM head: by its name, or because every checkpoint's row count is its
-    config.json ``vocab_size``."""
+    """An embedding, LM head or head bias: by its name, or because every checkpoint's row count is
+    its config.json ``vocab_size`` (top-level or in a text sub-config)."""
     if VOCAB_TENSOR.search(name):
         return True
-    sizes = {r: c.get("vocab_size") for r, c in configs.items() if isinstance(c, Mapping)}
-    return all(r in sizes and sizes[r] == n for r, n in rows.items())
+    return all(n in config_entries(configs.get(r), "vocab_size").values() for r, n in rows.items())
 
 
 _HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
+_HEAD = re.compile(r"((^|\.)(lm_head|embed_out)|^output)\.weight$")
 _EMBEDDING = re.compile(r"((^|\.)(embed_tokens|wte|word_embeddings|embed_in)|^tok_embeddings)\.weight$")
 
 
 def _tied(config: Mapping[str, Any] | None) -> bool:
-    return isinstance(config, Mapping) and config.get("tie_word_embeddings") is True
+    """config.json says the head is the embeddings: at the top level, else in a text sub-config."""
+    said = config_entries(config, "tie_word_embeddings")
+    return said.get("tie_word_embeddings", next(iter(said.values()), None)) is True
 
 
 def untie(logical: Mapping[str, Mapping[str, Any]], configs: Mapping[str, Mapping[str, Any] | None],
@@ -120,6 +150,18 @@ def untie(logical: Mapping[str, Mapping[str, Any]], configs: Mapping[str, Mappin
     return out, notes
 
 
+def output_ties(names: Iterable[str], target_config: Mapping[str, Any] | None) -> bool | None:
+    """The ``tie_word_embeddings`` that describes an output of tensors ``names`` (None: it has no
+    embeddings). An output with embeddings and no LM head must tie (a loader that unties would
+    initialise the head at random); one with a head ties only if the target did (it stores both)."""
+    names = list(names)
+    if not any(_EMBEDDING.search(n) for n in names):
+        return None
+    if not any(_HEAD.search(n) for n in names):
+        return True
+    return _tied(target_config)
+
+
 def _runs(sources: list[dict[str, int | None]]) -> tuple[Run, ...]:
     """Group output rows (each a role -> source row or None) into runs of consecutive rows."""
     runs: list[Run] = []
@@ -135,14 +177,23 @@ def _runs(sources: list[dict[str, int | None]]) -> tuple[Run, ...]:
     return tuple(runs)
 
 
+def _no_diff(src: dict[str, int | None]) -> dict[str, int | None]:
+    """A row the target has and the base lacks has no difference: the fine-tune's is not read."""
+    if src["target"] is not None and src["base"] is None:
+        return {**src, "finetuned": None}
+    return src
+
+
 def pad_map(rows: Mapping[str, int]) -> RowMap:
-    """``vocab: pad``: the fine-tune's row count, each checkpoint's rows by position, zeros past them."""
+    """``vocab: pad``: the fine-tune's row count, each checkpoint's rows by position, zeros past them
+    (and none of the fine-tune's where the target has the row and the base does not)."""
     n = rows["finetuned"]
     cuts = sorted({0, n, *(min(rows[r], n) for r in ROLES)})
-    runs = tuple(Run(a, b - a, tuple((r, a if a < rows[r] else None) for r in ROLES))
+    runs = tuple(Run(a, b - a, tuple(_no_diff({r: a if a < rows[r] else None for r in ROLES}).items()))
                  for a, b in zip(cuts, cuts[1:]) if b > a)
-    added = n - min(rows["target"], n)
-    return RowMap(n, runs, added=added, matched=n - added, by="position")
+    have = min(rows["target"], n)
+    kept = have - min(rows["base"], have)
+    return RowMap(n, runs, added=n - have, kept=kept, matched=have - kept, by="position")
 
 
 def read_vocab(tokenizer: Any) -> dict[str, int] | None:
@@ -177,11 +228,11 @@ def align_map(vocabs: Mapping[str, Mapping[str, int]], rows: Mapping[str, int], 
     for token, i in vocabs[out_role].items():
         token_of.setdefault(i, token)
     sources: list[dict[str, int | None]] = []
-    added = matched = moved = padding = 0
+    added = matched = moved = padding = kept = 0
     for r in range(n):
         token = token_of.get(r)
         if token is None:
-            src = {k: (r if r < rows[k] else None) for k in ROLES}
+            src = _no_diff({k: (r if r < rows[k] else None) for k in ROLES})
             padding += 1
         else:
             src = {}
@@ -190,14 +241,16 @@ def align_map(vocabs: Mapping[str, Mapping[str, int]], rows: Mapping[str, int], 
                 src[k] = i if i is not None and i < rows[k] else None
             if src["target"] is None:
                 added += 1
-            elif all(src[k] is not None for k in ROLES):
+            elif src["base"] is None:
+                src = _no_diff(src)
+                kept += 1
+            elif src["finetuned"] is not None:
                 matched += 1
             if any(src[k] is not None and src[k] != r for k in ROLES):
                 moved += 1
         sources.append(src)
-    kept = set(vocabs[out_role])
-    dropped = sum(1 for token in vocabs["target"] if token not in kept)
-    return RowMap(n, _runs(sources), added=added, matched=matched, moved=moved, padding=padding,
+    dropped = sum(1 for token in vocabs["target"] if token not in vocabs[out_role])
+    return RowMap(n, _runs(sources), added=added, kept=kept, matched=matched, moved=moved, padding=padding,
                   dropped=dropped)
 
 
@@ -210,13 +263,15 @@ def _rows_of(src: Source, first: int | None, count: int, cols: int) -> Source:
                   src.version, scales)
 
 
-def pieces(name: str, dtype: str, cols: int, alpha: float, sources: Mapping[str, Source],
+def pieces(name: str, dtype: str, row: tuple[int, ...], alpha: float, sources: Mapping[str, Source],
            rowmap: RowMap) -> tuple[TensorTask, ...]:
-    """The ``TensorTask`` pieces of one row-mapped tensor, in row order."""
+    """The ``TensorTask`` pieces of one row-mapped tensor, in row order; ``row`` is the shape of one
+    row (``(cols,)``; ``()`` for a head bias, one value per token)."""
     out = []
+    cols = math.prod(row)
     for run in rowmap.runs:
         by_role = {k: _rows_of(sources[k], run.of(k), run.count, cols) for k in ROLES}
-        out.append(TensorTask(name, dtype, (run.count, cols), by_role["target"],
+        out.append(TensorTask(name, dtype, (run.count, *row), by_role["target"],
                               (Term(by_role["finetuned"], by_role["base"], alpha),), piece=(run.out, rowmap.rows)))
     return tuple(out)
 

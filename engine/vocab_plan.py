@@ -18,7 +18,7 @@ from .safetensors import FLOATING_DTYPES
 from .spec import JobSpec
 from .tasks import ROLES, OutScales, TensorTask
 
-__all__ = ["resized_pieces", "tokenizer_fits"]
+__all__ = ["resized_pieces", "output_vocab_rows", "tokenizer_fits"]
 
 
 def resized_pieces(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
@@ -87,18 +87,38 @@ def resized_pieces(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
                             f"graft does not split; use an unquantized release of {r}, or dequantize it "
                             f"first")
             continue
-        pieces[name] = vocab_rows.pieces(name, dtype, t.codes.shape[1], alpha, sources, rowmap)
+        pieces[name] = vocab_rows.pieces(name, dtype, t.codes.shape[1:], alpha, sources, rowmap)
         report.append((name, rowmap.describe()))
     return pieces, report, problems, vocabs
 
 
 def _output_rows(tasks: Mapping[str, TensorTask], pieces: Mapping[str, tuple[TensorTask, ...]]) -> dict[str, int]:
-    """Rows of the output's embedding / LM-head tensors."""
+    """Rows of the output's embedding / LM-head / head-bias tensors."""
     out = {}
     for name, t in tasks.items():
-        if vocab_rows.VOCAB_TENSOR.search(name) and len(t.shape) == 2:
+        if vocab_rows.VOCAB_TENSOR.search(name) and len(t.shape) in (1, 2):
             out[name] = pieces[name][0].piece[1] if name in pieces else t.shape[0]  # type: ignore[index]
     return out
+
+
+def output_vocab_rows(tasks: Mapping[str, TensorTask], pieces: Mapping[str, tuple[TensorTask, ...]],
+                      target_rows: Mapping[str, int]) -> tuple[int | None, list[str]]:
+    """The output's vocabulary rows where it was resized (None where it was not), and the problem if
+    its vocabulary tensors would disagree: every tensor indexed by the same tokens in the target
+    (embeddings, LM head, head bias: the resized tensors' row count there) must have the same rows
+    in the output, or a loader fails, or pairs a row of one with another token's row of the other.
+    (Another vocabulary, a Q-Former's, has other rows in the target and is left alone.)"""
+    if not pieces:
+        return None, []
+    rows = {**_output_rows(tasks, pieces), **{n: p[0].piece[1] for n, p in pieces.items()}}  # type: ignore[index]
+    before = {target_rows[n] for n in pieces}
+    group = {n: r for n, r in rows.items() if n in pieces or target_rows.get(n) in before}
+    if len(set(group.values())) == 1:
+        return next(iter(group.values())), []
+    shown = ", ".join(f"{n!r} {r}" for n, r in group.items())
+    return None, [f"the output's vocabulary tensors would have different row counts ({shown}): each row "
+                  f"is a token, so they must agree; give them all the same rule (vocab: pad / align "
+                  f"resizes them together; alpha: 0 on all of them carries the target's rows)"]
 
 
 def tokenizer_fits(spec: JobSpec, checkpoints: Mapping[str, Checkpoint], tasks: Mapping[str, TensorTask],

@@ -130,6 +130,18 @@ def test_inspect_lists_tensors_dtypes_and_shards(tiny_checkpoints):
     assert len(j["files"]) > 1
 
 
+def test_a_config_json_that_is_a_json_array_is_one_line_naming_it(copy_checkpoints, tmp_path):
+    """Once an internal error (AttributeError); inspect still lists the tensors and says why."""
+    config = os.path.join(copy_checkpoints["target"], "config.json")
+    text = open(config).read()
+    open(config, "w").write(f"[{text}]")
+    r = graft("plan", write_config(tmp_path, copy_checkpoints))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"graft: error: {config}: not a JSON object (it holds a list)"), r.stderr
+    r = graft("inspect", copy_checkpoints["target"])
+    assert r.returncode == 0 and "not transferable by graft:" in r.stdout and "not a JSON object" in r.stdout
+
+
 def test_errors_are_one_line_naming_the_file_and_tracebacks_only_with_debug(copy_checkpoints, tmp_path):
     shard = sorted(n for n in os.listdir(copy_checkpoints["target"]) if n.endswith(".safetensors"))[0]
     path = os.path.join(copy_checkpoints["target"], shard)

@@ -133,6 +133,27 @@ def pickle_only_checkpoint(c: dict) -> str:
     return d
 
 
+def config_json_an_array(c: dict) -> str:
+    p = os.path.join(c["target"], "config.json")
+    config = json.load(open(p))
+    open(p, "w").write(json.dumps([config]))
+    return p
+
+
+def config_json_truncated(c: dict) -> str:
+    p = os.path.join(c["finetuned"], "config.json")
+    text = open(p).read()
+    open(p, "w").write(text[:len(text) // 2])
+    return p
+
+
+def tokenizer_json_truncated(c: dict) -> str:
+    # A download cut short: graft reads the donated tokenizer to check it fits the embeddings.
+    p = os.path.join(c["finetuned"], "tokenizer.json")
+    open(p, "w").write('{"model": {"type": "BPE", "vocab": {"a": 0')
+    return p
+
+
 CASES = [
     (truncate_last_shard, HeaderError, "ends at"),
     (huge_header_length, HeaderError, "exceeds"),
@@ -145,6 +166,9 @@ CASES = [
     (index_absolute_path, CheckpointError, "not a plain file name"),
     (index_disagrees_with_headers, CheckpointError, "does not match"),
     (pickle_only_checkpoint, CheckpointError, "never unpickles"),
+    (config_json_an_array, CheckpointError, "not a JSON object (it holds a list); graft reads it to plan"),
+    (config_json_truncated, CheckpointError, "not valid JSON"),
+    (tokenizer_json_truncated, CheckpointError, "not valid JSON"),
 ]
 
 

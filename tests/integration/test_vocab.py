@@ -278,3 +278,158 @@ def test_graft_plan_reports_the_row_mapping_and_the_config_change(tied_trio, tmp
     assert "model.embed_tokens.weight: 35 rows, 32 matched by position, 3 added from the fine-tune" in r.stdout
     assert "config.json: vocab_size set to 35" in r.stdout
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def grown_target(tmp_path_factory):  # noqa: ANN201
+    """A target that already grew the fine-tune's 3 chat tokens (embeddings and head at 35 rows,
+    trained on its own); the base has 32 rows."""
+    root = tmp_path_factory.mktemp("vocab-grown")
+    paths = {"base": _save(_model(len(WORDS), 0, False), _tokenizer(WORDS), root / "base")}
+    target = _model(len(WORDS), 0, False)
+    target.resize_token_embeddings(len(WORDS) + len(ADDED))
+    _nudge(target, 1)
+    paths["target"] = _save(target, _tokenizer(WORDS, ADDED), root / "target")
+    paths["finetuned"] = _chat_finetune(root, False)
+    return paths
+
+
+@pytest.mark.parametrize("vocab", ["pad", "align"])
+def test_rows_the_base_lacks_and_the_target_has_are_the_targets_unchanged(grown_target, tmp_path, vocab):
+    """Those rows have no difference to transfer: t + alpha * f would add the fine-tune's embedding
+    of the token to the target's own (two independent embeddings). Bit-exact against float64."""
+    out = tmp_path / "out"
+    result = _run(grown_target, out, vocab=vocab, alpha=0.75)
+    t, f, b = (_tensors(grown_target[r]) for r in ("target", "finetuned", "base"))
+    got = _tensors(str(out))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert got[name].shape == t[name].shape == f[name].shape == (35, 16)
+        want = (t[name][:32].double() + 0.75 * (f[name][:32].double() - b[name].double())).to(torch.bfloat16)
+        assert torch.equal(got[name][:32], want), name
+        assert torch.equal(got[name][32:], t[name][32:]), name  # the target's rows, bit for bit
+        report = result.manifest["plan"]["vocab"][name]
+        assert ("3 the target's unchanged (the base lacks them: no difference to transfer)" in report
+                and "0 added from the fine-tune" in report), report
+    _loads_and_runs_the_new_tokens(str(out), 35)
+
+
+def _untied(root, roles: tuple[str, ...] = ("base", "finetuned")) -> dict[str, str]:  # noqa: ANN001
+    """Untied (an lm_head of their own) base and chat fine-tune (35 rows)."""
+    out = {}
+    for role, seed in (("base", 0), ("finetuned", 2)):
+        if role not in roles:
+            continue
+        model = _model(len(WORDS), 0, False)
+        if role == "finetuned":
+            model.resize_token_embeddings(35)
+        _nudge(model, seed)
+        out[role] = _save(model, _tokenizer(WORDS, ADDED if role == "finetuned" else ()), root / role)
+    return out
+
+
+def _loads_with_every_weight(out: str):  # noqa: ANN202
+    """The output as transformers loads it: no weight missing (none initialised at random)."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    return model
+
+
+def test_an_untied_finetunes_config_json_is_made_to_describe_a_tied_output(tied_trio, tmp_path):
+    """Target and base tie their head; the fine-tune is untied and donates config.json: the output
+    stores no head, so its config must say tied, or transformers initialises the head at random."""
+    out = tmp_path / "out"
+    result = _run(dict(tied_trio, **_untied(tmp_path)), out, vocab="pad", files={"config.json": "finetuned"})
+    assert "lm_head.weight" not in _tensors(str(out))
+    config = json.load(open(out / "config.json"))
+    assert config["tie_word_embeddings"] is True and config["vocab_size"] == 35
+    side = {e["name"]: e for e in result.manifest["inputs"]["finetuned"]["files"]}
+    assert side["config.json"]["patched"] == {"tie_word_embeddings": True}
+    warnings = result.manifest["plan"]["warnings"]
+    assert any("the output takes finetuned's config.json, its vocab_size, tie_word_embeddings" in w
+               for w in warnings), warnings
+    assert not any("the output takes the target's config.json" in w for w in warnings)
+    model = _loads_with_every_weight(str(out))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    _loads_and_runs_the_new_tokens(str(out), 35)
+
+
+def test_a_tied_finetunes_config_json_is_made_to_describe_an_untied_output(tied_trio, tmp_path):
+    """The reverse: the output has the untied target's head, which a config saying "tied" would
+    replace by the embeddings at load time."""
+    paths = dict(tied_trio, target=_untied(tmp_path, ("base",))["base"])
+    out = tmp_path / "out"
+    _run(paths, out, vocab="pad", files={"config.json": "finetuned"})
+    assert json.load(open(out / "config.json"))["tie_word_embeddings"] is False
+    head = _tensors(str(out))["lm_head.weight"]
+    model = _loads_with_every_weight(str(out))
+    assert torch.equal(model.lm_head.weight.detach(), head)
+    assert not torch.equal(head, model.model.embed_tokens.weight.detach())
+
+
+def test_a_text_config_vocab_size_is_patched_and_compared_like_a_top_level_one(tied_trio, tmp_path):
+    """Gemma 3 / LLaVA-style config.json: the language model's vocab_size and tie_word_embeddings
+    live in text_config."""
+    import shutil
+
+    paths = {}
+    for role, path in tied_trio.items():
+        paths[role] = shutil.copytree(path, tmp_path / role)
+        config = json.load(open(paths[role] / "config.json"))
+        text = {k: config.pop(k) for k in ("vocab_size", "tie_word_embeddings")}
+        json.dump({**config, "text_config": text}, open(paths[role] / "config.json", "w"))
+    out = tmp_path / "out"
+    result = _run({r: str(p) for r, p in paths.items()}, out, vocab="pad")
+    config = json.load(open(out / "config.json"))
+    assert config["text_config"] == {"vocab_size": 35, "tie_word_embeddings": True}
+    assert "vocab_size" not in config and "tie_word_embeddings" not in config
+    side = {e["name"]: e for e in result.manifest["inputs"]["target"]["files"]}
+    assert side["config.json"]["patched"] == {"text_config.vocab_size": 35}
+    assert any("text_config.vocab_size: target 32 vs finetuned 35" in w for w in result.manifest["plan"]["warnings"])
+
+
+@pytest.fixture(scope="module")
+def phi_trio(tmp_path_factory):  # noqa: ANN201
+    """Phi-style checkpoints: an LM head with a bias (one entry per token); the fine-tune added the
+    3 chat tokens (head weight and bias resized to 35 rows by transformers)."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    root = tmp_path_factory.mktemp("vocab-phi")
+    paths = {}
+    for role, seed in (("base", None), ("target", 1), ("finetuned", 2)):
+        torch.manual_seed(0)
+        model = PhiForCausalLM(PhiConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64,
+                                         tie_word_embeddings=False)).to(torch.bfloat16)
+        if role == "finetuned":
+            model.resize_token_embeddings(len(WORDS) + len(ADDED))
+        if seed is not None:
+            _nudge(model, seed)
+        paths[role] = _save(model, _tokenizer(WORDS, ADDED if role == "finetuned" else ()), root / role)
+    return paths
+
+
+@pytest.mark.parametrize("vocab", ["pad", "align"])
+def test_a_head_bias_is_resized_with_its_head_bit_exact(phi_trio, tmp_path, vocab):
+    out = tmp_path / "out"
+    result = _run(phi_trio, out, vocab=vocab)  # the same tokens in the same rows: the same bytes
+    t, f, b = (_tensors(phi_trio[r]) for r in ("target", "finetuned", "base"))
+    got = _tensors(str(out))
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"):
+        assert got[name].shape[0] == 35, name
+        want = (_padded(t[name], 35) + (f[name].double() - _padded(b[name], 35))).to(torch.bfloat16)
+        assert torch.equal(got[name], want), name
+    assert "lm_head.bias" in result.manifest["plan"]["vocab"]
+    assert json.load(open(out / "config.json"))["vocab_size"] == 35
+    _loads_with_every_weight(str(out))
+    _loads_and_runs_the_new_tokens(str(out), 35)
+
+
+def test_vocabulary_tensors_that_would_disagree_on_their_rows_are_refused(phi_trio, tmp_path):
+    """The old hint (alpha: 0 on the bias) gave a 35-row head with a 32-entry bias: refused now,
+    before any data moves."""
+    with pytest.raises(PlanError, match=r"vocabulary tensors would have different row counts") as e:
+        _run(phi_trio, tmp_path / "out", vocab="pad", rules=[{"match": r"^lm_head\.bias$", "alpha": 0.0}])
+    assert "'lm_head.bias' 32" in str(e.value) and "'lm_head.weight' 35" in str(e.value)
+    assert not (tmp_path / "out").exists()

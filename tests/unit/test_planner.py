@@ -439,3 +439,58 @@ def test_the_side_file_cap_holds_where_a_listing_carries_no_sizes(monkeypatch):
         assert calls == [("stat", "tokenizer.json")]  # one stat, no read
     finally:
         fs.rm(root, recursive=True)
+
+
+def _tied(tmp_path) -> dict[str, str]:  # noqa: ANN001
+    """Three checkpoints that store no LM head (tied to the embeddings)."""
+    sd = {k: v for k, v in _weights().items() if k != "lm_head.weight"}
+    return {r: _single(tmp_path / r, sd, side={"config.json": "{}"}) for r in ROLES}
+
+
+@pytest.mark.parametrize("target,finetuned,patch", [
+    ({"tie_word_embeddings": True}, {"tie_word_embeddings": False}, (("tie_word_embeddings", "true"),)),
+    # a donated config that does not say has its class default, which need not be the output's
+    ({"tie_word_embeddings": True}, {}, (("tie_word_embeddings", "true"),)),
+    ({"text_config": {"tie_word_embeddings": True}}, {"text_config": {"vocab_size": 32}},
+     (("text_config.tie_word_embeddings", "true"),)),
+    ({"vocab_size": 32, "text_config": {"vocab_size": 32}}, {"vocab_size": 30, "text_config": {"vocab_size": 30}},
+     (("vocab_size", "32"), ("text_config.vocab_size", "32"))),
+    ({"tie_word_embeddings": True, "vocab_size": 32}, {"tie_word_embeddings": True, "vocab_size": 32}, ()),
+])
+def test_a_donated_config_json_is_patched_to_describe_the_outputs_weights(tmp_path, target, finetuned, patch):
+    paths = _tied(tmp_path)
+    plan = _plan(paths, {"target": target, "finetuned": finetuned, "base": target},
+                 files={"config.json": "finetuned"})
+    (config,) = [s for s in plan.side_files if s.name == "config.json"]
+    assert config.donor == "finetuned" and config.patch == patch
+
+
+def test_apply_patch_sets_and_removes_nested_keys():
+    from graft.engine.output_files import apply_patch
+
+    config = {"vocab_size": 1, "text_config": {"vocab_size": 1, "x": 2}, "quantization_config": {}}
+    patch = (("text_config.vocab_size", "36"), ("quantization_config", None), ("tie_word_embeddings", "true"))
+    assert apply_patch(config, patch) == {"vocab_size": 1, "text_config": {"vocab_size": 36, "x": 2},
+                                          "tie_word_embeddings": True}
+
+
+def test_config_warnings_compare_text_configs_and_name_the_donor(ckpts):
+    configs = {"target": {"text_config": {"vocab_size": 32}}, "finetuned": {"text_config": {"vocab_size": 36}},
+               "base": {}}
+    (warning,) = [w for w in _plan(ckpts, configs, files={"config.json": "finetuned"}).warnings
+                  if "config.json differs" in w]
+    assert "text_config.vocab_size: target 32 vs finetuned 36" in warning
+    assert "the output takes finetuned's config.json, its vocab_size, tie_word_embeddings" in warning
+
+
+def test_a_head_tied_in_text_config_is_tied_like_a_top_level_one(tmp_path):
+    """Gemma 3 style: tie_word_embeddings in text_config. The untied fine-tune's own head is left
+    out (the output ties, like the target), and its config.json is made to say so."""
+    paths = _tied(tmp_path)
+    paths["finetuned"] = _single(tmp_path / "untied", _weights(seed=2), side={"config.json": "{}"})
+    tied, untied = ({"text_config": {"tie_word_embeddings": v}} for v in (True, False))
+    plan = _plan(paths, {"target": tied, "finetuned": untied, "base": tied}, files={"config.json": "finetuned"})
+    assert "lm_head.weight" not in plan.weight_map()
+    assert any("finetuned's lm_head.weight is left out" in w for w in plan.warnings)
+    (config,) = [s for s in plan.side_files if s.name == "config.json"]
+    assert config.patch == (("text_config.tie_word_embeddings", "true"),)

@@ -46,7 +46,7 @@ def test_a_token_beyond_a_checkpoints_rows_counts_as_missing():
 def test_pieces_are_contiguous_byte_ranges_of_each_checkpoint():
     src = {r: Source(r, f"{r}.safetensors", "BF16", 100, 100 + 6 * 4 * 2) for r in ("target", "finetuned", "base")}
     m = pad_map({"target": 4, "finetuned": 6, "base": 4})
-    parts = pieces("model.embed_tokens.weight", "BF16", 4, 1.0, src, m)
+    parts = pieces("model.embed_tokens.weight", "BF16", (4,), 1.0, src, m)
     assert [p.piece for p in parts] == [(0, 6), (4, 6)]
     assert parts[0].target.begin == 100 and parts[0].target.end == 100 + 4 * 8
     (term,) = parts[1].terms
@@ -66,3 +66,32 @@ def test_read_vocab_reads_bpe_unigram_and_added_tokens():
 
 def test_a_run_names_each_roles_first_row():
     assert Run(0, 3, (("target", 1), ("finetuned", 0), ("base", None))).of("base") is None
+
+
+def test_rows_the_base_lacks_and_the_target_has_are_the_targets_in_pad():
+    """A target that already grew the fine-tune's tokens: those rows have no difference to transfer
+    (t + alpha * f would add a second embedding of the token); the fine-tune's are not read."""
+    m = pad_map({"target": 6, "finetuned": 6, "base": 4})
+    assert rows_of(m, "target") == list(range(6))
+    assert rows_of(m, "finetuned") == [0, 1, 2, 3, None, None]
+    assert rows_of(m, "base") == [0, 1, 2, 3, None, None]
+    assert (m.matched, m.kept, m.added) == (4, 2, 0)
+    assert m.describe() == ("6 rows, 4 matched by position, 2 the target's unchanged (the base lacks them: "
+                            "no difference to transfer), 0 added from the fine-tune (zeros in the "
+                            "checkpoints that lack them)")
+    m = pad_map({"target": 5, "finetuned": 7, "base": 4})  # one grown by the target, two new
+    assert rows_of(m, "finetuned") == [0, 1, 2, 3, None, 5, 6]
+    assert (m.matched, m.kept, m.added) == (4, 1, 2)
+
+
+def test_tokens_the_base_lacks_and_the_target_has_are_the_targets_in_align():
+    base = {"a": 0, "b": 1}
+    target = {"a": 0, "b": 1, "<x>": 2}  # grew <x> itself
+    finetuned = {"a": 0, "b": 1, "<y>": 2, "<x>": 3}
+    m = align_map({"target": target, "finetuned": finetuned, "base": base},
+                  {"target": 3, "finetuned": 5, "base": 2}, "finetuned")
+    assert rows_of(m, "target") == [0, 1, None, 2, None]
+    assert rows_of(m, "finetuned") == [0, 1, 2, None, 4]  # row 4: padding, the fine-tune's alone
+    assert rows_of(m, "base") == [0, 1, None, None, None]
+    assert (m.matched, m.kept, m.added, m.padding) == (2, 1, 1, 1)
+    assert "1 the target's unchanged" in m.describe()
