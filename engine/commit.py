@@ -116,7 +116,9 @@ def input_contents(job: Job, results: Mapping[str, ShardResult]) -> dict[str, di
 
 def diff_summary(job: Job, results: Mapping[str, ShardResult]) -> dict[str, Any]:
     """graft diff: what the written differences measured (``tasks.DIFF_STATS``, every element)."""
-    measured = {name: dict(zip(DIFF_STATS, values)) for r in results.values() for name, values in r.report}
+    # In name order: the shards' results come in whatever order they finished.
+    measured = {name: dict(zip(DIFF_STATS, values))
+                for name, values in sorted(m for r in results.values() for m in r.report)}
     names = [t.name for s in job.plan.shards for t in s.tensors]
     inexact = {n: int(v["inexact"]) for n, v in sorted(measured.items()) if v["inexact"]}
     unmeasured = sorted(n for n in names if n not in measured)
