@@ -282,8 +282,10 @@ def execute_shard(
         return measured.get(t.name)
 
     # graft diff: sha256 of every input tensor's bytes as they stream by (codes: in order, chunk by
-    # chunk; scale tensors, whose rows two chunks may both read, whole at the end).
+    # chunk; scale tensors, whose rows two chunks may both read, whole at the end). Each under the
+    # first output tensor that reads it: a tied head reads its embedding's bytes again.
     hashers: dict[str, Any] = {}
+    owners: dict[str, str] = {}
 
     def hash_reads(i: int, slot: _Slot) -> None:
         chunk = chunks[i]
@@ -293,6 +295,8 @@ def execute_shard(
             if r.kind == "codes" and r.role in settings.hash_roles:
                 begin = r.begin - chunk.start * DTYPE_SIZES[r.dtype]
                 key = digest_key(r.role, r.file, begin)
+                if owners.setdefault(key, chunk.tensor.name) != chunk.tensor.name:
+                    continue
                 if key not in hashers:
                     hashers[key] = hashlib.sha256()
                 hashers[key].update(memoryview(slot.view(r).numpy()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,6 +74,30 @@ def test_the_manifest_binds_the_diff_to_the_content_of_every_input_file(tiny_che
         assert len(shards) == len(ckpt.files)
         for entry in shards:  # recomputed from the file alone, reading every byte again
             assert entry["content_sha256"] == file_content_sha256(ckpt, entry["name"]), entry["name"]
+
+
+def test_a_tied_base_is_bound_by_the_content_sha256_of_its_file(tiny_checkpoints, tmp_path):
+    """A base that ties its head to its embeddings (no lm_head stored) under a fine-tune that has its
+    own head, both in one file: the diff's lm_head reads the base's embedding bytes a second time in
+    the same output shard; they are hashed once, as the file holds them."""
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    for src, dest in ((tiny_checkpoints["base"], base), (tiny_checkpoints["finetuned"], ft)):
+        dest.mkdir()
+        for name in os.listdir(src):
+            if name.endswith(("config.json", ".jinja")) or name.startswith("tokenizer"):
+                shutil.copy(os.path.join(src, name), dest)
+    tensors = load_all(tiny_checkpoints["base"])
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    config = json.load(open(base / "config.json"))
+    json.dump({**config, "tie_word_embeddings": True}, open(base / "config.json", "w"))
+    save_file(load_all(tiny_checkpoints["finetuned"]), str(ft / "model.safetensors"), metadata={"format": "pt"})
+    out = str(tmp_path / "delta")
+    run_local(diff_spec(str(ft), str(base), out, chunk_size=4096), workers=1)
+    d = load_file(os.path.join(out, "model.safetensors"))
+    assert torch.equal(d["lm_head.weight"], load_all(str(ft))["lm_head.weight"] - tensors["model.embed_tokens.weight"].float())
+    (entry,) = [e for e in manifest_of(out)["inputs"]["base"]["files"] if e["name"] == "model.safetensors"]
+    assert entry["content_sha256"] == file_content_sha256(open_checkpoint(str(base)), "model.safetensors")
 
 
 def test_a_transfer_from_a_float32_diff_is_the_three_checkpoint_float32_run_byte_for_byte(
