@@ -27,7 +27,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .planner import Plan, make_diff_plan, make_plan
-from .provenance import DIFF_KIND, stored_diff
+from .provenance import DIFF_KIND, refuse_diff_as_weights, stored_diff
 from .spec import JobSpec
 from .storage import Storage
 from .tasks import ShardResult
@@ -74,6 +74,10 @@ def prepare_job(spec: JobSpec) -> Job:
         opened = dict(zip(uris, pool.map(open_at, uris)))
     checkpoints = {role: opened[uri][0] for role, uri in roles.items()}
     configs = {role: opened[uri][1] for role, uri in roles.items()}
+    stored_roles = {spec.diff_roles(i)[0] for i, d in enumerate(spec.diffs) if d.stored}
+    for role, c in checkpoints.items():
+        if role not in stored_roles:
+            refuse_diff_as_weights(c, role)
     if spec.kind == DIFF_KIND:
         return Job(spec, checkpoints, make_diff_plan(spec, checkpoints, configs))
     stored = {roles[0]: stored_diff(checkpoints[roles[0]], roles[0])

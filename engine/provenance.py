@@ -23,7 +23,7 @@ from .errors import PlanError
 from .manifest import MANIFEST_NAME, hash_range
 from .tasks import digest_key
 
-__all__ = ["DIFF_KIND", "content_digests", "file_content_sha256", "stored_diff"]
+__all__ = ["DIFF_KIND", "content_digests", "file_content_sha256", "stored_diff", "refuse_diff_as_weights"]
 
 DIFF_KIND = "diff"
 
@@ -59,6 +59,29 @@ def content_digests(ckpt: Checkpoint, role: str, digests: Mapping[str, str]) -> 
     return out
 
 
+def _manifest(ckpt: Checkpoint) -> tuple[bytes, Any]:
+    """The raw bytes of the location's graft manifest and its JSON (None if not JSON)."""
+    data = ckpt.storage.read(MANIFEST_NAME)
+    try:
+        return data, json.loads(data)
+    except ValueError:
+        return data, None
+
+
+def refuse_diff_as_weights(ckpt: Checkpoint, role: str) -> None:
+    """``PlanError`` if ``ckpt``, given as ``role`` (a target, fine-tune or base: weights), is a
+    ``graft diff`` output: its tensors are differences, and would be taken as whole weights (the
+    run would write target + (diff - base), with only a dtype warning)."""
+    if MANIFEST_NAME not in ckpt.side_files:
+        return
+    manifest = _manifest(ckpt)[1]
+    if isinstance(manifest, dict) and manifest.get("kind") == DIFF_KIND:
+        where = role.rpartition(".")[0]
+        use = f"{where}.diff" if where else "diff"
+        raise PlanError(f"{role} ({ckpt.uri}) is a graft diff (its {MANIFEST_NAME} says kind: {DIFF_KIND}), not "
+                        f"a checkpoint of weights: give it as {use} instead, without a base")
+
+
 def stored_diff(ckpt: Checkpoint, role: str) -> dict[str, Any]:
     """What a transfer records of the stored diff it reads as ``role``: the sha256 of its manifest,
     its dtype and the inputs it was taken from. ``PlanError`` unless ``ckpt`` is a committed
@@ -66,11 +89,7 @@ def stored_diff(ckpt: Checkpoint, role: str) -> dict[str, Any]:
     if MANIFEST_NAME not in ckpt.side_files:
         raise PlanError(f"{role} ({ckpt.uri}) is not a graft diff (no {MANIFEST_NAME}): a diff input must be "
                         f"written by graft diff; give a fine-tune and its base as finetuned and base instead")
-    data = ckpt.storage.read(MANIFEST_NAME)
-    try:
-        manifest = json.loads(data)
-    except ValueError:
-        manifest = None
+    data, manifest = _manifest(ckpt)
     if not isinstance(manifest, dict) or manifest.get("kind") != DIFF_KIND:
         raise PlanError(f"{role} ({ckpt.uri}) is a graft output but not a diff ({MANIFEST_NAME} has no "
                         f"kind: {DIFF_KIND}); a diff input must be written by graft diff")

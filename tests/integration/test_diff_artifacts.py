@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -211,6 +212,26 @@ def test_what_is_not_a_diff_is_refused_before_any_data_moves(tiny_checkpoints, t
         spec_from_mapping({"target": "t", "diff": diff32, "finetuned": "f", "output": out})
     with pytest.raises(SpecError, match="that diff is a stored difference, which has no base"):
         spec_from_mapping({"target": "t", "diff": diff32, "output": out, "files": {"tokenizer.json": "base"}})
+
+
+def test_a_diff_given_as_weights_is_refused_at_plan_time_naming_the_role(tiny_checkpoints, diff32, tmp_path):
+    """A graft diff as target, fine-tune or base would be taken as whole weights (target + (diff -
+    base) with only a dtype warning): its manifest says what it is."""
+    t, f, b = (tiny_checkpoints[r] for r in ("target", "finetuned", "base"))
+    out = str(tmp_path / "out")
+    cases = [("finetuned", {"target": t, "finetuned": diff32, "base": b}, "diff"),
+             ("target", {"target": diff32, "finetuned": f, "base": b}, "diff"),
+             ("base", {"target": t, "finetuned": f, "base": diff32}, "diff"),
+             ("diffs[1].finetuned", {"target": t, "diffs": [{"diff": diff32}, {"finetuned": diff32, "base": b}]},
+              "diffs[1].diff")]
+    for role, spec, use in cases:
+        with pytest.raises(PlanError, match=rf"^{re.escape(role)} \({re.escape(diff32)}\) is a graft diff \(its "
+                                            rf"graft.manifest.json says kind: diff\), not a checkpoint of weights: "
+                                            rf"give it as {re.escape(use)} instead, without a base$"):
+            prepare_job(spec_from_mapping({**spec, "output": out}))
+    with pytest.raises(PlanError, match=r"^base \(.*\) is a graft diff"):
+        prepare_job(diff_spec(f, diff32, out))
+    assert not os.path.exists(out)
 
 
 def test_a_resized_vocabulary_is_refused_by_graft_diff(tiny_checkpoints, tmp_path):
