@@ -24,7 +24,7 @@ from .provenance import DIFF_KIND, content_digests
 from .report import REPORT_NAME, build as build_report
 from .spec import JobSpec
 from .storage import Storage
-from .tasks import DIFF_STATS, ShardResult
+from .tasks import DIFF_STATS, OUTPUT_DIGEST, ShardResult
 
 __all__ = ["put", "shard_outputs", "copy_side_files", "transfer_report", "build_manifest", "run_times"]
 
@@ -114,6 +114,18 @@ def input_contents(job: Job, results: Mapping[str, ShardResult]) -> dict[str, di
     return out
 
 
+def written_digests(results: Mapping[str, ShardResult]) -> dict[str, dict[str, str]]:
+    """graft diff: file -> tensor -> the sha256 of its bytes as written (``tasks.output_digest_key``)."""
+    out: dict[str, dict[str, str]] = {}
+    for r in results.values():
+        for key, digest in r.digests:
+            kind, _, rest = key.partition("\t")
+            if kind == OUTPUT_DIGEST:
+                file, _, tensor = rest.partition("\t")
+                out.setdefault(file, {})[tensor] = digest
+    return {f: dict(sorted(ts.items())) for f, ts in out.items()}
+
+
 def diff_summary(job: Job, results: Mapping[str, ShardResult]) -> dict[str, Any]:
     """graft diff: what the written differences measured (``tasks.DIFF_STATS``, every element)."""
     # In name order: the shards' results come in whatever order they finished.
@@ -141,6 +153,7 @@ def build_manifest(job: Job, results: Mapping[str, ShardResult], outputs: list[O
     workers, resumed shards, times)."""
     plan, spec = job.plan, job.spec
     contents = input_contents(job, results) if spec.kind == DIFF_KIND else {}
+    written = written_digests(results)
     return {
         "format": MANIFEST_FORMAT,
         "graft_version": __version__,
@@ -156,7 +169,8 @@ def build_manifest(job: Job, results: Mapping[str, ShardResult], outputs: list[O
                              for f in c.files] + donated[role]}
             for role, c in job.checkpoints.items()
         },
-        "outputs": [{"name": f.name, "size": f.size, "sha256": f.sha256}
+        "outputs": [{"name": f.name, "size": f.size, "sha256": f.sha256,
+                     **({"tensors": written[f.name]} if f.name in written else {})}
                     for f in sorted([*outputs, sums], key=lambda f: f.name)],
         "plan": {"tensors": plan.tensor_count, "combined": plan.combined, "copied": plan.copied,
                  "left_out": list(plan.left_out), "shards": len(plan.shards),

@@ -27,7 +27,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .planner import Plan, make_diff_plan, make_plan
-from .provenance import DIFF_KIND, refuse_diff_as_weights, stored_diff
+from .provenance import DIFF_KIND, expect_stored, refuse_diff_as_weights, stored_diff, stored_tensor_sha256
 from .spec import JobSpec
 from .storage import Storage
 from .tasks import ShardResult
@@ -80,9 +80,11 @@ def prepare_job(spec: JobSpec) -> Job:
             refuse_diff_as_weights(c, role)
     if spec.kind == DIFF_KIND:
         return Job(spec, checkpoints, make_diff_plan(spec, checkpoints, configs))
-    stored = {roles[0]: stored_diff(checkpoints[roles[0]], roles[0])
-              for i, d in enumerate(spec.diffs) if d.stored for roles in (spec.diff_roles(i),)}
-    return Job(spec, checkpoints, make_plan(spec, checkpoints, configs), stored)
+    stored = {role: stored_diff(checkpoints[role], role) for role in sorted(stored_roles)}
+    plan = make_plan(spec, checkpoints, configs)
+    if stored_roles:
+        plan = expect_stored(plan, {r: stored_tensor_sha256(checkpoints[r], r) for r in sorted(stored_roles)})
+    return Job(spec, checkpoints, plan, stored)
 
 
 def fingerprint(job: Job) -> str:

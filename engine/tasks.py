@@ -31,6 +31,7 @@ __all__ = [
     "ShardTask",
     "ShardResult",
     "digest_key",
+    "output_digest_key",
     "COMPUTE_SIZES",
 ]
 
@@ -128,6 +129,9 @@ class Source:
     end: int
     version: str | None = None  # the file's ETag / version / mtime when it was planned
     scales: Scales | None = None
+    # A stored diff's tensor: the sha256 of bytes [begin, end) its manifest records (checked as they
+    # stream, before the shard that read them is committed).
+    sha256: str | None = None
 
     @property
     def zero(self) -> bool:
@@ -275,5 +279,14 @@ class ShardResult:
 def digest_key(role: str, file: str, begin: int) -> str:
     """How ``ShardResult.digests`` names the input tensor at byte ``begin`` of ``file`` in ``role``."""
     return f"{role}\t{file}\t{begin}"
+
+
+OUTPUT_DIGEST = "output"
+
+
+def output_digest_key(file: str, tensor: str) -> str:
+    """How ``ShardResult.digests`` names graft diff's output ``tensor`` in ``file`` (its bytes' sha256,
+    which the diff's manifest lists for a transfer to check)."""
+    return f"{OUTPUT_DIGEST}\t{file}\t{tensor}"
 
 

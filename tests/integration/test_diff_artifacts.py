@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import load_all, reference, shard_bytes, stop_after_first_shard
 from graft.engine.checkpoint import open_checkpoint
-from graft.engine.errors import PlanError, SpecError
+from graft.engine.errors import IntegrityError, PlanError, SpecError
 from graft.engine.job import prepare_job
 from graft.engine.local import run_local
 from graft.engine.manifest import MANIFEST_NAME, verify_output
@@ -124,6 +124,54 @@ def test_a_transfer_from_a_float32_diff_is_the_three_checkpoint_float32_run_byte
     assert report["model"]["base_move_norm"] is None and report["model"]["ft_delta_norm"] > 0
     assert not [f for f in report["flags"] if f["kind"] == "base_moved_more"]
     assert verify_output(two).ok
+
+
+def _tensor_bytes(path: str) -> dict[str, bytes]:
+    """Each tensor's bytes in a safetensors file, read by its header (8-byte length, JSON)."""
+    data = open(path, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    return {k: data[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def test_a_damaged_diff_fails_the_transfer_before_its_shard_is_committed(tiny_checkpoints, diff32, tmp_path):
+    """graft diff lists each difference's sha256; a transfer hashes the diff's bytes as they stream
+    and commits no shard computed from bytes that are not those."""
+    for entry in manifest_of(diff32)["outputs"]:
+        if entry["name"].endswith(".safetensors"):
+            assert entry["tensors"] == {k: hashlib.sha256(v).hexdigest()
+                                        for k, v in _tensor_bytes(os.path.join(diff32, entry["name"])).items()}
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(diff32, damaged)
+    name = "model.embed_tokens.weight"
+    ref = open_checkpoint(damaged).tensors[name]
+    path = os.path.join(damaged, ref.file)
+    with open(path, "r+b") as fh:  # one byte of its data, the size kept
+        fh.seek(ref.begin + 1001)
+        byte = fh.read(1)
+        fh.seek(ref.begin + 1001)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    out = str(tmp_path / "out")
+    spec = spec_from_mapping({"target": tiny_checkpoints["target"], "diff": damaged, "output": out})
+    shard = next(s.file for s in prepare_job(spec).plan.shards if any(t.name == name for t in s.tensors))
+    with pytest.raises(IntegrityError, match=rf"^{re.escape(path)}: the bytes of tensor '{re.escape(name)}' are not "
+                                             rf"those its diff's manifest records \(sha256\): the diff is damaged; "
+                                             rf"re-create it with graft diff or download it again$"):
+        run_local(spec, workers=1)
+    assert shard not in os.listdir(out) and MANIFEST_NAME not in os.listdir(out)
+    # A diff written before graft diff listed them is refused before any data moves.
+    manifest = manifest_of(diff32)
+    for entry in manifest["outputs"]:
+        entry.pop("tensors", None)
+    old = str(tmp_path / "old")
+    shutil.copytree(diff32, old)
+    json.dump(manifest, open(os.path.join(old, MANIFEST_NAME), "w"))
+    with pytest.raises(PlanError, match=r"^diff \(.*\): its graft.manifest.json records no sha256 of the tensors "
+                                        r"of .* \(a diff written by an older graft\), so what a transfer reads of "
+                                        r"it cannot be checked: re-create it with graft diff$"):
+        prepare_job(spec_from_mapping({"target": tiny_checkpoints["target"], "diff": old,
+                                       "output": str(tmp_path / "out2")}))
 
 
 def test_float64_from_a_diff_matches_the_three_checkpoint_run_exactly_where_the_manifest_says(tmp_path):
