@@ -195,6 +195,22 @@ def test_the_same_job_writes_the_same_report_whatever_the_threads_chunks_workers
     assert json.loads(first[REPORT_NAME])["tensors"]
 
 
+def test_fp8_tensors_give_the_same_report_whatever_the_threads_and_chunks(fp8_trio, tmp_path):
+    """The codec path's sums too (rows of 96 columns: its chunks of 32-row blocks start on a row
+    of the report's sums)."""
+    def run(name: str, threads: int, chunk_size: int, workers: int) -> dict:
+        out = str(tmp_path / name)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            run_local(make_spec(fp8_trio, out, report="exact", chunk_size=chunk_size), workers=workers)
+        finally:
+            torch.set_num_threads(before)
+        return _files(out, REPORT_NAME, "SHA256SUMS")
+
+    assert run("a", 2, 96 * 8 * 40, 2) == run("b", 1, 96 * 8 * 10, 1)
+
+
 def test_fp8_tensors_are_measured_on_their_real_values_every_element(fp8_trio, tmp_path):
     from quantized import read_tensors, real_values
 
