@@ -182,12 +182,12 @@ class Transcoder:
         decode_into(into, codes, scales, src.scales.block, chunk.rows[0] - lo * src.scales.block[0],
                     index, table)
 
-    def _sum(self, total: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
-        """``total`` += sum(a * b) in the report's fixed order (``sums.OrderedSum``)."""
+    def _sum(self, stats: torch.Tensor, at: int, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+        """``stats[at]`` += sum(a * b) in the report's fixed order (``sums.OrderedSum``)."""
         if self._sums is None:
             cap = self._capacity if self.device.type != "cpu" else min(self._capacity, CPU_BLOCK)
             self._sums = OrderedSum(self.dtype, cap, self.device)
-        self._sums.add(total, a, b)
+        self._sums.add(stats, at, a, b)
 
     def values(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
                ranges: list[tuple[int, int]] | None = None,
@@ -235,9 +235,9 @@ class Transcoder:
                     moved = torch.sub(tv[lo:hi], bv[lo:hi], out=bv[lo:hi])  # the base is not needed after
                     dr = dv[lo:hi]
                     at = term_sums_index(i)
-                    self._sum(stats[at], dr)  # type: ignore[index]
-                    self._sum(stats[at + 1], moved)  # type: ignore[index]
-                    self._sum(stats[at + 2], dr, moved)  # type: ignore[index]
+                    self._sum(stats, at, dr)  # type: ignore[arg-type]
+                    self._sum(stats, at + 1, moved)  # type: ignore[arg-type]
+                    self._sum(stats, at + 2, dr, moved)  # type: ignore[arg-type]
                     got.append([zeros_in(dr)])
                 parts["terms"].append(got)
             if term.alpha != 1.0:
@@ -248,9 +248,9 @@ class Transcoder:
             assert parts is not None and ranges is not None
             av, tv = acc.view(-1), target.view(-1)
             for lo, hi in ranges:
-                self._sum(stats[STATS.index("target_sq")], tv[lo:hi])  # type: ignore[index]
+                self._sum(stats, STATS.index("target_sq"), tv[lo:hi])  # type: ignore[arg-type]
                 if len(t.terms) > 1:
-                    self._sum(stats[len(STATS)], av[lo:hi])  # type: ignore[index]  # change_sq
+                    self._sum(stats, len(STATS), av[lo:hi])  # type: ignore[arg-type]  # change_sq
             parts["common"] = [[hi - lo] for lo, hi in ranges]
         elif t.adds_target:
             self._decode(chunk, inputs, t.target, target)
@@ -273,7 +273,7 @@ class Transcoder:
             change = self._b[lo:hi]
             change.copy_(result[lo:hi])
             change.sub_(self._c[lo:hi])
-            self._sum(stats[out_delta], change)
+            self._sum(stats, out_delta, change)
             for i in range(terms):
                 unchanged = term_sums_index(i) + 3
                 sums[unchanged] = sums[unchanged] + parts["terms"][i][r][0]

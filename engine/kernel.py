@@ -250,7 +250,7 @@ class ChunkKernel:
             ob.copy_(d)  # one rounding, where the output dtype is narrower (bf16)
             if stats is not None:
                 unchanged = _unchanged(fb, bb, d, self._same)
-                self._sums().add(stats[2], ob if ob.dtype == self.dtype else tmp.copy_(ob))  # DIFF_STATS' delta_sq
+                self._sums().add(stats, 2, ob if ob.dtype == self.dtype else tmp.copy_(ob))  # DIFF_STATS' delta_sq
                 add_stats(stats, [m, unchanged < m, 0, unchanged, self._inexact(fb, bb, ob)])
             if check:
                 bad = first_nonfinite(ob)
@@ -298,14 +298,15 @@ class ChunkKernel:
         tc = self._as_compute(t, self._t[:n])
         moved = torch.sub(tc, bc, out=tmp)
         ordered = self._sums()
-        ordered.add(stats[_TARGET_SQ], tc)
-        self._add_term(stats, 0, diff, moved)
+        ordered.rows(_TARGET_SQ, tc)
+        self._term_rows(0, diff, moved)
         unchanged = _unchanged(f, b, diff, self._same)
         if alpha != 1.0:
             diff.mul_(alpha)
         diff.add_(tc)
         out.copy_(diff)  # the one rounding to the target's dtype (round-to-nearest-even)
-        ordered.add(stats[_OUT_DELTA_SQ], _out_delta(out, tc, tmp))
+        ordered.rows(_OUT_DELTA_SQ, _out_delta(out, tc, tmp))
+        ordered.flush(stats)
         if sums is None:  # on a GPU: counted on the device, read once the shard is done
             add_stats(stats, [n, n, unchanged < n, *[0] * (_UNCHANGED - 3), unchanged])
             return None
@@ -318,12 +319,12 @@ class ChunkKernel:
             return first_nonfinite(out)
         return None
 
-    def _add_term(self, stats: torch.Tensor, term: int, d: torch.Tensor, moved: torch.Tensor) -> None:
-        """A diff's sums of (f - b)^2, (t - b)^2 and (f - b)(t - b) (``term_sums_index``), in order."""
+    def _term_rows(self, term: int, d: torch.Tensor, moved: torch.Tensor) -> None:
+        """A diff's sums of (f - b)^2, (t - b)^2 and (f - b)(t - b) (``term_sums_index``), pending."""
         at, ordered = term_sums_index(term), self._sums()
-        ordered.add(stats[at], d)
-        ordered.add(stats[at + 1], moved)
-        ordered.add(stats[at + 2], d, moved)
+        ordered.rows(at, d)
+        ordered.rows(at + 1, moved)
+        ordered.rows(at + 2, d, moved)
 
     def _combine_many(self, t: torch.Tensor, terms: tuple[tuple[torch.Tensor, torch.Tensor, float], ...],
                       out: torch.Tensor, stats: torch.Tensor | None, sums: list[float] | None,
@@ -345,7 +346,7 @@ class ChunkKernel:
                 assert tc is not None
                 moved = torch.sub(tc, bc, out=tmp)
                 unchanged = _unchanged(f, b, d, self._same)
-                self._add_term(stats, i, d, moved)
+                self._term_rows(i, d, moved)
                 values[term_sums_index(i) + 3] = unchanged
                 values[flag] = unchanged < n
             elif sums is not None and not sums[flag] and bool(d.any()):
@@ -355,15 +356,16 @@ class ChunkKernel:
             if i:
                 acc.add_(diff)
         if stats is not None:
-            self._sums().add(stats[_CHANGE], acc)
+            self._sums().rows(_CHANGE, acc)
         if tc is None:
             tc = self._as_compute(t, tmp)
         acc.add_(tc)
         out.copy_(acc)  # the one rounding to the target's dtype (round-to-nearest-even)
         if stats is None:
             return first_nonfinite(out) if check else None
-        self._sums().add(stats[_TARGET_SQ], tc)
-        self._sums().add(stats[_OUT_DELTA_SQ], _out_delta(out, tc, tmp))
+        self._sums().rows(_TARGET_SQ, tc)
+        self._sums().rows(_OUT_DELTA_SQ, _out_delta(out, tc, tmp))
+        self._sums().flush(stats)
         values[0] = values[1] = n
         if sums is None:  # on a GPU: counted on the device, read once the shard is done
             add_stats(stats, values)
