@@ -1,10 +1,11 @@
 """How one shard splits into the chunks execution streams, and which bytes each chunk reads.
 
 ``iter_chunks(task)`` cuts a ``ShardTask`` into ``Chunk`` units in write order (a tensor larger
-than ``chunk_size`` is split; a combined tensor's chunks are whole ``SUM_ROW`` rows of elements, at
-least one; on the FP8 codec path a chunk is whole rows, whole block rows for a block-scaled output); ``Chunk.reads`` says exactly which input bytes each one needs, and
-``shard_read_bytes`` adds them up without making the chunks, so planning counts what a run will
-read without reading anything.
+than ``chunk_size`` is split; a combined tensor's chunks are whole rows of ``SUM_ROW`` elements, at
+least one, so the report's sums do not depend on the chunk size; on the FP8 codec path a chunk is
+whole rows, whole block rows for a block-scaled output); ``Chunk.reads`` says exactly which input
+bytes each one needs, and ``shard_read_bytes`` adds them up without making the chunks, so planning
+counts what a run will read without reading anything.
 """
 from __future__ import annotations
 

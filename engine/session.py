@@ -121,13 +121,13 @@ class OutputSession:
 
     @staticmethod
     def _not_empty(uri: str, foreign: list[str], previous: Observed | None) -> str:
-        """Why a location with files this job would not write is refused, and what to do: files a
-        stopped run of another job kept (its mark lists them) go with ``graft clean``."""
+        """Why a location with files this job would not write is refused, and what to do: the files
+        of an unfinished run of another job (its mark lists them) go with ``graft clean``."""
         held = ", ".join(foreign[:3])
         mark = previous.mark if previous is not None else {}
-        kept = {n for n in (mark.get("files") or []) if isinstance(n, str)} | set(mark.get("shards") or {})
+        kept = {n for key in ("files", "shards") for n in (mark.get(key) or ()) if isinstance(n, str)}
         if mark and all(n in kept for n in foreign):
-            return (f"{uri} is not empty: it holds what a stopped graft run of a different job kept ({held}); "
+            return (f"{uri} is not empty: it holds the files of an unfinished graft run of a different job ({held}); "
                     f"to start this job over there, run: graft clean {uri} (the unchanged job that stopped "
                     f"would resume instead), or choose another output")
         return (f"{uri} is not empty (it holds {held}); graft writes only into a new or empty location: "

@@ -43,7 +43,7 @@ REPORT_EVERY = {"sampled": 32, "exact": 1, "off": 0}
 # The report's sums are the same bits whatever the threads, chunk size, executor or resume: each
 # measure is summed per row of SUM_ROW elements of its tensor (rows counted from the tensor's first
 # element; every chunk of a combined tensor starts on one, ``chunks.iter_chunks``), and the rows'
-# sums are added to the tensor's float64 total one at a time, in row order (``kernel.OrderedSum``).
+# sums are added to the tensor's float64 total one at a time, in row order (``sums.OrderedSum``).
 # A float32 dot product over a whole block would follow how torch splits it over threads.
 SUM_ROW = 128
 # What the arithmetic measures of each combined tensor for the transfer report, summed over its
@@ -288,5 +288,3 @@ def output_digest_key(file: str, tensor: str) -> str:
     """How ``ShardResult.digests`` names graft diff's output ``tensor`` in ``file`` (its bytes' sha256,
     which the diff's manifest lists for a transfer to check)."""
     return f"{OUTPUT_DIGEST}\t{file}\t{tensor}"
-
-

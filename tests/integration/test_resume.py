@@ -158,8 +158,8 @@ def test_a_changed_job_after_a_stopped_run_is_told_to_graft_clean_and_then_runs(
     stop_after_first_shard(make_spec(tiny_checkpoints, out), out)
     left = sorted(os.listdir(out))
     changed = make_spec(tiny_checkpoints, out, max_shard_size="60KB")
-    with pytest.raises(OutputError, match=rf"^{re.escape(out)} is not empty: it holds what a stopped graft run of a "
-                                          rf"different job kept \(.*\); to start this job over there, run: graft "
+    with pytest.raises(OutputError, match=rf"^{re.escape(out)} is not empty: it holds the files of an unfinished graft "
+                                          rf"run of a different job \(.*\); to start this job over there, run: graft "
                                           rf"clean {re.escape(out)} \(the unchanged job that stopped would resume "
                                           rf"instead\), or choose another output$"):
         run_local(changed)
