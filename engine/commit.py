@@ -50,12 +50,17 @@ def shard_outputs(job: Job, results: Mapping[str, ShardResult], out: Storage) ->
 def copy_side_files(job: Job, write: Callable[[str, bytes], OutputFile]
                     ) -> tuple[list[OutputFile], dict[str, list[dict[str, Any]]]]:
     """Copy each side file from its donor (patched where the plan says); the files written, and
-    per role what it donated (for the manifest's inputs)."""
+    per role what it donated (for the manifest's inputs). ``IntegrityError`` for a stored diff's
+    file that is not the one its manifest records."""
     outputs: list[OutputFile] = []
     donated: dict[str, list[dict[str, Any]]] = {role: [] for role in job.checkpoints}
     for side in job.plan.side_files:
         donor = job.checkpoints[side.donor].storage
         data = donor.read(side.name)
+        want = job.stored_files.get(side.donor, {}).get(side.name)
+        if want is not None and hashlib.sha256(data).hexdigest() != want:
+            raise IntegrityError(f"{donor.url(side.name)}: not the file its diff's manifest records (sha256): the "
+                                 f"diff is damaged; re-create it with graft diff or download it again")
         entry: dict[str, Any] = {"name": side.name, "uri": donor.url(side.name)}
         if side.patch:
             entry["sha256_donated"] = hashlib.sha256(data).hexdigest()

@@ -27,7 +27,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .planner import Plan, make_diff_plan, make_plan
-from .provenance import DIFF_KIND, expect_stored, refuse_diff_as_weights, stored_diff, stored_tensor_sha256
+from .provenance import DIFF_KIND, expect_stored, refuse_diff_as_weights, stored_diff, stored_sha256
 from .spec import JobSpec
 from .storage import Storage
 from .tasks import ShardResult
@@ -44,6 +44,8 @@ class Job:
     plan: Plan
     # Each stored diff's role -> what its manifest says (``provenance.stored_diff``).
     stored_diffs: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    # Each stored diff's role -> file name -> the sha256 its manifest records (side files are checked).
+    stored_files: dict[str, dict[str, str]] = field(default_factory=dict, compare=False)
 
     def input_storages(self) -> dict[str, Storage]:
         return {role: c.storage for role, c in self.checkpoints.items()}
@@ -81,10 +83,11 @@ def prepare_job(spec: JobSpec) -> Job:
     if spec.kind == DIFF_KIND:
         return Job(spec, checkpoints, make_diff_plan(spec, checkpoints, configs))
     stored = {role: stored_diff(checkpoints[role], role) for role in sorted(stored_roles)}
+    sums = {role: stored_sha256(checkpoints[role], role) for role in sorted(stored_roles)}
     plan = make_plan(spec, checkpoints, configs)
-    if stored_roles:
-        plan = expect_stored(plan, {r: stored_tensor_sha256(checkpoints[r], r) for r in sorted(stored_roles)})
-    return Job(spec, checkpoints, plan, stored)
+    if sums:
+        plan = expect_stored(plan, {role: tensors for role, (tensors, _) in sums.items()})
+    return Job(spec, checkpoints, plan, stored, {role: files for role, (_, files) in sums.items()})
 
 
 def fingerprint(job: Job) -> str:

@@ -12,11 +12,12 @@
   committed ``graft diff`` output) and returns what the transfer's manifest records of it: the
   sha256 of that manifest, so provenance chains. ``refuse_diff_as_weights``: a diff given as a
   target, fine-tune or base is refused.
-- ``stored_tensor_sha256`` / ``expect_stored`` / ``check_stored_reads``: the sha256 a diff's manifest
+- ``stored_sha256`` / ``expect_stored`` / ``check_stored_reads``: the sha256 a diff's manifest
   records for each of its tensors (``graft diff`` hashes each difference as it writes it) goes with
   the tensor's source to the worker, which hashes the bytes as they stream and refuses to commit a
   shard computed from others. Tensors a transfer does not read (alpha 0 by rule) are not checked:
-  nothing of them reaches the output.
+  nothing of them reaches the output. A side file the diff donates is checked against the sha256
+  its manifest records when it is copied (``commit.copy_side_files``).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from .manifest import MANIFEST_NAME, hash_range
 from .tasks import ShardTask, Source, TensorTask, digest_key
 
 __all__ = ["DIFF_KIND", "content_digests", "file_content_sha256", "stored_diff", "refuse_diff_as_weights",
-           "stored_tensor_sha256", "expect_stored", "check_stored_reads"]
+           "stored_sha256", "expect_stored", "check_stored_reads"]
 
 DIFF_KIND = "diff"
 
@@ -112,12 +113,14 @@ def stored_diff(ckpt: Checkpoint, role: str) -> dict[str, Any]:
             "from": {r: i.get("uri") for r, i in (manifest.get("inputs") or {}).items()}}
 
 
-def stored_tensor_sha256(ckpt: Checkpoint, role: str) -> dict[tuple[str, int], str]:
-    """(file, first byte) -> sha256 of each tensor of the stored diff read as ``role``, as its
-    manifest records them (``graft diff`` hashes each difference as it writes it). ``PlanError``
-    for a diff whose manifest does not list them for every shard (one written by an older graft)."""
+def stored_sha256(ckpt: Checkpoint, role: str) -> tuple[dict[tuple[str, int], str], dict[str, str]]:
+    """What the manifest of the stored diff read as ``role`` records: (file, first byte) -> sha256
+    of each tensor (``graft diff`` hashes each difference as it writes it), and file name -> sha256
+    of each file (its side files' too). ``PlanError`` for a diff whose manifest does not list its
+    tensors for every shard (one written by an older graft)."""
     manifest = _diff_manifest(ckpt, role)[1]
-    listed = {o.get("name"): o.get("tensors") for o in manifest.get("outputs") or [] if isinstance(o, dict)}
+    outputs = [o for o in manifest.get("outputs") or [] if isinstance(o, dict)]
+    listed = {o.get("name"): o.get("tensors") for o in outputs}
     out = {}
     for f in ckpt.files:
         sums = listed.get(f.name)
@@ -128,7 +131,8 @@ def stored_tensor_sha256(ckpt: Checkpoint, role: str) -> dict[tuple[str, int], s
         for e in ckpt.headers[f.name].tensors:
             if isinstance(sums.get(e.name), str):
                 out[(f.name, e.begin)] = sums[e.name]
-    return out
+    return out, {o["name"]: o["sha256"] for o in outputs if isinstance(o.get("name"), str)
+                 and isinstance(o.get("sha256"), str)}
 
 
 def expect_stored(plan: Any, roles: Mapping[str, Mapping[tuple[str, int], str]]) -> Any:

@@ -161,6 +161,14 @@ def test_a_damaged_diff_fails_the_transfer_before_its_shard_is_committed(tiny_ch
                                              rf"re-create it with graft diff or download it again$"):
         run_local(spec, workers=1)
     assert shard not in os.listdir(out) and MANIFEST_NAME not in os.listdir(out)
+    # A side file it donates (the chat template) is checked too, when it is copied: no manifest.
+    shutil.copy(os.path.join(diff32, ref.file), path)
+    with open(os.path.join(damaged, "chat_template.jinja"), "a") as fh:
+        fh.write(" ")
+    with pytest.raises(IntegrityError, match=rf"^{re.escape(os.path.join(damaged, 'chat_template.jinja'))}: not the "
+                                             rf"file its diff's manifest records \(sha256\): the diff is damaged"):
+        run_local(spec, workers=1)
+    assert MANIFEST_NAME not in os.listdir(out) and "chat_template.jinja" not in os.listdir(out)
     # A diff written before graft diff listed them is refused before any data moves.
     manifest = manifest_of(diff32)
     for entry in manifest["outputs"]:
