@@ -1,10 +1,11 @@
 """How one shard splits into the chunks execution streams, and which bytes each chunk reads.
 
 ``iter_chunks(task)`` cuts a ``ShardTask`` into ``Chunk`` units in write order (a tensor larger
-than ``chunk_size`` is split; on the FP8 codec path a chunk is whole rows, whole block rows for a
-block-scaled output); ``Chunk.reads`` says exactly which input bytes each one needs, and
-``shard_read_bytes`` adds them up without making the chunks, so planning counts what a run will
-read without reading anything.
+than ``chunk_size`` is split; a combined tensor's chunks are whole rows of ``SUM_ROW`` elements, at
+least one, so the report's sums do not depend on the chunk size; on the FP8 codec path a chunk is
+whole rows, whole block rows for a block-scaled output); ``Chunk.reads`` says exactly which input
+bytes each one needs, and ``shard_read_bytes`` adds them up without making the chunks, so planning
+counts what a run will read without reading anything.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .safetensors import DTYPE_SIZES
-from .tasks import COMPUTE_SIZES, ExecSettings, OutScales, ShardTask, TensorTask
+from .tasks import COMPUTE_SIZES, SUM_ROW, ExecSettings, OutScales, ShardTask, TensorTask
 
 __all__ = ["Read", "Chunk", "iter_chunks", "shard_read_bytes"]
 
@@ -165,6 +166,8 @@ def iter_chunks(task: ShardTask) -> Iterator[Chunk]:
             continue
         per_elem = compute_size if t.combine else DTYPE_SIZES[t.dtype]
         step = max(1, task.settings.chunk_size // per_elem)
+        if t.combine:  # whole rows of the report's sums (at least one, whatever the chunk size)
+            step = max(SUM_ROW, step - step % SUM_ROW)
         starts = range(0, t.numel, step)
         for start in starts:
             yield Chunk(t, start, min(step, t.numel - start), last=start + step >= t.numel)

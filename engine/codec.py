@@ -27,9 +27,10 @@ from __future__ import annotations
 import torch
 
 from .errors import NonFiniteError
-from .kernel import (COMPUTE_DTYPES, TORCH_DTYPES, add_stats, differs_index, sampled_ranges, term_sums_index,
-                     zeros_in)
+from .kernel import (COMPUTE_DTYPES, CPU_BLOCK, TORCH_DTYPES, add_stats, differs_index, sampled_ranges,
+                     term_sums_index, zeros_in)
 from .chunks import Chunk
+from .sums import OrderedSum
 from .tasks import STATS, Source, stat_names
 
 __all__ = ["FP8_MAX", "decode_into", "block_amax", "scales_from_amax", "encode_into", "Transcoder"]
@@ -156,6 +157,8 @@ class Transcoder:
         self._b = torch.empty(capacity, dtype=self.dtype, device=self.device)
         self._c: torch.Tensor | None = None  # the decoded target, for the transfer report
         self._d: torch.Tensor | None = None  # a further diff's difference
+        self._sums: OrderedSum | None = None  # the report's sums, in their fixed order
+        self._capacity = capacity
         self._index = torch.empty(capacity, dtype=torch.int32, device=self.device)
         self._tables = {code: _code_table(code, self.dtype, self.device) for code in _CODE_NAMES}
         self._amax: dict[str, torch.Tensor] = {}
@@ -179,16 +182,24 @@ class Transcoder:
         decode_into(into, codes, scales, src.scales.block, chunk.rows[0] - lo * src.scales.block[0],
                     index, table)
 
+    def _sum(self, stats: torch.Tensor, at: int, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+        """``stats[at]`` += sum(a * b) in the report's fixed order (``sums.OrderedSum``)."""
+        if self._sums is None:
+            cap = self._capacity if self.device.type != "cpu" else min(self._capacity, CPU_BLOCK)
+            self._sums = OrderedSum(self.dtype, cap, self.device)
+        self._sums.add(stats, at, a, b)
+
     def values(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
                ranges: list[tuple[int, int]] | None = None,
                parts: dict[str, list] | None = None,
-               look: tuple[bool, ...] = ()) -> torch.Tensor:
+               look: tuple[bool, ...] = (), stats: torch.Tensor | None = None) -> torch.Tensor:
         """t + sum_i alpha_i * (f_i - b_i) over the chunk's rows (or t alone), in the compute dtype;
         the same operation order as ``ChunkKernel``: each difference, scaled, summed left to right,
         then the target added. With ``ranges`` (of a combined tensor; ``kernel.sampled_ranges``)
-        ``parts`` gets, per range, ``common`` [elements, target_sq, change_sq] and, per diff,
-        ``terms`` [delta_sq, moved_sq, dot, unchanged]; and ``differs``, whether any element of
-        each diff differs (looked for only where ``look`` says). The decoded target is left in
+        the sums of target_sq, change_sq and each diff's delta_sq, moved_sq and dot are added to
+        ``stats`` (``tasks.stat_names``), and ``parts`` gets, per range, ``common`` [elements] and,
+        per diff, ``terms`` [unchanged]; and ``differs``, whether any element of each diff differs
+        (looked for only where ``look`` says). The decoded target is left in
         ``self._c`` for ``run`` to measure the output against."""
         t = chunk.tensor
         rows, cols = chunk.rows[1], t.shape[1]
@@ -197,7 +208,7 @@ class Transcoder:
         if not t.combine:
             self._decode(chunk, inputs, t.target, acc)
             return acc
-        measuring = ranges is not None and parts is not None
+        measuring = ranges is not None and parts is not None and stats is not None
         target = tmp
         if measuring:
             if self._c is None:
@@ -223,7 +234,11 @@ class Transcoder:
                 for lo, hi in ranges:
                     moved = torch.sub(tv[lo:hi], bv[lo:hi], out=bv[lo:hi])  # the base is not needed after
                     dr = dv[lo:hi]
-                    got.append([torch.dot(dr, dr), torch.dot(moved, moved), torch.dot(dr, moved), zeros_in(dr)])
+                    at = term_sums_index(i)
+                    self._sum(stats, at, dr)  # type: ignore[arg-type]
+                    self._sum(stats, at + 1, moved)  # type: ignore[arg-type]
+                    self._sum(stats, at + 2, dr, moved)  # type: ignore[arg-type]
+                    got.append([zeros_in(dr)])
                 parts["terms"].append(got)
             if term.alpha != 1.0:
                 d.mul_(term.alpha)
@@ -232,9 +247,11 @@ class Transcoder:
         if measuring:
             assert parts is not None and ranges is not None
             av, tv = acc.view(-1), target.view(-1)
-            parts["common"] = [[hi - lo, torch.dot(tv[lo:hi], tv[lo:hi]),
-                                torch.dot(av[lo:hi], av[lo:hi]) if len(t.terms) > 1 else 0]
-                               for lo, hi in ranges]
+            for lo, hi in ranges:
+                self._sum(stats, STATS.index("target_sq"), tv[lo:hi])  # type: ignore[arg-type]
+                if len(t.terms) > 1:
+                    self._sum(stats, len(STATS), av[lo:hi])  # type: ignore[arg-type]  # change_sq
+            parts["common"] = [[hi - lo] for lo, hi in ranges]
         elif t.adds_target:
             self._decode(chunk, inputs, t.target, target)
         if t.adds_target:  # (graft diff writes the difference alone)
@@ -244,26 +261,22 @@ class Transcoder:
     def _add_measures(self, stats: torch.Tensor, parts: dict[str, list], ranges: list[tuple[int, int]],
                       terms: int, result: torch.Tensor | None) -> None:
         """Add a chunk's measures to ``stats`` (laid out as ``tasks.stat_names(terms)``): ``parts``
-        per measured range (from ``values``), plus (out - t)^2 over those ranges from ``result``
-        (the rounded output, or an FP8 output's codes decoded with their scales)."""
+        counts per measured range (from ``values``), plus (out - t)^2 over those ranges from
+        ``result`` (the rounded output, or an FP8 output's codes decoded with their scales)."""
         assert result is not None and self._c is not None
         names = stat_names(terms)
         sums: list[torch.Tensor | float | int] = [0] * len(names)
         sums[0] = result.numel()
-        at = {k: names.index(k) for k in ("measured", "target_sq", "out_delta_sq")}
+        measured, out_delta = names.index("measured"), names.index("out_delta_sq")
         for r, (lo, hi) in enumerate(ranges):
-            count, tt, cc = parts["common"][r]
+            sums[measured] = sums[measured] + parts["common"][r][0]
             change = self._b[lo:hi]
             change.copy_(result[lo:hi])
             change.sub_(self._c[lo:hi])
-            for k, v in zip(("measured", "target_sq", "out_delta_sq"), (count, tt, torch.dot(change, change))):
-                sums[at[k]] = sums[at[k]] + v
-            if terms > 1:
-                sums[len(STATS)] = sums[len(STATS)] + cc
+            self._sum(stats, out_delta, change)
             for i in range(terms):
-                first = term_sums_index(i)
-                for j, v in enumerate(parts["terms"][i][r]):
-                    sums[first + j] = sums[first + j] + v
+                unchanged = term_sums_index(i) + 3
+                sums[unchanged] = sums[unchanged] + parts["terms"][i][r][0]
         for i in range(terms):
             sums[differs_index(i)] = parts["differs"][i]
         add_stats(stats, sums)
@@ -282,7 +295,7 @@ class Transcoder:
         on_cpu = stats is not None and stats.device.type == "cpu"
         look = tuple(not (measuring and on_cpu and bool(stats[differs_index(i)]))  # type: ignore[index]
                      for i in range(len(t.terms)))
-        w = self.values(chunk, inputs, ranges, parts, look)
+        w = self.values(chunk, inputs, ranges, parts, look, stats if measuring else None)
         rows, cols = w.shape
         if t.scales is None:
             assert out is not None

@@ -25,7 +25,7 @@ from .provenance import DIFF_KIND, content_digests
 from .report import REPORT_NAME, build as build_report
 from .spec import JobSpec
 from .storage import Storage
-from .tasks import DIFF_STATS, ShardResult
+from .tasks import DIFF_STATS, OUTPUT_DIGEST, ShardResult
 
 __all__ = ["put", "shard_outputs", "copy_side_files", "transfer_report", "build_manifest", "run_times"]
 
@@ -51,12 +51,17 @@ def shard_outputs(job: Job, results: Mapping[str, ShardResult], out: Storage) ->
 def copy_side_files(job: Job, write: Callable[[str, bytes], OutputFile]
                     ) -> tuple[list[OutputFile], dict[str, list[dict[str, Any]]]]:
     """Copy each side file from its donor (patched where the plan says); the files written, and
-    per role what it donated (for the manifest's inputs)."""
+    per role what it donated (for the manifest's inputs). ``IntegrityError`` for a stored diff's
+    file that is not the one its manifest records."""
     outputs: list[OutputFile] = []
     donated: dict[str, list[dict[str, Any]]] = {role: [] for role in job.checkpoints}
     for side in job.plan.side_files:
         donor = job.checkpoints[side.donor].storage
         data = donor.read(side.name)
+        want = job.stored_files.get(side.donor, {}).get(side.name)
+        if want is not None and hashlib.sha256(data).hexdigest() != want:
+            raise IntegrityError(f"{donor.url(side.name)}: not the file its diff's manifest records (sha256): the "
+                                 f"diff is damaged; re-create it with graft diff or download it again")
         entry: dict[str, Any] = {"name": side.name, "uri": donor.url(side.name)}
         if side.patch:
             entry["sha256_donated"] = hashlib.sha256(data).hexdigest()
@@ -111,9 +116,23 @@ def input_contents(job: Job, results: Mapping[str, ShardResult]) -> dict[str, di
     return out
 
 
+def written_digests(results: Mapping[str, ShardResult]) -> dict[str, dict[str, str]]:
+    """graft diff: file -> tensor -> the sha256 of its bytes as written (``tasks.output_digest_key``)."""
+    out: dict[str, dict[str, str]] = {}
+    for r in results.values():
+        for key, digest in r.digests:
+            kind, _, rest = key.partition("\t")
+            if kind == OUTPUT_DIGEST:
+                file, _, tensor = rest.partition("\t")
+                out.setdefault(file, {})[tensor] = digest
+    return {f: dict(sorted(ts.items())) for f, ts in out.items()}
+
+
 def diff_summary(job: Job, results: Mapping[str, ShardResult]) -> dict[str, Any]:
     """graft diff: what the written differences measured (``tasks.DIFF_STATS``, every element)."""
-    measured = {name: dict(zip(DIFF_STATS, values)) for r in results.values() for name, values in r.report}
+    # In name order: the shards' results come in whatever order they finished.
+    measured = {name: dict(zip(DIFF_STATS, values))
+                for name, values in sorted(m for r in results.values() for m in r.report)}
     names = [t.name for s in job.plan.shards for t in s.tensors]
     inexact = {n: int(v["inexact"]) for n, v in sorted(measured.items()) if v["inexact"]}
     unmeasured = sorted(n for n in names if n not in measured)
@@ -136,6 +155,7 @@ def build_manifest(job: Job, results: Mapping[str, ShardResult], outputs: list[O
     workers, resumed shards, times)."""
     plan, spec = job.plan, job.spec
     contents = input_contents(job, results) if spec.kind == DIFF_KIND else {}
+    written = written_digests(results)
     return {
         "format": MANIFEST_FORMAT,
         "graft_version": __version__,
@@ -151,7 +171,8 @@ def build_manifest(job: Job, results: Mapping[str, ShardResult], outputs: list[O
                              for f in c.files] + donated[role]}
             for role, c in job.checkpoints.items()
         },
-        "outputs": [{"name": f.name, "size": f.size, "sha256": f.sha256}
+        "outputs": [{"name": f.name, "size": f.size, "sha256": f.sha256,
+                     **({"tensors": written[f.name]} if f.name in written else {})}
                     for f in sorted([*outputs, sums], key=lambda f: f.name)],
         "plan": {"tensors": plan.tensor_count, "combined": plan.combined, "copied": plan.copied,
                  "left_out": list(plan.left_out), "shards": len(plan.shards),

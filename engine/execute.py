@@ -30,11 +30,13 @@ import torch
 
 from .codec import Transcoder
 from .errors import GraftError, IntegrityError
+from .provenance import check_stored_reads
 from .kernel import TORCH_DTYPES, ChunkKernel, check_finite, nonfinite_error
 from .safetensors import DTYPE_SIZES, FLOATING_DTYPES, ShardWriter
 from .storage import RangeReader, Storage
 from .chunks import Chunk, Read, iter_chunks
-from .tasks import DIFF_STATS, ExecSettings, ShardResult, ShardTask, Source, TensorTask, digest_key, stat_names
+from .tasks import (DIFF_STATS, ExecSettings, ShardResult, ShardTask, Source, TensorTask, digest_key,
+                    output_digest_key, stat_names)
 
 __all__ = ["ShardResult", "Chunk", "Cancelled", "iter_chunks", "execute_shard"]
 
@@ -282,8 +284,10 @@ def execute_shard(
         return measured.get(t.name)
 
     # graft diff: sha256 of every input tensor's bytes as they stream by (codes: in order, chunk by
-    # chunk; scale tensors, whose rows two chunks may both read, whole at the end).
+    # chunk; scale tensors, whose rows two chunks may both read, whole at the end). Each under the
+    # first output tensor that reads it: a tied head reads its embedding's bytes again.
     hashers: dict[str, Any] = {}
+    owners: dict[str, str] = {}
 
     def hash_reads(i: int, slot: _Slot) -> None:
         chunk = chunks[i]
@@ -293,9 +297,15 @@ def execute_shard(
             if r.kind == "codes" and r.role in settings.hash_roles:
                 begin = r.begin - chunk.start * DTYPE_SIZES[r.dtype]
                 key = digest_key(r.role, r.file, begin)
+                if owners.setdefault(key, chunk.tensor.name) != chunk.tensor.name:
+                    continue
                 if key not in hashers:
                     hashers[key] = hashlib.sha256()
                 hashers[key].update(memoryview(slot.view(r).numpy()))
+
+    # graft diff: each difference's sha256 as written (the diff's manifest lists them, and a
+    # transfer from the diff checks what it reads against them).
+    written_hashers: dict[str, Any] = {}
 
     writer = output.writer(task.file, task.size)
     try:
@@ -312,6 +322,10 @@ def execute_shard(
                 if check_here(t) and not (compute.checks and t.combine and not t.transcodes):
                     check_finite(data.view(TORCH_DTYPES[t.dtype]), t.name, task.file, chunk.start)
                 shard.write(memoryview(data.numpy()))
+                if not t.adds_target:
+                    if t.name not in written_hashers:
+                        written_hashers[t.name] = hashlib.sha256()
+                    written_hashers[t.name].update(memoryview(data.numpy()))
                 if scales is not None:
                     shard.write(memoryview(scales.view(torch.uint8).reshape(-1).numpy()))
             if on_progress is not None:
@@ -351,6 +365,7 @@ def execute_shard(
             _hash_scales(task, reader, hashers, settings.hash_roles)
         size, digest = shard.finish()
         _check_inputs_unchanged(task, inputs)
+        check_stored_reads(task, inputs, hashers)
         writer.commit()
     except BaseException:
         # No write may be in flight while the temporary file is discarded.
@@ -365,7 +380,8 @@ def execute_shard(
             r.close()
     bytes_read = sum(r.bytes_read for r in readers.values())
     report = tuple((name, tuple(v.tolist())) for name, v in measured.items())
-    digests = tuple((key, h.hexdigest()) for key, h in hashers.items())
+    digests = tuple((key, h.hexdigest()) for key, h in hashers.items()) + tuple(
+        (output_digest_key(task.file, name), h.hexdigest()) for name, h in written_hashers.items())
     return ShardResult(task.file, size, digest, bytes_read, time.monotonic() - t0, report, digests)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .planner import Plan, make_diff_plan, make_plan
-from .provenance import DIFF_KIND, stored_diff
+from .provenance import DIFF_KIND, expect_stored, refuse_diff_as_weights, stored_diff, stored_sha256
 from .spec import JobSpec
 from .storage import Storage
 from .tasks import ShardResult
@@ -44,6 +44,8 @@ class Job:
     plan: Plan
     # Each stored diff's role -> what its manifest says (``provenance.stored_diff``).
     stored_diffs: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    # Each stored diff's role -> file name -> the sha256 its manifest records (side files are checked).
+    stored_files: dict[str, dict[str, str]] = field(default_factory=dict, compare=False)
 
     def input_storages(self) -> dict[str, Storage]:
         return {role: c.storage for role, c in self.checkpoints.items()}
@@ -74,11 +76,18 @@ def prepare_job(spec: JobSpec) -> Job:
         opened = dict(zip(uris, pool.map(open_at, uris)))
     checkpoints = {role: opened[uri][0] for role, uri in roles.items()}
     configs = {role: opened[uri][1] for role, uri in roles.items()}
+    stored_roles = {spec.diff_roles(i)[0] for i, d in enumerate(spec.diffs) if d.stored}
+    for role, c in checkpoints.items():
+        if role not in stored_roles:
+            refuse_diff_as_weights(c, role)
     if spec.kind == DIFF_KIND:
         return Job(spec, checkpoints, make_diff_plan(spec, checkpoints, configs))
-    stored = {roles[0]: stored_diff(checkpoints[roles[0]], roles[0])
-              for i, d in enumerate(spec.diffs) if d.stored for roles in (spec.diff_roles(i),)}
-    return Job(spec, checkpoints, make_plan(spec, checkpoints, configs), stored)
+    stored = {role: stored_diff(checkpoints[role], role) for role in sorted(stored_roles)}
+    sums = {role: stored_sha256(checkpoints[role], role) for role in sorted(stored_roles)}
+    plan = make_plan(spec, checkpoints, configs)
+    if sums:
+        plan = expect_stored(plan, {role: tensors for role, (tensors, _) in sums.items()})
+    return Job(spec, checkpoints, plan, stored, {role: files for role, (_, files) in sums.items()})
 
 
 def fingerprint(job: Job) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import NonFiniteError
+from .sums import OrderedSum
 from .tasks import STATS, TERM_STATS, stat_names
 
 __all__ = ["TORCH_DTYPES", "COMPUTE_DTYPES", "CPU_BLOCK", "STATS", "add_stats", "sampled_ranges", "zeros_in",
@@ -55,6 +56,7 @@ def first_nonfinite(values: torch.Tensor) -> int | None:
 
 _DIFFERS, _TARGET_SQ, _OUT_DELTA_SQ, _DELTA_SQ = (STATS.index(k) for k in ("differs", "target_sq", "out_delta_sq",
                                                                            "delta_sq"))
+_UNCHANGED = STATS.index("unchanged")
 _CHANGE = len(STATS)  # with several diffs: the change's sum of squares, then each further diff's measures
 
 
@@ -110,21 +112,12 @@ def _np(x: torch.Tensor, scratch: torch.Tensor) -> np.ndarray:
     return scratch.copy_(x).numpy()
 
 
-def _sq(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """sum x^2 in ``scratch``'s dtype (``x`` itself when it has that dtype)."""
-    if x.dtype != scratch.dtype:
-        x = scratch.copy_(x)
-    return torch.dot(x, x)
-
-
-def _out_delta_sq(out: torch.Tensor, tc: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """sum (out - t)^2 with ``out`` as written (rounded), ``tc`` the target in the compute dtype."""
+def _out_delta(out: torch.Tensor, tc: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """out - t in ``scratch``, with ``out`` as written (rounded), ``tc`` the target in the compute dtype."""
     if out.dtype == tc.dtype:
-        torch.sub(out, tc, out=scratch)
-    else:
-        scratch.copy_(out)
-        scratch.sub_(tc)
-    return torch.dot(scratch, scratch)
+        return torch.sub(out, tc, out=scratch)
+    scratch.copy_(out)
+    return scratch.sub_(tc)
 
 
 def add_stats(stats: torch.Tensor, values: list[torch.Tensor | float | int]) -> None:
@@ -164,6 +157,12 @@ class ChunkKernel:
         self._wide: torch.Tensor | None = None  # graft diff's float64 check of each difference
         self._zeros: dict[torch.dtype, torch.Tensor] = {}
         self._capacity = capacity
+        self._ordered: OrderedSum | None = None  # the report's sums of squares and products
+
+    def _sums(self) -> OrderedSum:
+        if self._ordered is None:
+            self._ordered = OrderedSum(self.dtype, self.block, self._diff.device)
+        return self._ordered
 
     def zeros(self, n: int, dtype: torch.dtype) -> torch.Tensor:
         """``n`` zeros of ``dtype`` on the kernel's device, from a buffer kept for the next chunk (rows
@@ -251,7 +250,8 @@ class ChunkKernel:
             ob.copy_(d)  # one rounding, where the output dtype is narrower (bf16)
             if stats is not None:
                 unchanged = _unchanged(fb, bb, d, self._same)
-                add_stats(stats, [m, unchanged < m, _sq(ob, tmp), unchanged, self._inexact(fb, bb, ob)])
+                self._sums().add(stats, 2, ob if ob.dtype == self.dtype else tmp.copy_(ob))  # DIFF_STATS' delta_sq
+                add_stats(stats, [m, unchanged < m, 0, unchanged, self._inexact(fb, bb, ob)])
             if check:
                 bad = first_nonfinite(ob)
                 if bad is not None:
@@ -297,26 +297,34 @@ class ChunkKernel:
         assert self._t is not None
         tc = self._as_compute(t, self._t[:n])
         moved = torch.sub(tc, bc, out=tmp)
-        parts = [torch.dot(tc, tc), torch.dot(diff, diff), torch.dot(moved, moved), torch.dot(diff, moved),
-                 _unchanged(f, b, diff, self._same)]
+        ordered = self._sums()
+        ordered.rows(_TARGET_SQ, tc)
+        self._term_rows(0, diff, moved)
+        unchanged = _unchanged(f, b, diff, self._same)
         if alpha != 1.0:
             diff.mul_(alpha)
         diff.add_(tc)
         out.copy_(diff)  # the one rounding to the target's dtype (round-to-nearest-even)
-        out_sq = _out_delta_sq(out, tc, tmp)
-        if sums is None:  # on a GPU: summed on the device, read once the shard is done
-            assert stats is not None
-            add_stats(stats, [n, n, parts[4] < n, parts[0], out_sq, *parts[1:]])
+        ordered.rows(_OUT_DELTA_SQ, _out_delta(out, tc, tmp))
+        ordered.flush(stats)
+        if sums is None:  # on a GPU: counted on the device, read once the shard is done
+            add_stats(stats, [n, n, unchanged < n, *[0] * (_UNCHANGED - 3), unchanged])
             return None
-        values = (0, n, 0, float(parts[0]), float(out_sq), *(float(p) for p in parts[1:]))
-        for i, v in enumerate(values):
-            sums[i] += v
-        if parts[4] < n:
+        sums[1] += n
+        sums[_UNCHANGED] += unchanged
+        if unchanged < n:
             sums[_DIFFERS] = 1.0
         # A NaN/Inf in out makes (out - t)^2 summed non-finite; a finite sum proves out finite.
-        if check and not math.isfinite(values[4]):
+        if check and not math.isfinite(float(stats[_OUT_DELTA_SQ])):
             return first_nonfinite(out)
         return None
+
+    def _term_rows(self, term: int, d: torch.Tensor, moved: torch.Tensor) -> None:
+        """A diff's sums of (f - b)^2, (t - b)^2 and (f - b)(t - b) (``term_sums_index``), pending."""
+        at, ordered = term_sums_index(term), self._sums()
+        ordered.rows(at, d)
+        ordered.rows(at + 1, moved)
+        ordered.rows(at + 2, d, moved)
 
     def _combine_many(self, t: torch.Tensor, terms: tuple[tuple[torch.Tensor, torch.Tensor, float], ...],
                       out: torch.Tensor, stats: torch.Tensor | None, sums: list[float] | None,
@@ -338,8 +346,8 @@ class ChunkKernel:
                 assert tc is not None
                 moved = torch.sub(tc, bc, out=tmp)
                 unchanged = _unchanged(f, b, d, self._same)
-                at = term_sums_index(i)
-                values[at:at + 4] = [torch.dot(d, d), torch.dot(moved, moved), torch.dot(d, moved), unchanged]
+                self._term_rows(i, d, moved)
+                values[term_sums_index(i) + 3] = unchanged
                 values[flag] = unchanged < n
             elif sums is not None and not sums[flag] and bool(d.any()):
                 sums[flag] = 1.0
@@ -348,17 +356,18 @@ class ChunkKernel:
             if i:
                 acc.add_(diff)
         if stats is not None:
-            values[_CHANGE] = torch.dot(acc, acc)
+            self._sums().rows(_CHANGE, acc)
         if tc is None:
             tc = self._as_compute(t, tmp)
         acc.add_(tc)
         out.copy_(acc)  # the one rounding to the target's dtype (round-to-nearest-even)
         if stats is None:
             return first_nonfinite(out) if check else None
-        values[_TARGET_SQ] = torch.dot(tc, tc)
-        values[_OUT_DELTA_SQ] = _out_delta_sq(out, tc, tmp)
+        self._sums().rows(_TARGET_SQ, tc)
+        self._sums().rows(_OUT_DELTA_SQ, _out_delta(out, tc, tmp))
+        self._sums().flush(stats)
         values[0] = values[1] = n
-        if sums is None:  # on a GPU: summed on the device, read once the shard is done
+        if sums is None:  # on a GPU: counted on the device, read once the shard is done
             add_stats(stats, values)
             return None
         values[0] = 0
@@ -368,7 +377,7 @@ class ChunkKernel:
                     sums[i] = 1.0
             else:
                 sums[i] += float(v)
-        if check and not math.isfinite(float(values[_OUT_DELTA_SQ])):
+        if check and not math.isfinite(float(stats[_OUT_DELTA_SQ])):
             return first_nonfinite(out)
         return None
 

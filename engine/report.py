@@ -7,6 +7,9 @@ manifest): per tensor and per layer the norms ||ft - base|| (the fine-tune's cha
 left unchanged and ||out - target|| (what the transfer changed, after rounding), plus the flags a
 release engineer must see before shipping. ``summary`` is what ``graft report`` prints.
 
+Every sum is taken in a fixed order (``tasks.SUM_ROW``; tensors by name), so the same job on the
+same inputs writes the same report whatever the executor, workers, threads, chunk size or resume.
+
 Sampled measures (the default on a CPU: every 32nd block of 256Ki elements of each tensor)
 are estimates: sums of squares are scaled by elements / measured, ratios are the sample's. Whether
 the fine-tune touched a tensor at all is checked on every element in every mode.
@@ -91,6 +94,8 @@ def build(measured: Iterable[tuple[str, tuple[float, ...]]], terms: Mapping[str,
     diff it takes, of the job's ``diffs``. A combined tensor without measures (a shard kept from a
     run with ``report: off``, or from an older graft) is listed as ``unmeasured``. ``stored``: the
     diffs read from a ``graft diff`` artifact (no base: no base_move_norm, cosine)."""
+    # Sums over tensors in name order: the shards' results come in whatever order they finished.
+    measured = sorted(measured)
     if diffs > 1:
         return _build_many(dict(measured), terms, mode, compute_dtype, diffs, stored)
     known = 0 in stored

@@ -112,19 +112,32 @@ class OutputSession:
         ours = cls._planned_names(job) | {RUN_MARK}
         marked = has_mark(listing)
         foreign = [n for n in listing if TEMP_MARK not in n and not (n in ours and marked)]
+        previous = observe(storage) if marked else None
         if foreign:
-            raise OutputError(f"{uri} is not empty (it holds {', '.join(foreign[:3])}); "
-                              f"graft writes only into a new or empty location: choose another output")
+            raise OutputError(cls._not_empty(uri, foreign, previous))
         # A folder inside is somebody's data too (the parent of the inputs, say): graft's own outputs
         # never have one.
         folders = storage.subdirectories()
         if folders:
             raise OutputError(f"{uri} is not empty (it holds the folder(s) {', '.join(f + '/' for f in folders[:3])}); "
                               f"graft writes only into a new or empty location: choose another output")
-        previous = observe(storage) if marked else None
         if previous is not None and watch:
             previous = wait_until_stale(storage, previous, log)
         return Checked(storage, listing, previous)
+
+    @staticmethod
+    def _not_empty(uri: str, foreign: list[str], previous: Observed | None) -> str:
+        """Why a location with files this job would not write is refused, and what to do: the files
+        of an unfinished run of another job (its mark lists them) go with ``graft clean``."""
+        held = ", ".join(foreign[:3])
+        mark = previous.mark if previous is not None else {}
+        kept = {n for key in ("files", "shards") for n in (mark.get(key) or ()) if isinstance(n, str)}
+        if mark and all(n in kept for n in foreign):
+            return (f"{uri} is not empty: it holds the files of an unfinished graft run of a different job ({held}); "
+                    f"to start this job over there, run: graft clean {uri} (the unchanged job that stopped "
+                    f"would resume instead), or choose another output")
+        return (f"{uri} is not empty (it holds {held}); graft writes only into a new or empty location: "
+                f"choose another output")
 
     @classmethod
     def open(cls, job: Job, log: Callable[[str], None] = lambda s: None,

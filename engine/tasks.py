@@ -16,6 +16,7 @@ from .safetensors import DTYPE_SIZES
 __all__ = [
     "ROLES",
     "REPORT_EVERY",
+    "SUM_ROW",
     "STATS",
     "Scales",
     "OutScales",
@@ -30,6 +31,7 @@ __all__ = [
     "ShardTask",
     "ShardResult",
     "digest_key",
+    "output_digest_key",
     "COMPUTE_SIZES",
 ]
 
@@ -38,6 +40,12 @@ ROLES = ("target", "finetuned", "base")
 # ``kernel.CPU_BLOCK`` elements of a tensor, its first always (on the 1.1B bench measuring every
 # element costs this CPU-bound 2-core machine ~30% of the job's wall time; bench/NOTES.md section 9).
 REPORT_EVERY = {"sampled": 32, "exact": 1, "off": 0}
+# The report's sums are the same bits whatever the threads, chunk size, executor or resume: each
+# measure is summed per row of SUM_ROW elements of its tensor (rows counted from the tensor's first
+# element; every chunk of a combined tensor starts on one, ``chunks.iter_chunks``), and the rows'
+# sums are added to the tensor's float64 total one at a time, in row order (``sums.OrderedSum``).
+# A float32 dot product over a whole block would follow how torch splits it over threads.
+SUM_ROW = 128
 # What the arithmetic measures of each combined tensor for the transfer report, summed over its
 # chunks (``kernel.py`` measures, ``report.py`` turns them into norms, cosines and flags): its
 # elements; the elements measured (all, or on a CPU by default one cache block in
@@ -136,6 +144,9 @@ class Source:
     end: int
     version: str | None = None  # the file's ETag / version / mtime when it was planned
     scales: Scales | None = None
+    # A stored diff's tensor: the sha256 of bytes [begin, end) its manifest records (checked as they
+    # stream, before the shard that read them is committed).
+    sha256: str | None = None
 
     @property
     def zero(self) -> bool:
@@ -285,3 +296,10 @@ def digest_key(role: str, file: str, begin: int) -> str:
     return f"{role}\t{file}\t{begin}"
 
 
+OUTPUT_DIGEST = "output"
+
+
+def output_digest_key(file: str, tensor: str) -> str:
+    """How ``ShardResult.digests`` names graft diff's output ``tensor`` in ``file`` (its bytes' sha256,
+    which the diff's manifest lists for a transfer to check)."""
+    return f"{OUTPUT_DIGEST}\t{file}\t{tensor}"

@@ -109,8 +109,9 @@ def stop_after_first_shard(spec, output: str) -> dict:  # noqa: ANN001
 
 def comparable(files: dict[str, bytes]) -> dict[str, bytes]:
     """Output files (name -> bytes) for bit-identity checks: all but the manifest (it records timing)
-    and the transfer report (its float32 sums follow torch's thread count; test_report.py checks
-    it), whose line is taken out of SHA256SUMS too."""
+    and the transfer report (what it measures differs between jobs that write the same shards: a
+    stored diff has no base, a GPU measures every element; test_report.py checks that the same job
+    writes the same report), whose line is taken out of SHA256SUMS too."""
     out = {n: data for n, data in sorted(files.items()) if n not in ("graft.manifest.json", "graft.report.json")}
     if "SHA256SUMS" in out:
         out["SHA256SUMS"] = b"".join(line for line in out["SHA256SUMS"].splitlines(keepends=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import load_all, reference, shard_bytes, stop_after_first_shard
 from graft.engine.checkpoint import open_checkpoint
-from graft.engine.errors import PlanError, SpecError
+from graft.engine.errors import IntegrityError, PlanError, SpecError
 from graft.engine.job import prepare_job
 from graft.engine.local import run_local
 from graft.engine.manifest import MANIFEST_NAME, verify_output
@@ -75,6 +77,31 @@ def test_the_manifest_binds_the_diff_to_the_content_of_every_input_file(tiny_che
             assert entry["content_sha256"] == file_content_sha256(ckpt, entry["name"]), entry["name"]
 
 
+def test_a_tied_base_is_bound_by_the_content_sha256_of_its_file(tiny_checkpoints, tmp_path):
+    """A base that ties its head to its embeddings (no lm_head stored) under a fine-tune that has its
+    own head, both in one file: the diff's lm_head reads the base's embedding bytes a second time in
+    the same output shard; they are hashed once, as the file holds them."""
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    for src, dest in ((tiny_checkpoints["base"], base), (tiny_checkpoints["finetuned"], ft)):
+        dest.mkdir()
+        for name in os.listdir(src):
+            if name.endswith(("config.json", ".jinja")) or name.startswith("tokenizer"):
+                shutil.copy(os.path.join(src, name), dest)
+    tensors = load_all(tiny_checkpoints["base"])
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    config = json.load(open(base / "config.json"))
+    json.dump({**config, "tie_word_embeddings": True}, open(base / "config.json", "w"))
+    save_file(load_all(tiny_checkpoints["finetuned"]), str(ft / "model.safetensors"), metadata={"format": "pt"})
+    out = str(tmp_path / "delta")
+    run_local(diff_spec(str(ft), str(base), out, chunk_size=4096), workers=1)
+    d = load_file(os.path.join(out, "model.safetensors"))
+    want = load_all(str(ft))["lm_head.weight"] - tensors["model.embed_tokens.weight"].float()
+    assert torch.equal(d["lm_head.weight"], want)
+    (entry,) = [e for e in manifest_of(out)["inputs"]["base"]["files"] if e["name"] == "model.safetensors"]
+    assert entry["content_sha256"] == file_content_sha256(open_checkpoint(str(base)), "model.safetensors")
+
+
 def test_a_transfer_from_a_float32_diff_is_the_three_checkpoint_float32_run_byte_for_byte(
         tiny_checkpoints, diff32, tmp_path):
     three, two = str(tmp_path / "three"), str(tmp_path / "two")
@@ -98,6 +125,62 @@ def test_a_transfer_from_a_float32_diff_is_the_three_checkpoint_float32_run_byte
     assert report["model"]["base_move_norm"] is None and report["model"]["ft_delta_norm"] > 0
     assert not [f for f in report["flags"] if f["kind"] == "base_moved_more"]
     assert verify_output(two).ok
+
+
+def _tensor_bytes(path: str) -> dict[str, bytes]:
+    """Each tensor's bytes in a safetensors file, read by its header (8-byte length, JSON)."""
+    data = open(path, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    return {k: data[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def test_a_damaged_diff_fails_the_transfer_before_its_shard_is_committed(tiny_checkpoints, diff32, tmp_path):
+    """graft diff lists each difference's sha256; a transfer hashes the diff's bytes as they stream
+    and commits no shard computed from bytes that are not those."""
+    for entry in manifest_of(diff32)["outputs"]:
+        if entry["name"].endswith(".safetensors"):
+            assert entry["tensors"] == {k: hashlib.sha256(v).hexdigest()
+                                        for k, v in _tensor_bytes(os.path.join(diff32, entry["name"])).items()}
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(diff32, damaged)
+    name = "model.embed_tokens.weight"
+    ref = open_checkpoint(damaged).tensors[name]
+    path = os.path.join(damaged, ref.file)
+    with open(path, "r+b") as fh:  # one byte of its data, the size kept
+        fh.seek(ref.begin + 1001)
+        byte = fh.read(1)
+        fh.seek(ref.begin + 1001)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    out = str(tmp_path / "out")
+    spec = spec_from_mapping({"target": tiny_checkpoints["target"], "diff": damaged, "output": out})
+    shard = next(s.file for s in prepare_job(spec).plan.shards if any(t.name == name for t in s.tensors))
+    with pytest.raises(IntegrityError, match=rf"^{re.escape(path)}: the bytes of tensor '{re.escape(name)}' are not "
+                                             rf"those its diff's manifest records \(sha256\): the diff is damaged; "
+                                             rf"re-create it with graft diff or download it again$"):
+        run_local(spec, workers=1)
+    assert shard not in os.listdir(out) and MANIFEST_NAME not in os.listdir(out)
+    # A side file it donates (the chat template) is checked too, when it is copied: no manifest.
+    shutil.copy(os.path.join(diff32, ref.file), path)
+    with open(os.path.join(damaged, "chat_template.jinja"), "a") as fh:
+        fh.write(" ")
+    with pytest.raises(IntegrityError, match=rf"^{re.escape(os.path.join(damaged, 'chat_template.jinja'))}: not the "
+                                             rf"file its diff's manifest records \(sha256\): the diff is damaged"):
+        run_local(spec, workers=1)
+    assert MANIFEST_NAME not in os.listdir(out) and "chat_template.jinja" not in os.listdir(out)
+    # A diff written before graft diff listed them is refused before any data moves.
+    manifest = manifest_of(diff32)
+    for entry in manifest["outputs"]:
+        entry.pop("tensors", None)
+    old = str(tmp_path / "old")
+    shutil.copytree(diff32, old)
+    json.dump(manifest, open(os.path.join(old, MANIFEST_NAME), "w"))
+    with pytest.raises(PlanError, match=r"^diff \(.*\): its graft.manifest.json records no sha256 of the tensors "
+                                        r"of .* \(a diff written by an older graft\), so what a transfer reads of "
+                                        r"it cannot be checked: re-create it with graft diff$"):
+        prepare_job(spec_from_mapping({"target": tiny_checkpoints["target"], "diff": old,
+                                       "output": str(tmp_path / "out2")}))
 
 
 def test_float64_from_a_diff_matches_the_three_checkpoint_run_exactly_where_the_manifest_says(tmp_path):
@@ -186,6 +269,26 @@ def test_what_is_not_a_diff_is_refused_before_any_data_moves(tiny_checkpoints, t
         spec_from_mapping({"target": "t", "diff": diff32, "finetuned": "f", "output": out})
     with pytest.raises(SpecError, match="that diff is a stored difference, which has no base"):
         spec_from_mapping({"target": "t", "diff": diff32, "output": out, "files": {"tokenizer.json": "base"}})
+
+
+def test_a_diff_given_as_weights_is_refused_at_plan_time_naming_the_role(tiny_checkpoints, diff32, tmp_path):
+    """A graft diff as target, fine-tune or base would be taken as whole weights (target + (diff -
+    base) with only a dtype warning): its manifest says what it is."""
+    t, f, b = (tiny_checkpoints[r] for r in ("target", "finetuned", "base"))
+    out = str(tmp_path / "out")
+    cases = [("finetuned", {"target": t, "finetuned": diff32, "base": b}, "diff"),
+             ("target", {"target": diff32, "finetuned": f, "base": b}, "diff"),
+             ("base", {"target": t, "finetuned": f, "base": diff32}, "diff"),
+             ("diffs[1].finetuned", {"target": t, "diffs": [{"diff": diff32}, {"finetuned": diff32, "base": b}]},
+              "diffs[1].diff")]
+    for role, spec, use in cases:
+        with pytest.raises(PlanError, match=rf"^{re.escape(role)} \({re.escape(diff32)}\) is a graft diff \(its "
+                                            rf"graft.manifest.json says kind: diff\), not a checkpoint of weights: "
+                                            rf"give it as {re.escape(use)} instead, without a base$"):
+            prepare_job(spec_from_mapping({**spec, "output": out}))
+    with pytest.raises(PlanError, match=r"^base \(.*\) is a graft diff"):
+        prepare_job(diff_spec(f, diff32, out))
+    assert not os.path.exists(out)
 
 
 def test_a_resized_vocabulary_is_refused_by_graft_diff(tiny_checkpoints, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,12 +13,13 @@ import time
 
 import pytest
 
-from conftest import shard_bytes
+from conftest import shard_bytes, stop_after_first_shard
 from live_runs import Background, shard_in_progress, wait_for
 from test_transfer_local import make_spec
 from graft.engine.errors import OutputError
 from graft.engine.job import fingerprint, prepare_job
 from graft.engine.local import run_local
+from graft.engine.manifest import verify_output
 from graft.engine.runmark import RUN_MARK
 
 
@@ -145,6 +147,26 @@ def test_a_crashed_run_of_another_job_keeps_nothing(tiny_checkpoints, tmp_path):
     again = run_local(make_spec(tiny_checkpoints, out))  # alpha 1: a different job
     assert again.manifest["run"]["resumed_shards"] == []
     assert again.results[0].sha256 != first.sha256
+
+
+def test_a_changed_job_after_a_stopped_run_is_told_to_graft_clean_and_then_runs(tiny_checkpoints, tmp_path):
+    """A stopped run left shards under its own names; the job changed (max_shard_size: other names).
+    The refusal names the command that starts over, and after it the changed job runs."""
+    from graft.engine.clean import clean_output
+
+    out = str(tmp_path / "out")
+    stop_after_first_shard(make_spec(tiny_checkpoints, out), out)
+    left = sorted(os.listdir(out))
+    changed = make_spec(tiny_checkpoints, out, max_shard_size="60KB")
+    with pytest.raises(OutputError, match=rf"^{re.escape(out)} is not empty: it holds the files of an unfinished graft "
+                                          rf"run of a different job \(.*\); to start this job over there, run: graft "
+                                          rf"clean {re.escape(out)} \(the unchanged job that stopped would resume "
+                                          rf"instead\), or choose another output$"):
+        run_local(changed)
+    assert sorted(os.listdir(out)) == left
+    clean_output(out)
+    run_local(changed)
+    assert verify_output(out).ok
 
 
 # --- staleness judged on this run's own clock ------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from conftest import ulp, within_float32_contract
 from graft.engine.errors import NonFiniteError
 from graft.engine.kernel import CPU_BLOCK, STATS, ChunkKernel, check_finite, first_nonfinite, sampled_ranges
-from graft.engine.tasks import stat_names
+from graft.engine.tasks import SUM_ROW, stat_names
 
 N = 20_000
 ALPHAS = (1.0, 0.5, -1.3)
@@ -271,6 +271,24 @@ def test_sampling_takes_the_same_grid_blocks_whatever_the_chunk_size():
         d = f.double()[picked] - b.double()[picked]
         assert got["delta_sq"] == pytest.approx(float((d * d).sum()), rel=1e-5)
     assert all(torch.allclose(r, runs[0], rtol=1e-5) for r in runs)
+
+
+@pytest.mark.parametrize("every", [1, 32])
+def test_the_measures_are_the_same_bits_whatever_the_threads_and_chunks(every):
+    """Sums in a fixed order (rows of SUM_ROW elements, then row by row in float64): a float32 dot
+    product per block follows torch's thread split, and sums per chunk the chunk size."""
+    torch.manual_seed(24)
+    n = 33 * CPU_BLOCK + 300  # sampled: blocks 0 and 32, the last one partial
+    t, f, b = (torch.randn(n).to(torch.bfloat16) for _ in range(3))
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for threads, chunk in ((2, n), (1, CPU_BLOCK), (2, 3 * SUM_ROW * 1001), (1, 97 * SUM_ROW)):
+            torch.set_num_threads(threads)
+            runs.append(_stats(ChunkKernel("float32", min(chunk, CPU_BLOCK)), t, f, b, 0.5, every, chunk))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(r, runs[0]) for r in runs[1:]), runs
 
 
 def test_a_fine_tune_that_changed_only_unsampled_elements_still_counts_as_touched():
