@@ -2,7 +2,7 @@
 
 ``iter_chunks(task)`` cuts a ``ShardTask`` into ``Chunk`` units in write order (a tensor larger
 than ``chunk_size`` is split; a combined tensor's chunks are whole rows of ``SUM_ROW`` elements, at
-least one, so the report's sums do not depend on the chunk size; on the FP8 codec path a chunk is
+least one, when the report is measured, so its sums do not depend on the chunk size; on the FP8 codec path a chunk is
 whole rows, whole block rows for a block-scaled output); ``Chunk.reads`` says exactly which input
 bytes each one needs, and ``shard_read_bytes`` adds them up without making the chunks, so planning
 counts what a run will read without reading anything.
@@ -166,7 +166,7 @@ def iter_chunks(task: ShardTask) -> Iterator[Chunk]:
             continue
         per_elem = compute_size if t.combine else DTYPE_SIZES[t.dtype]
         step = max(1, task.settings.chunk_size // per_elem)
-        if t.combine:  # whole rows of the report's sums (at least one, whatever the chunk size)
+        if t.combine and task.settings.report_every:  # whole rows of the report's sums (at least one)
             step = max(SUM_ROW, step - step % SUM_ROW)
         starts = range(0, t.numel, step)
         for start in starts:

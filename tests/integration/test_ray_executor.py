@@ -15,6 +15,7 @@ from ray.exceptions import RayActorError
 
 from conftest import poison, shard_bytes
 from live_runs import Background, kill_one_worker, shard_in_progress, wait_for
+from test_hf_cache import cached  # noqa: F401 - the fixture
 from test_transfer_local import assert_not_committed, make_spec
 from graft.cluster.actors import ProgressBoard
 from graft.cluster.driver import RayOptions, WorkerStartError, _WorkerPool, run_ray
@@ -48,6 +49,15 @@ def test_ray_output_is_bit_identical_to_the_local_executor(tiny_checkpoints, tmp
     assert result.manifest["run"]["executor"] == "ray" and result.manifest["run"]["workers"] == 2
     assert verify_output(ray_out).ok
     assert ray.is_initialized()  # a cluster graft did not start is left running
+
+
+def test_ray_runs_a_job_on_the_hugging_face_cache(cached, tiny_checkpoints, tmp_path):
+    """The cache's linked files (test_hf_cache.py) on Ray workers: pinned to the blobs, the same bytes."""
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    run_local(make_spec(tiny_checkpoints, ref))
+    run_ray(prepare_job(make_spec(cached, out)), RayOptions(workers=2))
+    assert shard_bytes(out) == shard_bytes(ref)
+    verify_output(out)
 
 
 def test_ray_runs_several_diffs_bit_identically_to_the_local_executor(tiny_checkpoints, second_diff, tmp_path):
@@ -129,7 +139,7 @@ def test_worker_killed_mid_shard_is_redone_with_bit_identical_output(tiny_checkp
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "out")
     run_local(make_spec(tiny_checkpoints, ref_out))
     # Small chunks make each shard take a few seconds, so the kill lands mid-shard.
-    job = prepare_job(make_spec(tiny_checkpoints, out, chunk_size=32))
+    job = prepare_job(make_spec(tiny_checkpoints, out, chunk_size=32, report="off"))
     logs: list[str] = []
     events: list[str] = []
     seen: list[int] = []
@@ -148,7 +158,7 @@ def test_worker_killed_mid_shard_is_redone_with_bit_identical_output(tiny_checkp
 def test_a_worker_killed_with_two_shards_in_flight_has_both_redone(tiny_checkpoints, tmp_path):
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "out")
     run_local(make_spec(tiny_checkpoints, ref_out))
-    job = prepare_job(make_spec(tiny_checkpoints, out, chunk_size=32))
+    job = prepare_job(make_spec(tiny_checkpoints, out, chunk_size=32, report="off"))
     events: list[str] = []
     bg = Background(lambda: run_ray(job, RayOptions(workers=1, shards_per_worker=2), on_shard=events.append))
     wait_for(lambda: os.path.isdir(out) and sum(".graft-tmp-" in n for n in os.listdir(out)) >= 2,

@@ -40,7 +40,7 @@ def test_two_nodes_give_the_same_bytes_as_one_process(cluster, tiny_checkpoints,
 def test_losing_a_node_mid_run_still_completes_bit_identical(cluster, tiny_checkpoints, tmp_path):
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "out")
     run_local(make_spec(tiny_checkpoints, ref_out))
-    job = prepare_job(make_spec(tiny_checkpoints, out, chunk_size=32))
+    job = prepare_job(make_spec(tiny_checkpoints, out, chunk_size=32, report="off"))
     logs: list[str] = []
     bg = Background(lambda: run_ray(job, RayOptions(workers=2), log=logs.append))
     wait_for(lambda: shard_in_progress(out), "a shard in progress")

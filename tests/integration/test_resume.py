@@ -313,7 +313,7 @@ def test_a_run_that_loses_the_race_touches_nothing(tiny_checkpoints, tmp_path):
 
 def test_two_runs_into_one_output_do_not_interleave(tiny_checkpoints, tmp_path):
     out = str(tmp_path / "out")
-    first = Background(lambda: run_local(make_spec(tiny_checkpoints, out, chunk_size=64)))
+    first = Background(lambda: run_local(make_spec(tiny_checkpoints, out, chunk_size=64, report="off")))
     wait_for(lambda: shard_in_progress(out), "the first run to start")
     with pytest.raises(OutputError, match="being written by another graft run"):
         run_local(make_spec(tiny_checkpoints, out))

@@ -405,7 +405,7 @@ def test_an_input_rewritten_during_the_run_is_refused_and_nothing_is_committed(c
     from graft.engine.errors import IntegrityError
 
     out = str(tmp_path / "out")
-    job = prepare_job(make_spec(copy_checkpoints, out, chunk_size=32))  # slow: a few seconds a shard
+    job = prepare_job(make_spec(copy_checkpoints, out, chunk_size=32, report="off"))  # slow: seconds a shard
     bg = Background(lambda: run_local(job))
     wait_for(lambda: shard_in_progress(out), "a shard in progress")
     victim = os.path.join(copy_checkpoints["target"], job.plan.shards[-1].file)
