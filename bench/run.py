@@ -421,6 +421,7 @@ def main() -> None:
     direct_floor = Row("I/O floor with O_DIRECT writes (dd oflag=direct, 8 MiB)", "1.1B")
     local = Row("graft --executor local (2 shards at once, the default)", "1.1B")
     no_report = Row("graft --executor local, report: off", "1.1B")  # what the transfer report costs
+    exact_report = Row("graft --executor local, report: exact", "1.1B")  # ... measuring every element
     rays = {w: Row(f"graft --executor ray --workers {w}", "1.1B") for w in (1, 2)}
     startup = {w: Row(f"Ray start-up: init, {w} actor(s) ready, shutdown", "1.1B") for w in (1, 2)}
     merge, naive = Row("mergekit 0.1.5 linear", "1.1B"), Row("naive: 3 state dicts in memory, float64", "1.1B")
@@ -437,7 +438,7 @@ def main() -> None:
         # an unmeasured run pays for them. The report's cost is a few percent: its pair runs in
         # alternating order too.
         graft_local(Row("settle", "1.1B"), llama, out, scratch, report="off")
-        pair = [(local, {}), (no_report, {"report": "off"})]
+        pair = [(local, {}), (no_report, {"report": "off"}), (exact_report, {"report": "exact"})]
         for row, extra in pair if i % 2 == 0 else pair[::-1]:
             graft_local(row, llama, out, scratch, **extra)
         direct_floor.seconds.append(floor(llama, out_llama, scratch, direct=True, row=direct_floor))
@@ -466,7 +467,7 @@ def main() -> None:
     for _ in range(runs):
         fp8_floor.seconds.append(floor(fp8, out_fp8, scratch, row=fp8_floor))
         graft_local(fp8_local, fp8, out, scratch)
-    rows = ([floor_row, direct_floor, local, no_report, rays[1], rays[2], startup[1], startup[2]]
+    rows = ([floor_row, direct_floor, local, no_report, exact_report, rays[1], rays[2], startup[1], startup[2]]
             + ([] if args.quick else [merge, naive]) + [big_local, fp8_floor, fp8_local])
     warm(llama)
     rows += recipe_rows(llama, scratch, runs)
@@ -546,6 +547,10 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int, in
                       f"{paired(on.seconds, off.seconds) - 1:+.1%} wall time and "
                       f"{paired(on.cpu, off.cpu) - 1:+.1%} CPU against the same job with `report: off` "
                       f"(paired runs of this table)."]
+        exact = by.get("graft --executor local, report: exact")
+        if exact is not None and exact.seconds:
+            lines += ["", f"Measuring every element (`report: exact`) costs {paired(exact.seconds, off.seconds) - 1:+.1%} "
+                          f"wall time and {paired(exact.cpu, off.cpu) - 1:+.1%} CPU against `report: off`."]
     fp8 = next((r for r in rows if r.job == "FP8" and r.cpu and r.name.startswith("graft")), None)
     if fp8 is not None:
         lines += ["", f"FP8 job: graft used {statistics.median(fp8.cpu) / (in_fp8 / 1e9):.1f} CPU-seconds per GB "
