@@ -10,8 +10,13 @@ import time
 from typing import Any, Callable
 
 
+def shards_in_progress(out: str) -> int:
+    """How many output shards are being written now (their temporary files)."""
+    return sum(n.startswith(".model") and ".graft-tmp-" in n for n in os.listdir(out)) if os.path.isdir(out) else 0
+
+
 def shard_in_progress(out: str) -> bool:
-    return os.path.isdir(out) and any(n.startswith(".model") and ".graft-tmp-" in n for n in os.listdir(out))
+    return shards_in_progress(out) > 0
 
 
 def wait_for(cond: Callable[[], bool], what: str, timeout: float = 120) -> None:
