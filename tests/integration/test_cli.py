@@ -204,9 +204,9 @@ def test_an_interrupted_run_keeps_its_shards_and_the_same_command_resumes_bit_id
         tiny_checkpoints, tmp_path, executor, sig, code):
     ref = tmp_path / "ref"
     assert graft("run", _config_to(tmp_path, tiny_checkpoints, ref), "-q", "--executor", "local").returncode == 0
-    # Two elements per chunk makes this tiny job take many seconds; signal once a shard is committed
+    # Eight elements per chunk makes this tiny job take seconds; signal once a shard is committed
     # (journaled in the run mark) and another is being written (its temporary file exists).
-    cfg = write_config(tmp_path, tiny_checkpoints, chunk_size=8, report="off")
+    cfg = write_config(tmp_path, tiny_checkpoints, chunk_size=32, report="off")
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("RAY_ADDRESS", None)
