@@ -27,7 +27,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .planner import Plan, make_diff_plan, make_plan
-from .provenance import DIFF_KIND, expect_stored, refuse_diff_as_weights, stored_diff, stored_sha256
+from .provenance import DIFF_KIND, expect_stored, refuse_diff_as_weights, stored_diff
 from .spec import JobSpec
 from .storage import Storage
 from .tasks import ShardResult
@@ -83,11 +83,11 @@ def prepare_job(spec: JobSpec) -> Job:
     if spec.kind == DIFF_KIND:
         return Job(spec, checkpoints, make_diff_plan(spec, checkpoints, configs))
     stored = {role: stored_diff(checkpoints[role], role) for role in sorted(stored_roles)}
-    sums = {role: stored_sha256(checkpoints[role], role) for role in sorted(stored_roles)}
     plan = make_plan(spec, checkpoints, configs)
-    if sums:
-        plan = expect_stored(plan, {role: tensors for role, (tensors, _) in sums.items()})
-    return Job(spec, checkpoints, plan, stored, {role: files for role, (_, files) in sums.items()})
+    if stored:
+        plan = expect_stored(plan, {role: d.tensors for role, d in stored.items()})
+    return Job(spec, checkpoints, plan, {role: d.record for role, d in stored.items()},
+               {role: d.files for role, d in stored.items()})
 
 
 def fingerprint(job: Job) -> str:

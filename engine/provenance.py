@@ -12,7 +12,7 @@
   committed ``graft diff`` output) and returns what the transfer's manifest records of it: the
   sha256 of that manifest, so provenance chains. ``refuse_diff_as_weights``: a diff given as a
   target, fine-tune or base is refused.
-- ``stored_sha256`` / ``expect_stored`` / ``check_stored_reads``: the sha256 a diff's manifest
+- ``StoredDiff`` / ``expect_stored`` / ``check_stored_reads``: the sha256 a diff's manifest
   records for each of its tensors (``graft diff`` hashes each difference as it writes it) goes with
   the tensor's source to the worker, which hashes the bytes as they stream and refuses to commit a
   shard computed from others. Tensors a transfer does not read (alpha 0 by rule) are not checked:
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from .checkpoint import Checkpoint
@@ -32,7 +32,7 @@ from .manifest import MANIFEST_NAME, hash_range
 from .tasks import ShardTask, Source, TensorTask, digest_key
 
 __all__ = ["DIFF_KIND", "content_digests", "file_content_sha256", "stored_diff", "refuse_diff_as_weights",
-           "stored_sha256", "expect_stored", "check_stored_reads"]
+           "StoredDiff", "expect_stored", "check_stored_reads"]
 
 DIFF_KIND = "diff"
 
@@ -103,25 +103,29 @@ def _diff_manifest(ckpt: Checkpoint, role: str) -> tuple[bytes, dict[str, Any]]:
     return data, manifest
 
 
-def stored_diff(ckpt: Checkpoint, role: str) -> dict[str, Any]:
-    """What a transfer records of the stored diff it reads as ``role``: the sha256 of its manifest,
-    its dtype and the inputs it was taken from. ``PlanError`` unless ``ckpt`` is a committed
-    ``graft diff`` output (a checkpoint of weights given as a diff would add whole weights)."""
+@dataclass(frozen=True)
+class StoredDiff:
+    """What a transfer takes from the manifest of a stored diff it reads: ``record`` (what its own
+    manifest records of it: the sha256 of that manifest, its dtype and the inputs it was taken from),
+    ``tensors`` ((file, first byte) -> sha256 of each tensor: ``graft diff`` hashes each difference as
+    it writes it) and ``files`` (file name -> sha256, side files too)."""
+
+    record: dict[str, Any]
+    tensors: dict[tuple[str, int], str]
+    files: dict[str, str]
+
+
+def stored_diff(ckpt: Checkpoint, role: str) -> StoredDiff:
+    """The manifest of the stored diff read as ``role``, read once (``StoredDiff``). ``PlanError``
+    unless ``ckpt`` is a committed ``graft diff`` output (a checkpoint of weights given as a diff would
+    add whole weights) whose manifest lists its tensors for every shard (an older graft's does not)."""
     data, manifest = _diff_manifest(ckpt, role)
-    return {"manifest_sha256": hashlib.sha256(data).hexdigest(),
-            "dtype": manifest.get("spec", {}).get("diff_dtype"),
-            "from": {r: i.get("uri") for r, i in (manifest.get("inputs") or {}).items()}}
-
-
-def stored_sha256(ckpt: Checkpoint, role: str) -> tuple[dict[tuple[str, int], str], dict[str, str]]:
-    """What the manifest of the stored diff read as ``role`` records: (file, first byte) -> sha256
-    of each tensor (``graft diff`` hashes each difference as it writes it), and file name -> sha256
-    of each file (its side files' too). ``PlanError`` for a diff whose manifest does not list its
-    tensors for every shard (one written by an older graft)."""
-    manifest = _diff_manifest(ckpt, role)[1]
+    record = {"manifest_sha256": hashlib.sha256(data).hexdigest(),
+              "dtype": manifest.get("spec", {}).get("diff_dtype"),
+              "from": {r: i.get("uri") for r, i in (manifest.get("inputs") or {}).items()}}
     outputs = [o for o in manifest.get("outputs") or [] if isinstance(o, dict)]
     listed = {o.get("name"): o.get("tensors") for o in outputs}
-    out = {}
+    tensors = {}
     for f in ckpt.files:
         sums = listed.get(f.name)
         if not isinstance(sums, dict):
@@ -130,9 +134,10 @@ def stored_sha256(ckpt: Checkpoint, role: str) -> tuple[dict[tuple[str, int], st
                             f"cannot be checked: re-create it with graft diff")
         for e in ckpt.headers[f.name].tensors:
             if isinstance(sums.get(e.name), str):
-                out[(f.name, e.begin)] = sums[e.name]
-    return out, {o["name"]: o["sha256"] for o in outputs if isinstance(o.get("name"), str)
-                 and isinstance(o.get("sha256"), str)}
+                tensors[(f.name, e.begin)] = sums[e.name]
+    files = {o["name"]: o["sha256"] for o in outputs
+             if isinstance(o.get("name"), str) and isinstance(o.get("sha256"), str)}
+    return StoredDiff(record, tensors, files)
 
 
 def expect_stored(plan: Any, roles: Mapping[str, Mapping[tuple[str, int], str]]) -> Any:
