@@ -30,9 +30,6 @@ from graft.cluster.progress import Progress, human_bytes
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-# Shards in flight on the local executor: a second one overlaps the first's fsync and pipeline
-# drain (measured in bench/NOTES.md) for about 90 MB more memory.
-LOCAL_WORKERS = 2
 
 
 def _log(msg: str) -> None:
@@ -60,8 +57,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.executor == "local":
             from graft.engine.local import run_local  # torch loads only for a run
 
-            result = run_local(job, workers=args.workers or LOCAL_WORKERS, on_progress=update, log=log,
-                               device=args.device, on_shard=on_shard, verify_kept=args.verify_kept)
+            result = run_local(job, workers=args.workers, on_progress=update, log=log, device=args.device,
+                               on_shard=on_shard, verify_kept=args.verify_kept, threads=args.threads)
         else:
             from .driver import RayOptions, run_ray  # Ray is imported only when used
 
@@ -103,6 +100,16 @@ def _plan_summary(job: Any) -> dict[str, Any]:
     }
 
 
+def _local_use(job: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """What ``graft run --executor local`` with these flags would use on this machine."""
+    from graft.engine.sizing import local_parallelism, machine
+
+    use = local_parallelism(job.plan.shards, machine(), args.workers, args.threads, args.device)
+    return {"shards_at_once": use.shards, "threads_per_shard": use.threads, "chunks_in_flight_per_shard": use.window,
+            "buffer_bytes": use.memory, "cores": use.machine.cores, "available_memory": use.machine.memory,
+            "text": use.describe()}
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     spec = load_spec(args.config, args.set, kind="diff" if args.diff else "transfer")
     try:
@@ -119,6 +126,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except GraftError as e:
         problems.append(str(e))
     summary = _plan_summary(job)
+    summary["local_run"] = _local_use(job, args)
     summary["problems"] = problems
     summary["notes"] = notes
     if args.json:
@@ -150,6 +158,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for name, donor in summary["side_files"].items():
             print(f"  {name} <- {donor}")
         print(f"reads {human_bytes(summary['read_bytes'])}, writes {human_bytes(summary['write_bytes'])}")
+        print(f"--executor local would run {summary['local_run']['text']}")
         for w in summary["warnings"]:
             print(f"warning: {w}")
         for n in notes:
@@ -269,6 +278,17 @@ def common(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return n
+
+
 def storage_option(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("-o", "--storage-option", action="append", default=[], metavar="PROTO.KEY=VALUE",
                     help="fsspec option, e.g. -o s3.endpoint_url=http://minio:9000 (credentials "
@@ -281,9 +301,13 @@ def run_options(r: argparse.ArgumentParser) -> None:
                    help="ray (default): shard actors on a Ray cluster; local: threads in this process")
     r.add_argument("--address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else start a private local Ray)")
-    r.add_argument("--workers", type=int, default=None,
+    r.add_argument("--workers", type=positive, default=None,
                    help="ray: shard actors (default: as many as the cluster's CPUs fit); local: shards "
-                        "processed at once (default 2)")
+                        "processed at once (default: one per core, at most one per shard, within half "
+                        "the available memory; graft plan says what a run will use)")
+    r.add_argument("--threads", type=positive, default=None,
+                   help="local: compute threads per shard, chunks computed at once (default: the cores "
+                        "shared among the shards at once; 1 with --device cuda)")
     r.add_argument("--shards-per-worker", type=int, default=2,
                    help="ray: shards each actor runs at once (1..8, default 2)")
     r.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per shard actor")
@@ -324,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--diff", action="store_true", help="the config is a graft diff spec")
+    pl.add_argument("--workers", type=positive, default=None, help="as graft run's, for what a local run would use")
+    pl.add_argument("--threads", type=positive, default=None, help="as graft run's, for what a local run would use")
+    pl.add_argument("--device", default="cpu", help="as graft run's, for what a local run would use")
     common(pl)
     pl.set_defaults(func=cmd_plan)
 

@@ -16,7 +16,7 @@ from typing import Iterator
 from .safetensors import DTYPE_SIZES
 from .tasks import COMPUTE_SIZES, SUM_ROW, ExecSettings, OutScales, ShardTask, TensorTask
 
-__all__ = ["Read", "Chunk", "iter_chunks", "shard_read_bytes"]
+__all__ = ["Read", "Chunk", "iter_chunks", "shard_read_bytes", "buffer_sizes"]
 
 
 def shard_read_bytes(task: ShardTask) -> int:
@@ -173,3 +173,17 @@ def iter_chunks(task: ShardTask) -> Iterator[Chunk]:
             yield Chunk(t, start, min(step, t.numel - start), last=start + step >= t.numel)
         if not starts and t.copies_raw and t.target.scales is not None:
             yield Chunk(t, 0, 0)  # an empty tensor's scales are still written
+
+
+def buffer_sizes(chunks: list[Chunk], reads: list[list[Read]]) -> tuple[dict[tuple[str, str], int], int, int, int]:
+    """For these chunks (and their ``reads()``): the input buffers a chunk in flight needs, one per
+    (role, codes | scales), sized for the largest; its output bytes; and the compute capacity in
+    elements of the plain and of the codec path."""
+    capacity: dict[tuple[str, str], int] = {}
+    for chunk_reads in reads:
+        for r in chunk_reads:
+            capacity[(r.role, r.kind)] = max(capacity.get((r.role, r.kind), 0), r.size)
+    computed = [c for c in chunks if c.tensor.combine or c.tensor.transcodes]
+    plain = max((c.count for c in computed if not c.tensor.transcodes), default=0)
+    codec = max((c.count for c in computed if c.tensor.transcodes), default=0)
+    return capacity, max((c.out_bytes for c in computed), default=0), plain, codec

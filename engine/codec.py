@@ -24,16 +24,19 @@ whole rows (see ``graft.engine.tasks.Chunk``).
 """
 from __future__ import annotations
 
+import threading
+from typing import Callable
+
 import torch
 
 from .errors import NonFiniteError
 from .kernel import (COMPUTE_DTYPES, CPU_BLOCK, TORCH_DTYPES, add_stats, differs_index, sampled_ranges,
                      term_sums_index, zeros_in)
 from .chunks import Chunk
-from .sums import OrderedSum
+from .sums import Measures, OrderedSum, flag_set
 from .tasks import STATS, Source, stat_names
 
-__all__ = ["FP8_MAX", "decode_into", "block_amax", "scales_from_amax", "encode_into", "Transcoder"]
+__all__ = ["FP8_MAX", "decode_into", "block_amax", "scales_from_amax", "encode_into", "TensorScales", "Transcoder"]
 
 FP8_MAX = {"F8_E4M3": 448.0, "F8_E5M2": 57344.0}
 _CODE_NAMES = {TORCH_DTYPES[name]: name for name in FP8_MAX}
@@ -138,6 +141,35 @@ def encode_into(codes: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, bloc
 
 
 
+class TensorScales:
+    """The one scale of each tensor written with a per-tensor scale over several chunks, shared by
+    the transcoders of one shard's compute threads: its measure chunks' amax (the max is the same
+    whatever order they finish in), then the scale made from it once, for every write chunk."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._amax: dict[str, torch.Tensor] = {}
+        self._fixed: dict[str, torch.Tensor] = {}
+
+    def measured(self, name: str, amax: torch.Tensor) -> None:
+        with self._lock:
+            prev = self._amax.get(name)
+            self._amax[name] = amax if prev is None else torch.maximum(prev, amax)
+
+    def known(self, name: str) -> bool:
+        """Whether ``name`` was measured (its chunks carry one scale), once its measure chunks are done."""
+        with self._lock:
+            return name in self._amax or name in self._fixed
+
+    def scale(self, name: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The scale ``make(amax)`` of ``name``, made once (kept for the shard's life: its chunks
+        may finish in any order; one 1x1 tensor each)."""
+        with self._lock:
+            if name not in self._fixed:
+                self._fixed[name] = make(self._amax[name])
+            return self._fixed[name]
+
+
 class Transcoder:
     """Computes codec chunks (``Chunk.tensor.transcodes``) with reusable compute buffers.
 
@@ -150,9 +182,12 @@ class Transcoder:
     write chunks: the measure chunks only accumulate its amax.
     """
 
-    def __init__(self, compute_dtype: str, capacity: int, device: str | torch.device = "cpu"):
+    def __init__(self, compute_dtype: str, capacity: int, device: str | torch.device = "cpu",
+                 scales: TensorScales | None = None):
         self.dtype = COMPUTE_DTYPES[compute_dtype]
         self.device = torch.device(device)
+        # Shared with the shard's other transcoders, whose threads compute its other chunks.
+        self.scales = scales or TensorScales()
         self._a = torch.empty(capacity, dtype=self.dtype, device=self.device)
         self._b = torch.empty(capacity, dtype=self.dtype, device=self.device)
         self._c: torch.Tensor | None = None  # the decoded target, for the transfer report
@@ -161,8 +196,6 @@ class Transcoder:
         self._capacity = capacity
         self._index = torch.empty(capacity, dtype=torch.int32, device=self.device)
         self._tables = {code: _code_table(code, self.dtype, self.device) for code in _CODE_NAMES}
-        self._amax: dict[str, torch.Tensor] = {}
-        self._fixed: dict[str, torch.Tensor] = {}
 
     def _decode(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor], src: Source,
                 into: torch.Tensor) -> None:
@@ -182,7 +215,7 @@ class Transcoder:
         decode_into(into, codes, scales, src.scales.block, chunk.rows[0] - lo * src.scales.block[0],
                     index, table)
 
-    def _sum(self, stats: torch.Tensor, at: int, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    def _sum(self, stats: Measures, at: int, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
         """``stats[at]`` += sum(a * b) in the report's fixed order (``sums.OrderedSum``)."""
         if self._sums is None:
             cap = self._capacity if self.device.type != "cpu" else min(self._capacity, CPU_BLOCK)
@@ -192,7 +225,7 @@ class Transcoder:
     def values(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
                ranges: list[tuple[int, int]] | None = None,
                parts: dict[str, list] | None = None,
-               look: tuple[bool, ...] = (), stats: torch.Tensor | None = None) -> torch.Tensor:
+               look: tuple[bool, ...] = (), stats: Measures | None = None) -> torch.Tensor:
         """t + sum_i alpha_i * (f_i - b_i) over the chunk's rows (or t alone), in the compute dtype;
         the same operation order as ``ChunkKernel``: each difference, scaled, summed left to right,
         then the target added. With ``ranges`` (of a combined tensor; ``kernel.sampled_ranges``)
@@ -258,7 +291,7 @@ class Transcoder:
             acc.add_(target)
         return acc
 
-    def _add_measures(self, stats: torch.Tensor, parts: dict[str, list], ranges: list[tuple[int, int]],
+    def _add_measures(self, stats: Measures, parts: dict[str, list], ranges: list[tuple[int, int]],
                       terms: int, result: torch.Tensor | None) -> None:
         """Add a chunk's measures to ``stats`` (laid out as ``tasks.stat_names(terms)``): ``parts``
         counts per measured range (from ``values``), plus (out - t)^2 over those ranges from
@@ -279,10 +312,10 @@ class Transcoder:
                 sums[unchanged] = sums[unchanged] + parts["terms"][i][r][0]
         for i in range(terms):
             sums[differs_index(i)] = parts["differs"][i]
-        add_stats(stats, sums)
+        add_stats(stats, sums, tuple(differs_index(i) for i in range(terms)))
 
     def run(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor],
-            out: torch.Tensor | None, where: str, stats: torch.Tensor | None = None,
+            out: torch.Tensor | None, where: str, stats: Measures | None = None,
             every: int = 1) -> torch.Tensor | None:
         """One chunk; with ``stats`` (a combined tensor's float64 ``STATS`` on this device) the
         chunk's measures are added there, over the blocks ``kernel.sampled_ranges(..., every)``
@@ -292,8 +325,8 @@ class Transcoder:
         ranges = sampled_ranges(chunk.start, chunk.count, every) if measuring else None
         parts: dict[str, list] = {}
         # Whether each diff touched the tensor is looked for until known (on a GPU: every chunk).
-        on_cpu = stats is not None and stats.device.type == "cpu"
-        look = tuple(not (measuring and on_cpu and bool(stats[differs_index(i)]))  # type: ignore[index]
+        on_cpu = stats is not None and (not isinstance(stats, torch.Tensor) or stats.device.type == "cpu")
+        look = tuple(not (measuring and on_cpu and flag_set(stats, differs_index(i)))  # type: ignore[arg-type]
                      for i in range(len(t.terms)))
         w = self.values(chunk, inputs, ranges, parts, look, stats if measuring else None)
         rows, cols = w.shape
@@ -306,19 +339,16 @@ class Transcoder:
             return None
         scratch = self._b[:rows * cols].view(rows, cols)
         # Measured over several chunks first; a per-tensor scale over one chunk is just one block.
-        per_tensor = chunk.measure or t.name in self._amax or t.name in self._fixed
         if chunk.measure:
-            m = torch.abs(w, out=scratch).amax().reshape(1, 1)
-            prev = self._amax.get(t.name)
-            self._amax[t.name] = m if prev is None else torch.maximum(prev, m)
+            self.scales.measured(t.name, torch.abs(w, out=scratch).amax().reshape(1, 1))
             return None
         assert out is not None
-        if per_tensor:  # the scale the measure chunks found, the same for every chunk
-            if t.name not in self._fixed:
-                amax = self._amax.pop(t.name)
+        if self.scales.known(t.name):  # the scale the measure chunks found, the same for every chunk
+            def make(amax: torch.Tensor) -> torch.Tensor:
                 _check_amax(amax, t.name, where)
-                self._fixed[t.name] = scales_from_amax(amax, t.dtype, t.scales.dtype, t.scales.pow2)
-            scales = self._fixed.pop(t.name) if chunk.last else self._fixed[t.name]
+                return scales_from_amax(amax, t.dtype, t.scales.dtype, t.scales.pow2)
+
+            scales = self.scales.scale(t.name, make)
             row_in = chunk.rows[0]
         else:
             amax = block_amax(w, t.scales.block, scratch)

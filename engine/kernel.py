@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from .errors import NonFiniteError
-from .sums import OrderedSum
-from .tasks import STATS, TERM_STATS, stat_names
+from .sums import Measures, OrderedSum, StatsLog, flag_set
+from .tasks import CPU_BLOCK, STATS, TERM_STATS, stat_names
 
 __all__ = ["TORCH_DTYPES", "COMPUTE_DTYPES", "CPU_BLOCK", "STATS", "add_stats", "sampled_ranges", "zeros_in",
            "ChunkKernel", "first_nonfinite", "check_finite", "nonfinite_error", "differs_index",
@@ -31,8 +31,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64, "C64": torch.complex64,
 }
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
-# Elements per block of CPU work (1 MiB of float32): measured fastest here, 256Ki vs the whole chunk.
-CPU_BLOCK = 1 << 18
 
 
 def first_nonfinite(values: torch.Tensor) -> int | None:
@@ -120,10 +118,13 @@ def _out_delta(out: torch.Tensor, tc: torch.Tensor, scratch: torch.Tensor) -> to
     return scratch.sub_(tc)
 
 
-def add_stats(stats: torch.Tensor, values: list[torch.Tensor | float | int]) -> None:
+def add_stats(stats: Measures, values: list[torch.Tensor | float | int], flags: tuple[int, ...] = ()) -> None:
     """Add one chunk's ``STATS`` (numbers, or 0-dim tensors on ``stats``' device) to ``stats``; on a
-    GPU without waiting for them."""
-    if stats.device.type == "cpu":
+    GPU without waiting for them. ``flags``: the indices that are flags the caller did not know to
+    be set (a ``StatsLog``'s chunk cannot know; ``sums.StatsLog.add``)."""
+    if isinstance(stats, StatsLog):
+        stats.add(values, flags)
+    elif stats.device.type == "cpu":
         stats += torch.tensor([float(v) for v in values], dtype=torch.float64)
     else:
         stats += torch.stack([torch.as_tensor(v, device=stats.device).to(torch.float64) for v in values])
@@ -179,12 +180,12 @@ class ChunkKernel:
         return scratch
 
     def combine(self, t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, alpha: float,
-                out: torch.Tensor, stats: torch.Tensor | None = None, check: bool = False,
+                out: torch.Tensor, stats: Measures | None = None, check: bool = False,
                 start: int = 0, every: int = 1) -> int | None:
         return self.combine_terms(t, ((f, b, alpha),), out, stats, check, start, every)
 
     def combine_terms(self, t: torch.Tensor, terms: tuple[tuple[torch.Tensor, torch.Tensor, float], ...],
-                      out: torch.Tensor, stats: torch.Tensor | None = None, check: bool = False,
+                      out: torch.Tensor, stats: Measures | None = None, check: bool = False,
                       start: int = 0, every: int = 1) -> int | None:
         """``t + sum_i alpha_i * (f_i - b_i)`` over ``terms`` of ``(f_i, b_i, alpha_i)``; ``stats``
         then holds ``tasks.stat_names(len(terms))``."""
@@ -198,7 +199,7 @@ class ChunkKernel:
         sums = [0.0] * len(stat_names(len(terms))) if stats is not None and self.on_cpu else None
         flags = [differs_index(i) for i in range(len(terms))]
         # A diff found to touch the tensor already need not be looked at again.
-        known = [sums is not None and bool(stats[k]) for k in flags]  # type: ignore[index]
+        known = [sums is not None and flag_set(stats, k) for k in flags]  # type: ignore[arg-type]
         if sums is not None:
             for k, was in zip(flags, known):
                 sums[k] = float(was)
@@ -228,11 +229,11 @@ class ChunkKernel:
             for k, was in zip(flags, known):
                 if was:
                     sums[k] = 0.0
-            stats += torch.tensor(sums, dtype=torch.float64)
+            add_stats(stats, sums, tuple(flags))  # type: ignore[arg-type]
         return None
 
     def difference(self, f: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
-                   stats: torch.Tensor | None = None, check: bool = False) -> int | None:
+                   stats: Measures | None = None, check: bool = False) -> int | None:
         """``f - b`` computed in the compute dtype into ``out`` (``graft diff``: no target, no alpha:
         exactly the difference a transfer in that dtype computes). With ``stats`` (a float64 tensor
         of ``len(DIFF_STATS)``) every element is measured; ``inexact`` compares ``out`` as written
@@ -277,7 +278,7 @@ class ChunkKernel:
         return int(np.count_nonzero(np.not_equal(x, _np(out, self._tmp[:m]), out=self._same[:m])))
 
     def _combine(self, t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, alpha: float,
-                 out: torch.Tensor, stats: torch.Tensor | None, sums: list[float] | None,
+                 out: torch.Tensor, stats: Measures | None, sums: list[float] | None,
                  check: bool) -> int | None:
         """One block; measured when ``stats`` is given. ``sums``: a CPU call's running STATS (its
         ``differs`` is looked for in every block until found)."""
@@ -315,7 +316,7 @@ class ChunkKernel:
         if unchanged < n:
             sums[_DIFFERS] = 1.0
         # A NaN/Inf in out makes (out - t)^2 summed non-finite; a finite sum proves out finite.
-        if check and not math.isfinite(float(stats[_OUT_DELTA_SQ])):
+        if check and not _out_delta_finite(stats):
             return first_nonfinite(out)
         return None
 
@@ -327,7 +328,7 @@ class ChunkKernel:
         ordered.rows(at + 2, d, moved)
 
     def _combine_many(self, t: torch.Tensor, terms: tuple[tuple[torch.Tensor, torch.Tensor, float], ...],
-                      out: torch.Tensor, stats: torch.Tensor | None, sums: list[float] | None,
+                      out: torch.Tensor, stats: Measures | None, sums: list[float] | None,
                       check: bool) -> int | None:
         """One block of several diffs: the change summed in ``_acc``, left to right, then the target
         added and one rounding. Measured like ``_combine`` when ``stats`` is given."""
@@ -377,9 +378,17 @@ class ChunkKernel:
                     sums[i] = 1.0
             else:
                 sums[i] += float(v)
-        if check and not math.isfinite(float(stats[_OUT_DELTA_SQ])):
+        if check and not _out_delta_finite(stats):
             return first_nonfinite(out)
         return None
+
+
+def _out_delta_finite(stats: Measures) -> bool:
+    """Whether the sum of (out - t)^2 so far is finite (a NaN/Inf in out makes it NaN/Inf): of the
+    block just recorded in a ``StatsLog``, of the running total in a measures tensor."""
+    if isinstance(stats, StatsLog):
+        return stats.last_finite(_OUT_DELTA_SQ)
+    return math.isfinite(float(stats[_OUT_DELTA_SQ]))
 
 
 def check_finite(values: torch.Tensor, tensor: str, where: str, offset: int) -> None:

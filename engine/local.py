@@ -5,7 +5,6 @@ Also the reference path the tests compare the Ray executor against. Order of cal
 """
 from __future__ import annotations
 
-import os
 import threading
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -17,20 +16,21 @@ from .chunks import shard_read_bytes
 from .execute import execute_shard
 from .job import Job, RunResult, prepare_job
 from .session import OutputSession, hash_in_threads
+from .sizing import Parallelism, local_parallelism, machine
 from .spec import JobSpec
 
 __all__ = ["RunResult", "run_local"]  # RunResult is job.py's (the Ray driver returns it too)
 
 
 @contextmanager
-def cores_per_shard(workers: int) -> Iterator[None]:
-    """torch's own threads per running shard: this machine's cores shared by the ``workers`` shards
-    in flight, each already computing on its own thread. torch's default (every core, for every
-    shard) oversubscribes: on the 2-core bench 2 shards x 2 threads cost 18% of the job's wall time
-    and 14% of its CPU (bench/NOTES.md section 9). Restored afterwards."""
+def one_torch_thread() -> Iterator[None]:
+    """torch's own threads off for the run: each shard's compute threads share the cores, one chunk
+    each. torch's default (every core for each operation, of every thread) oversubscribes: on the
+    2-core bench 2 shards x 2 threads cost 18% of the job's wall time and 14% of its CPU
+    (bench/NOTES.md section 9); one shard computing with torch's 2 threads took 1.55 s where one
+    thread took 1.15 s, its write thread needing the second core (section 13). Restored afterwards."""
     before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // max(1, workers)))
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -39,14 +39,17 @@ def cores_per_shard(workers: int) -> Iterator[None]:
 
 def run_local(
     spec: JobSpec | Job,
-    workers: int = 1,
+    workers: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     log: Callable[[str], None] = lambda s: None,
     device: str = "cpu",
     on_shard: Callable[[str], None] | None = None,
     verify_kept: bool = False,
+    threads: int | None = None,
 ) -> RunResult:
-    """Run the whole job in this process with ``workers`` shards in flight; commit or roll back.
+    """Run the whole job in this process with ``workers`` shards in flight, each computing on
+    ``threads`` threads (both sized from the machine where not given: ``sizing.py``); commit or
+    roll back.
 
     ``device``: ``"cpu"`` or a CUDA device for the arithmetic (reads and writes stay on the host).
     ``on_shard(event)`` hears "done" per committed shard and "failed" for the shard that fails.
@@ -64,15 +67,17 @@ def run_local(
             with lock:
                 on_progress(n)
 
+    use: Parallelism = local_parallelism(session.pending, machine(), workers, threads, device)
+    log(f"using {use.describe()}")
     try:
-        session.verify_kept(hash_in_threads(workers), log)
+        session.verify_kept(hash_in_threads(use.shards), log)
         kept = sum(shard_read_bytes(t) for t in job.plan.shards if t.file in session.results)
         if kept and on_progress is not None:
             on_progress(kept)
-        with cores_per_shard(workers), \
-                ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="graft-shard") as pool:
+        with one_torch_thread(), \
+                ThreadPoolExecutor(max_workers=use.shards, thread_name_prefix="graft-shard") as pool:
             futures = [pool.submit(execute_shard, task, inputs, session.storage, progress, cancel,
-                                   device)
+                                   device, use.threads)
                        for task in session.pending]
             try:
                 for f in as_completed(futures):
@@ -90,7 +95,7 @@ def run_local(
                 for f in futures:
                     f.cancel()
                 raise
-        manifest = session.commit(executor="local", workers=workers, log=log)
+        manifest = session.commit(executor="local", workers=use.shards, log=log, threads=use.threads)
     except BaseException as e:
         raised = session.stop(e)  # Ctrl-C / SIGTERM: kept for a resume; otherwise rolled back
         if raised is e:

@@ -277,17 +277,24 @@ class ShardWriter:
         self._written = 0
         self._emit(prefix)
 
-    def _emit(self, data: bytes | memoryview) -> None:
-        self._hash.update(data)
+    def _emit(self, data: bytes | memoryview, hashed: bool = True) -> None:
+        if hashed:
+            self._hash.update(data)
         self._out.write(data)
         self._written += len(data)
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | memoryview, hashed: bool = True) -> None:
+        """Write ``data``, the next bytes. ``hashed=False``: the caller gives the same bytes, in the
+        same order, to ``hash`` (on another thread, so that hashing and writing overlap)."""
         data = memoryview(data).cast("B")
         if self._written + len(data) > self.size:
             raise IntegrityError(f"{self._out.storage.url(self._out.name)}: more tensor data than "
                                  f"planned ({self._written + len(data)} > {self.size} bytes)")
-        self._emit(data)
+        self._emit(data, hashed)
+
+    def hash(self, data: bytes | memoryview) -> None:
+        """Add the next bytes written with ``write(..., hashed=False)`` to the file's sha256."""
+        self._hash.update(memoryview(data).cast("B"))
 
     def finish(self) -> tuple[int, str]:
         if self._written != self.size:

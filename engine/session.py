@@ -245,7 +245,8 @@ class OutputSession:
         return ({s.file for s in plan.shards} | {f.name for f in plan.side_files}
                 | {INDEX_NAME, SUMS_NAME, REPORT_NAME})
 
-    def commit(self, executor: str, workers: int, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    def commit(self, executor: str, workers: int, log: Callable[[str], None] = lambda s: None,
+               threads: int | None = None) -> dict[str, Any]:
         """Write side files, index, report, SHA256SUMS and the manifest (last, ``commit.py``);
         returns the manifest."""
         plan, out = self.job.plan, self.storage
@@ -266,7 +267,8 @@ class OutputSession:
         self._sweep(keep=set(self.results) | {f.name for f in outputs})
         self.abort_uploads(log)
         sums = self._put(SUMS_NAME, format_sums(outputs))
-        run = {"executor": executor, "workers": workers, "resumed_shards": list(self.resumed),
+        run = {"executor": executor, "workers": workers, **({"threads": threads} if threads else {}),
+               "resumed_shards": list(self.resumed),
                **run_times(self.mark.started, time.time())}
         manifest = build_manifest(self.job, self.results, outputs, sums, donated, report, run)
         if not self.mark.confirm():

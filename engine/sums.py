@@ -4,6 +4,10 @@
 tensor a row): the report is then the same file whatever torch's thread count, the chunk size, the
 executor, the workers or a resume (a float32 dot product over a block follows how torch splits it
 over threads, and sums per chunk follow the chunk size).
+
+``StatsLog`` lets the chunks of one tensor be computed at once on several threads: each chunk's
+additions are recorded, then applied to the tensor's measures in chunk order, doing exactly the
+operations a chunk computed alone would have done on them (so the bits are the same).
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 
 from .tasks import SUM_ROW
 
-__all__ = ["OrderedSum"]
+__all__ = ["OrderedSum", "StatsLog", "flag_set", "Measures"]
 
 
 class OrderedSum:
@@ -54,12 +58,16 @@ class OrderedSum:
         if full < n:  # the tensor's last, partial row
             torch.sum(p[full:], dim=0, keepdim=True, out=rows[k - 1:])
 
-    def flush(self, stats: torch.Tensor) -> None:
+    def flush(self, stats: Measures) -> None:
         """Add the pending rows' sums to ``stats`` (float64), each measure's in row order."""
         m, k = len(self._at), -(-self._n // SUM_ROW)
         if not m:
             return
         key = tuple(self._at)
+        if isinstance(stats, StatsLog):
+            stats.scan(key, self._rows[:m, :k])
+            self._at.clear()
+            return
         index = self._index.get(key)
         if index is None:
             index = self._index[key] = torch.tensor(key, device=stats.device)
@@ -70,9 +78,65 @@ class OrderedSum:
         stats.index_copy_(0, index, scan[:, k])
         self._at.clear()
 
-    def add(self, stats: torch.Tensor, at: int, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    def add(self, stats: Measures, at: int, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
         """``stats[at]`` += sum(a * b), or sum(a * a), of any length."""
         for s in range(0, a.numel(), self._cap):
             x = a[s:s + self._cap]
             self.rows(at, x, None if b is None else b[s:s + self._cap])
             self.flush(stats)
+
+
+class StatsLog:
+    """One chunk's additions to a tensor's float64 measures, recorded to be applied later with
+    ``apply``, in chunk order, by whoever owns the measures (``execute``'s ordered stage).
+
+    ``scan`` records an ``OrderedSum.flush`` (the rows' sums, copied), ``add`` a plain addition
+    (counts; ``flags``: indices that say whether something was seen, added only where the measure
+    is still 0, as a chunk computed in order would have skipped them once known). Meanwhile the
+    chunk knows no flag (``flag_set`` is False) and can ask whether the last rows it recorded for a
+    measure are finite (``last_finite``), where in order it would have looked at the running total.
+    """
+
+    def __init__(self) -> None:
+        self._ops: list[tuple[tuple[int, ...], torch.Tensor] | tuple[list[float], tuple[int, ...]]] = []
+        self._last: dict[int, torch.Tensor] = {}
+
+    def scan(self, at: tuple[int, ...], rows: torch.Tensor) -> None:
+        kept = rows.clone()
+        self._ops.append((at, kept))
+        for i, k in enumerate(at):
+            self._last[k] = kept[i]
+
+    def add(self, values: list[torch.Tensor | float | int], flags: tuple[int, ...] = ()) -> None:
+        self._ops.append(([float(v) for v in values], flags))
+
+    def last_finite(self, at: int) -> bool:
+        rows = self._last.get(at)
+        return rows is None or bool(torch.isfinite(rows.sum(dtype=torch.float64)))
+
+    def apply(self, stats: torch.Tensor) -> None:
+        """The recorded additions, in the order recorded, on ``stats`` (float64, on the CPU)."""
+        for op in self._ops:
+            if isinstance(op[1], torch.Tensor):
+                at, rows = op
+                index = torch.tensor(at)
+                seq = torch.empty(rows.shape[0], rows.shape[1] + 1, dtype=torch.float64)
+                seq[:, 0].copy_(stats.index_select(0, index))
+                seq[:, 1:].copy_(rows)
+                stats.index_copy_(0, index, torch.cumsum(seq, 1)[:, -1])
+            else:
+                values, flags = op
+                for k in flags:
+                    if stats[k]:
+                        values[k] = 0.0
+                stats += torch.tensor(values, dtype=torch.float64)
+        self._ops.clear()
+        self._last.clear()
+
+
+Measures = torch.Tensor | StatsLog
+
+
+def flag_set(stats: Measures, k: int) -> bool:
+    """Whether flag measure ``k`` is already set (a ``StatsLog`` knows none)."""
+    return not isinstance(stats, StatsLog) and bool(stats[k])

@@ -37,7 +37,7 @@ __all__ = [
 
 ROLES = ("target", "finetuned", "base")
 # The spec's ``report`` key -> ``ExecSettings.report_every``. Sampled: every 32nd block of
-# ``kernel.CPU_BLOCK`` elements of a tensor, its first always (on the 1.1B bench measuring every
+# ``CPU_BLOCK`` elements of a tensor, its first always (on the 1.1B bench measuring every
 # element costs this CPU-bound 2-core machine ~30% of the job's wall time; bench/NOTES.md section 9).
 REPORT_EVERY = {"sampled": 32, "exact": 1, "off": 0}
 # The report's sums are the same bits whatever the threads, chunk size, executor or resume: each
@@ -77,6 +77,8 @@ def stat_names(terms: int) -> tuple[str, ...]:
 
 # Bytes per element of each compute dtype (what a chunk's compute buffers hold).
 COMPUTE_SIZES = {"float32": 4, "float64": 8}
+# Elements per block of CPU work (1 MiB of float32): measured fastest here, 256Ki vs the whole chunk.
+CPU_BLOCK = 1 << 18
 
 
 @dataclass(frozen=True)

@@ -157,9 +157,10 @@ def test_compressed_tensors_trios_from_the_real_writer_transfer_bit_identically(
 
     paths = ct_trio(preset)
     out = str(tmp_path / "out")
-    # 10 rows a chunk: a per-tensor scale (FP8) needs its first pass over several chunks.
+    # 10 rows a chunk: a per-tensor scale (FP8) needs its first pass over several chunks; computed
+    # 4 at once, its chunks must all wait for that pass.
     job = prepare_job(spec(paths, out, compute_dtype="float64", alpha=0.7, chunk_size=96 * 8 * 10))
-    result = run_local(job)
+    result = run_local(job, threads=4)
     assert assert_follows_the_rule(paths, out, 0.7) == 14
     assert sum(r.bytes_read for r in result.results) == job.plan.read_bytes
     target, got = read_tensors(paths["target"]), read_tensors(out)
@@ -193,9 +194,9 @@ def test_autofp8_modelopt_and_fbgemm_trios_transfer_into_the_targets_layout_by_t
                                                                                         layout):
     paths = scaled_fp8_trio(layout)
     out = str(tmp_path / "out")
-    # 10 rows a chunk: the per-tensor scales need their first pass over several chunks.
+    # 10 rows a chunk: the per-tensor scales need their first pass over several chunks (4 at once).
     job = prepare_job(spec(paths, out, compute_dtype="float64", alpha=0.7, chunk_size=96 * 8 * 10))
-    run_local(job)
+    run_local(job, threads=4)
     assert assert_follows_the_rule(paths, out, 0.7) == 14
     target, got = read_tensors(paths["target"]), read_tensors(out)
     assert {n: (t.dtype, t.shape) for n, t in got.items()} == {n: (t.dtype, t.shape) for n, t in target.items()}

@@ -173,25 +173,22 @@ def _files(out: str, *names: str) -> dict[str, bytes]:
 @pytest.mark.parametrize("report", ["exact", "sampled"])
 def test_the_same_job_writes_the_same_report_whatever_the_threads_chunks_workers_or_resume(
         tiny_checkpoints, tmp_path, report):
-    """Byte-identical graft.report.json and SHA256SUMS from runs that differ in torch's thread count,
-    the chunk size, the workers and a resume (a float32 dot product per chunk, summed per chunk,
-    follows all of those in its last bits)."""
+    """Byte-identical graft.report.json and SHA256SUMS from runs that differ in the compute threads
+    per shard (chunks of one tensor computed at once), the chunk size, the workers and a resume (a
+    float32 dot product per chunk, summed per chunk, follows all of those in its last bits)."""
     def run(name: str, threads: int, chunk_size: int | str, workers: int, resume: bool = False) -> dict:
         out = str(tmp_path / name)
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            if resume:  # a first run stopped after one shard, with another chunk size
-                stop_after_first_shard(make_spec(tiny_checkpoints, out, report=report, chunk_size=8192), out)
-            result = run_local(make_spec(tiny_checkpoints, out, report=report, chunk_size=chunk_size), workers=workers)
-        finally:
-            torch.set_num_threads(before)
+        if resume:  # a first run stopped after one shard, with another chunk size
+            stop_after_first_shard(make_spec(tiny_checkpoints, out, report=report, chunk_size=8192), out)
+        result = run_local(make_spec(tiny_checkpoints, out, report=report, chunk_size=chunk_size), workers=workers,
+                           threads=threads)
         assert bool(result.manifest["run"]["resumed_shards"]) is resume
         return _files(out, REPORT_NAME, "SHA256SUMS")
 
     first = run("a", 2, 4096, 2)
     assert run("b", 1, "1MiB", 1) == first
     assert run("c", 1, 640, 3, resume=True) == first
+    assert run("d", 5, 640, 1) == first
     assert json.loads(first[REPORT_NAME])["tensors"]
 
 
@@ -200,15 +197,12 @@ def test_fp8_tensors_give_the_same_report_whatever_the_threads_and_chunks(fp8_tr
     of the report's sums)."""
     def run(name: str, threads: int, chunk_size: int, workers: int) -> dict:
         out = str(tmp_path / name)
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            run_local(make_spec(fp8_trio, out, report="exact", chunk_size=chunk_size), workers=workers)
-        finally:
-            torch.set_num_threads(before)
+        run_local(make_spec(fp8_trio, out, report="exact", chunk_size=chunk_size), workers=workers, threads=threads)
         return _files(out, REPORT_NAME, "SHA256SUMS")
 
-    assert run("a", 2, 96 * 8 * 40, 2) == run("b", 1, 96 * 8 * 10, 1)
+    first = run("a", 2, 96 * 8 * 40, 2)
+    assert run("b", 1, 96 * 8 * 10, 1) == first
+    assert run("c", 4, 96 * 8 * 10, 1) == first
 
 
 def test_fp8_tensors_are_measured_on_their_real_values_every_element(fp8_trio, tmp_path):
