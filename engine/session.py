@@ -104,7 +104,7 @@ class OutputSession:
         that is alive; without ``watch`` the mark is returned unjudged (``graft plan``).
         """
         storage = Storage(job.spec.output, job.spec.storage_options)
-        listing = storage.list()
+        listing, folders = storage.contents()
         uri = storage.display_uri
         if MANIFEST_NAME in listing:
             raise OutputError(f"{uri} already holds a committed graft output ({MANIFEST_NAME}); "
@@ -117,7 +117,6 @@ class OutputSession:
             raise OutputError(cls._not_empty(uri, foreign, previous))
         # A folder inside is somebody's data too (the parent of the inputs, say): graft's own outputs
         # never have one.
-        folders = storage.subdirectories()
         if folders:
             raise OutputError(f"{uri} is not empty (it holds the folder(s) {', '.join(f + '/' for f in folders[:3])}); "
                               f"graft writes only into a new or empty location: choose another output")

@@ -75,6 +75,11 @@ def check_digest(where: str, data: bytes, expected: str) -> None:
                              f"other bytes than it lists, run again")
 
 
+def _entry_name(entry: Mapping[str, Any]) -> str:
+    """A listing entry's name inside its directory."""
+    return str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+
+
 class Storage:
     """A directory on an fsspec filesystem, addressed by plain file names inside it.
 
@@ -219,8 +224,13 @@ class Storage:
 
     def subdirectories(self) -> list[str]:
         """Names of the directories (on object stores: key prefixes) directly inside this one, sorted."""
+        return self.contents()[1]
+
+    def contents(self) -> tuple[list[str], list[str]]:
+        """``list()`` and ``subdirectories()`` from one listing (one request on an object store)."""
         entries = self._retry("", "list the directory", self._ls_or_nothing)
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+        files = sorted({_entry_name(e) for e in entries if e.get("type") != "directory"})
+        return files, sorted(_entry_name(e) for e in entries if e.get("type") == "directory")
 
     def list_stats(self) -> dict[str, FileStat | None]:
         """The files directly inside this directory (sorted), each with its stat where the listing
@@ -238,8 +248,7 @@ class Storage:
 
     def _entries(self) -> dict[str, dict[str, Any]]:
         entries = self._retry("", "list the directory", self._ls_or_nothing)
-        return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry
-                for entry in entries if entry.get("type") != "directory"}
+        return {_entry_name(entry): entry for entry in entries if entry.get("type") != "directory"}
 
     def _ls_fresh(self) -> list[dict[str, Any]]:
         """The directory's entries as the store has them now: other processes (shard workers) write

@@ -5,6 +5,7 @@
 - Reads: each range request carries ``If-Match: <ETag>`` when a version is given, so an object
   rewritten during a run fails the read (``IntegrityError``) instead of mixing two versions; ranges
   are split into parts of at least 8 MiB (AWS's ranged-GET advice).
+- Listings: one LIST of the directory's prefix (pages of it), never of its parent.
 - Writes: ``S3PartWriter`` (``s3write.py``), with the cleanup of unfinished uploads beside it.
 """
 from __future__ import annotations
@@ -75,6 +76,12 @@ class S3Storage(Storage):
             self._write_fs = fsspec.filesystem(self.protocol, **{**self._fs_options, "config_kwargs": config})
             self._write_fs.retries = _S3FS_ATTEMPTS
         return self._write_fs
+
+    def _ls_fresh(self) -> list[dict[str, Any]]:
+        # s3fs's ``ls`` of a prefix with nothing under it lists the parent too, every page of it (to
+        # tell whether a file has the directory's name): a new output beside many others cost pages
+        # of LISTs for nothing. A file at the root lists as empty, as a local file does.
+        return sync(self.fs.loop, self.fs._lsdir, self.root, refresh=True)
 
     def _fetch(self, name: str, start: int | None, end: int | None, version: str | None) -> bytes:
         if version is None or start is None or end is None:

@@ -1,7 +1,8 @@
 """The requests graft makes to S3 (on the moto server, the real S3 wire protocol). Uploads: parts
 sized from the file's size, several in flight while the writer goes on, one PutObject for a small
 file, nothing at the key before commit and no upload left after a failure. Reads: ranges of at
-least 8 MiB (AWS's guidance for ranged GETs)."""
+least 8 MiB (AWS's guidance for ranged GETs). Listings: one LIST of the prefix itself, never its
+parent."""
 from __future__ import annotations
 
 import threading
@@ -108,3 +109,44 @@ def test_s3_reads_are_ranges_of_at_least_8_mib(s3_server):
     assert bytes(buf) == data[2**20:17 * 2**20]
     got = sorted(r.decode() if isinstance(r, bytes) else r for r in ranges)
     assert got == [f"bytes={2**20}-{9 * 2**20 - 1}", f"bytes={9 * 2**20}-{17 * 2**20 - 1}"]
+
+
+@pytest.fixture
+def listings(monkeypatch) -> list[str]:  # noqa: ANN001
+    """The prefix of every ListObjectsV2 request any S3 client of this process sends."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from aiobotocore.endpoint import AioEndpoint
+
+    seen: list[str] = []
+    real = AioEndpoint._send
+
+    async def send(self, request):  # noqa: ANN001, ANN202
+        query = parse_qs(urlsplit(request.url).query, keep_blank_values=True)
+        if "list-type" in query:
+            seen.append(query["prefix"][0])
+        return await real(self, request)
+
+    monkeypatch.setattr(AioEndpoint, "_send", send)
+    return seen
+
+
+def test_listing_an_empty_prefix_is_one_request_of_that_prefix(s3_server, listings):
+    # s3fs's ls of a prefix with nothing under it also lists the parent, every page of it: for a new
+    # output beside many runs, pages of LISTs per listing.
+    bucket = new_bucket(s3_server)
+    Storage(f"{bucket}/runs/old", s3_server).write_bytes("x", b"x")
+    store = Storage(f"{bucket}/runs/new", s3_server)
+    assert store.list() == [] and store.subdirectories() == []
+    assert listings == ["runs/new/", "runs/new/"]
+    assert store.contents() == ([], []) and listings[2:] == ["runs/new/"]  # files and folders: one LIST
+
+
+def test_an_s3_run_lists_its_output_three_times_and_never_its_parent(s3_server, tiny_checkpoints, listings):
+    from graft.engine.local import run_local
+    from graft.engine.specfile import spec_from_mapping
+
+    out = f"{new_bucket(s3_server)}/runs/out"
+    run_local(spec_from_mapping({**tiny_checkpoints, "output": out, "storage_options": s3_server}), workers=2)
+    # The check (files and folders at once), the stale temporaries after the mark, the sweep at commit.
+    assert listings == ["runs/out/"] * 3
