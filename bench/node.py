@@ -6,7 +6,8 @@ Three trios (target, fine-tune, base), each of about ``--size`` GB of inputs, ge
 under ``--data`` (bench/data.py's generators, scaled):
 
 - ``llama``: Llama-shaped bf16 checkpoints (TinyLlama's layer shapes, the layer count and vocabulary
-  scaled to the size); the target in 4 shards, which the output follows, the others in 6.
+  scaled to the size); the target in shards of a quarter of its size (4 to 7 files: the output
+  follows its layout), the others in shards of a sixth.
 - ``one-shard``: one bf16 tensor per checkpoint in a single model.safetensors, so one output shard:
   the row that measures parallelism inside a shard.
 - ``fp8``: block-FP8 checkpoints of DeepSeek-V3 expert shapes (bench.data.make_fp8), in 4 shards.
@@ -50,8 +51,10 @@ the largest shard actor).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -69,9 +72,8 @@ __all__ = ["NodeRow", "trios", "measure", "lines"]
 
 JOBS = ("llama", "one-shard", "fp8")
 SAMPLE_S = 0.01
+REFRESH = 20  # samples between listings of the process tree (about 0.2 s)
 SLACK = 2**20  # bytes past the non-data reads that mark the first data read
-LAYER_BYTES = 2 * sum(a * b for a, b in [(2048, 2048), (256, 2048), (256, 2048), (2048, 2048),
-                                         (5632, 2048), (5632, 2048), (2048, 5632)])
 FP8_EXPERT_BYTES = 3 * 2048 * 7168  # gate, up, down codes (the scales add 0.02%)
 
 
@@ -97,7 +99,10 @@ class Contender:
 def llama_config(checkpoint_bytes: float) -> dict:
     """TinyLlama's layer shapes, with the layers taking about 3/4 of ``checkpoint_bytes`` and the
     embeddings (input and output) the rest."""
-    layers = max(1, round(0.75 * checkpoint_bytes / LAYER_BYTES))
+    h, i = LLAMA["hidden_size"], LLAMA["intermediate_size"]
+    kv = h // LLAMA["num_attention_heads"] * LLAMA["num_key_value_heads"]
+    layer_bytes = 2 * (2 * h * h + 2 * kv * h + 3 * h * i + 2 * h)  # bf16 attention, MLP and norms
+    layers = max(1, round(0.75 * checkpoint_bytes / layer_bytes))
     vocab = max(256, int(0.25 * checkpoint_bytes / (2 * 2 * LLAMA["hidden_size"])) // 64 * 64)
     return {**LLAMA, "num_hidden_layers": layers, "vocab_size": vocab}
 
@@ -157,7 +162,7 @@ def parallel_floor(paths: dict[str, str], out_bytes: int, scratch: str, readers:
         for r in range(readers):
             a, b = max(edges[r], start), min(edges[r + 1], start + n)
             if a < b:
-                scripts.append((r, f"dd if='{f}' of=/dev/null bs=8M iflag=skip_bytes,count_bytes "
+                scripts.append((r, f"dd if={shlex.quote(f)} of=/dev/null bs=8M iflag=skip_bytes,count_bytes "
                                    f"skip={a - start} count={b - a} status=none"))
         start += n
     per_reader = [" && ".join(s for r, s in scripts if r == i) for i in range(readers)]
@@ -191,31 +196,31 @@ class Trace:
 
 
 def traced(cmd: list[str], ray: bool) -> tuple[float, Trace]:
-    """Run ``cmd``, sampling its process tree every 10 ms; the wall seconds and the trace. Bytes read
-    are counted for the command's own process and, for Ray, its shard actors; CPU over the tree;
-    RSS of the process (local) or of the largest shard actor (Ray)."""
-    trace, last_read, last_cpu, workers = Trace(), {}, {}, set()
+    """Run ``cmd``, sampling its processes every 10 ms; the wall seconds and the trace. Bytes read,
+    CPU and RSS of the command's own process and, for Ray, its shard actors, every sample; CPU of
+    the rest of its process tree every 0.2 s, when the tree is listed again. RSS: of the process
+    (local) or of the largest shard actor (Ray)."""
+    trace, last_read, last_cpu = Trace(), {}, {}
     err = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty child must not block on a full pipe
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=err, text=True)
     root = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        try:
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            procs = []
-        for p in procs:
+    tree, counted = [root], [root]
+    for n in itertools.count():
+        if proc.poll() is not None:
+            break
+        if n % REFRESH == 0:  # listing the tree reads every /proc/PID/stat of the machine: not every sample
+            tree = [root, *children(root)]
+            counted = [root, *(p for p in tree[1:] if "ShardWorker" in " ".join(cmdline(p)))]
+        for p in tree if n % REFRESH == 0 else counted:
             try:
                 with p.oneshot():
-                    if p.pid not in workers and "ShardWorker" in " ".join(p.cmdline()):
-                        workers.add(p.pid)  # an idle Ray worker becomes a shard actor once: ask until then
-                    worker = p.pid in workers
                     t = p.cpu_times()
                     last_cpu[p.pid] = t.user + t.system
-                    if p.pid == proc.pid or worker:
+                    if p in counted:
                         last_read[p.pid] = p.io_counters().read_chars
-                    if p.pid == proc.pid and not ray or worker:
-                        trace.peak_rss = max(trace.peak_rss, p.memory_info().rss)
+                        if p is not root or not ray:
+                            trace.peak_rss = max(trace.peak_rss, p.memory_info().rss)
             except psutil.Error:
                 pass
         trace.times.append(time.perf_counter() - t0)
@@ -228,6 +233,20 @@ def traced(cmd: list[str], ray: bool) -> tuple[float, Trace]:
     err.close()
     trace.cpu = sum(last_cpu.values())
     return seconds, trace
+
+
+def children(p: psutil.Process) -> list[psutil.Process]:
+    try:
+        return p.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
 
 
 def first_read(trace: Trace, input_bytes: int) -> float | None:
