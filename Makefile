@@ -19,7 +19,7 @@ AZURITE := $(EMULATORS)/node_modules/.bin/azurite-blob
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: install demo test test-fast fuzz bench clean
+.PHONY: install demo test test-fast fuzz bench bench-node clean
 
 install: $(STAMP)
 
@@ -64,10 +64,16 @@ $(BENCH_STAMP): pyproject.toml
 	$(BENCH_VENV)/bin/python -m pip install -q -e ".[bench]"
 	touch $(BENCH_STAMP)
 
-# Generates the checkpoints once (bench/data, ~9 GB), then measures everything in one run:
-# bench/results.md, bench/results.json and bench/results.png.
+# Generates the checkpoints once (bench/data, ~10.5 GB with the node benchmark's), then measures
+# everything in one run: bench/results.md, bench/results.json and bench/results.png.
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m bench.run
+
+# The node benchmark alone (bench/node.py): floors, graft local / CUDA / Ray rows on three generated
+# trios; GPU rows when torch sees a GPU. SIZE: GB of inputs per trio.
+SIZE ?= 3
+bench-node: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python -m bench.node --size $(SIZE) --out bench
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info demo .pytest_cache $(EMULATORS)/node_modules

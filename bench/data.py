@@ -34,11 +34,11 @@ FP8_EXPERTS, FP8_HIDDEN, FP8_FFN = 8, 7168, 2048
 _DONE = ".complete"
 
 
-def _shapes() -> dict[str, tuple[int, ...]]:
-    h, i, v = LLAMA["hidden_size"], LLAMA["intermediate_size"], LLAMA["vocab_size"]
-    kv = h // LLAMA["num_attention_heads"] * LLAMA["num_key_value_heads"]
+def _shapes(cfg: dict = LLAMA) -> dict[str, tuple[int, ...]]:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for n in range(LLAMA["num_hidden_layers"]):
+    for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
         shapes.update({
             p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
@@ -52,42 +52,45 @@ def _shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _config() -> dict:
+def _config(cfg: dict = LLAMA) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
             "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
             "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1,
-            "eos_token_id": 2, "initializer_range": 0.02, **LLAMA}
+            "eos_token_id": 2, "initializer_range": 0.02, **cfg}
 
 
-def _save(sd: dict[str, torch.Tensor], path: str, shard: str) -> None:
+def _save(sd: dict[str, torch.Tensor], path: str, shard: str, cfg: dict = LLAMA) -> None:
     from huggingface_hub import save_torch_state_dict
 
     os.makedirs(path, exist_ok=True)
     save_torch_state_dict(sd, path, max_shard_size=shard)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(_config(), f, indent=2)
+        json.dump(_config(cfg), f, indent=2)
     open(os.path.join(path, _DONE), "w").close()
 
 
-def make_llama(root: str, seed: int = 0) -> dict[str, str]:
-    paths, done = _roles(root, "llama")
+def make_llama(root: str, seed: int = 0, cfg: dict = LLAMA, shards: dict[str, str] = SHARDS,
+               kind: str = "llama") -> dict[str, str]:
+    """Llama-shaped bf16 checkpoints of config ``cfg``, each role written in ``shards[role]``-sized
+    shards, under ``root/kind``."""
+    paths, done = _roles(root, kind)
     if done:
         return paths
     gen = torch.Generator().manual_seed(seed)
-    shapes = _shapes()
+    shapes = _shapes(cfg)
     base = {}
     for name, shape in shapes.items():
         if len(shape) == 1:
             base[name] = torch.ones(shape, dtype=torch.bfloat16)
         else:
             base[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-    _save(base, paths["base"], SHARDS["base"])
+    _save(base, paths["base"], shards["base"], cfg)
     for role, scale in (("finetuned", 0.002), ("target", 0.001)):
         sd = {}
         for name, t in base.items():
             noise = torch.randn(t.shape, generator=gen).mul_(scale)
             sd[name] = noise.add_(t).to(torch.bfloat16)
-        _save(sd, paths[role], SHARDS[role])
+        _save(sd, paths[role], shards[role], cfg)
         del sd
     return paths
 
@@ -98,48 +101,51 @@ def _roles(root: str, kind: str) -> tuple[dict[str, str], bool]:
     return paths, all(os.path.exists(os.path.join(p, _DONE)) for p in paths.values())
 
 
-def make_big(root: str, seed: int = 1) -> dict[str, str]:
+def make_big(root: str, seed: int = 1, shape: tuple[int, int] = BIG_SHAPE, kind: str = "big") -> dict[str, str]:
+    """One bf16 tensor of ``shape`` per checkpoint, in a single model.safetensors."""
     from safetensors.torch import save_file
 
-    paths, done = _roles(root, "big")
+    paths, done = _roles(root, kind)
     if done:
         return paths
     gen = torch.Generator().manual_seed(seed)
     for role, path in paths.items():
         os.makedirs(path, exist_ok=True)
-        t = torch.randn(BIG_SHAPE, generator=gen).mul_(0.02).to(torch.bfloat16)
+        t = torch.randn(shape, generator=gen).mul_(0.02).to(torch.bfloat16)
         save_file({"big.weight": t}, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         del t
         open(os.path.join(path, _DONE), "w").close()
     return paths
 
 
-def make_fp8(root: str, seed: int = 3) -> dict[str, str]:
-    """Codes are drawn over every finite E4M3 value and scales around 1e-4: the arithmetic is what
-    is measured, so the values need only be finite and of realistic spread."""
+def make_fp8(root: str, seed: int = 3, experts: int = FP8_EXPERTS, shards: int = 2,
+             kind: str = "fp8") -> dict[str, str]:
+    """``experts`` MoE experts per checkpoint in ``shards`` files (at most one per tensor). Codes are
+    drawn over every finite E4M3 value and scales around 1e-4: the arithmetic is what is measured,
+    so the values need only be finite and of realistic spread."""
     from safetensors.torch import save_file
 
-    paths, done = _roles(root, "fp8")
+    paths, done = _roles(root, kind)
     if done:
         return paths
     gen = torch.Generator().manual_seed(seed)
     shapes = {}
-    for e in range(FP8_EXPERTS):
+    for e in range(experts):
         p = f"model.layers.3.mlp.experts.{e}."
         shapes.update({p + "gate_proj.weight": (FP8_FFN, FP8_HIDDEN), p + "up_proj.weight": (FP8_FFN, FP8_HIDDEN),
                        p + "down_proj.weight": (FP8_HIDDEN, FP8_FFN)})
     for role, path in paths.items():
         os.makedirs(path, exist_ok=True)
-        shards: list[dict[str, torch.Tensor]] = [{}, {}]
+        parts: list[dict[str, torch.Tensor]] = [{} for _ in range(min(shards, len(shapes)))]
         for i, (name, (rows, cols)) in enumerate(shapes.items()):
             codes = torch.randn(rows, cols, generator=gen).mul_(100).clamp_(-448, 448).to(torch.float8_e4m3fn)
             scales = torch.rand(-(-rows // 128), -(-cols // 128), generator=gen).mul_(2e-4)
-            shards[i * 2 // len(shapes)].update({name: codes, name + "_scale_inv": scales})
-        names = [f"model-0000{i + 1}-of-00002.safetensors" for i in range(2)]
-        for name, sd in zip(names, shards):
+            parts[i * len(parts) // len(shapes)].update({name: codes, name + "_scale_inv": scales})
+        names = [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+        for name, sd in zip(names, parts):
             save_file(sd, os.path.join(path, name), metadata={"format": "pt"})
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {}, "weight_map": {t: n for n, sd in zip(names, shards) for t in sd}}, f)
+            json.dump({"metadata": {}, "weight_map": {t: n for n, sd in zip(names, parts) for t in sd}}, f)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"model_type": "deepseek_v3", "quantization_config": {
                 "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",

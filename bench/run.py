@@ -2,7 +2,9 @@
 
 Every contender runs in a fresh process, several times after a warm-up read of its inputs; the
 table reports medians. Ratios are against numbers measured in this same run (machines are noisy).
-Writes bench/results.md, bench/results.json and bench/results.png.
+Ends with a small run of the node benchmark (bench/node.py: CPU rows, about 0.5 GB of inputs per
+trio). Writes bench/results.md, bench/results.json (the node benchmark under "node") and
+bench/results.png.
 
     python -m bench.run [--runs 5] [--quick]   # --quick: one run each, no mergekit / naive / S3
     python -m bench.run --s3-only              # just the S3 rows, printed
@@ -32,6 +34,7 @@ from bench.data import ensure
 from bench.frontier import make_trio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+NODE_SIZE = 0.5  # GB of inputs per trio of the node benchmark's rows in make bench
 ROLES = ("target", "finetuned", "base")
 PY = sys.executable
 ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
@@ -479,6 +482,9 @@ def main() -> None:
         results["rows"] += [r.__dict__ for r in s3]
         rows += s3
     shutil.rmtree(scratch, ignore_errors=True)
+    from bench.node import measure  # bench.node imports this module: imported once this one is loaded
+
+    results["node"] = measure(os.path.join(HERE, "data", "node"), NODE_SIZE, min(runs, 3), "cpu")
     write_results(rows, results, in_llama, in_big, in_fp8)
 
 
@@ -589,6 +595,10 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int, in
               "number of actors (the start-up rows). Wall times are medians; every ratio is the median "
               "of per-run ratios (run i of a row against run i of the floor, of mergekit or of raw s3fs, "
               "from the same round), so that drift of the machine between rounds cancels out.", ""]
+    if results.get("node"):
+        from bench.node import lines as node_lines
+
+        lines += ["## The node benchmark (bench/node.py, CPU rows)", "", *node_lines(results["node"]), ""]
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(HERE, "results.json"), "w") as f:
