@@ -3,7 +3,7 @@
 Each measurement runs in a fresh process so that its peak RSS (``ru_maxrss``) and the bytes it read
 through system calls (``rchar`` in ``/proc/self/io``) belong to that run alone.
 
-    python -m bench.one graft SPEC.yaml [--workers 2] [--kind diff]   # graft's local executor
+    python -m bench.one graft SPEC.yaml [--workers N] [--threads T] [--kind diff]   # graft's local executor
     python -m bench.one naive TARGET FINETUNED BASE OUT   # all three state dicts in memory, float64
     python -m bench.one s3raw JOB.json                    # raw s3fs range reads of the objects
 """
@@ -42,7 +42,7 @@ def _report(seconds: float, read: int, **extra: object) -> None:
           flush=True)
 
 
-def run_graft(spec_path: str, workers: int, kind: str = "transfer") -> None:
+def run_graft(spec_path: str, workers: int | None, kind: str = "transfer", threads: int | None = None) -> None:
     from graft.engine.local import run_local
     from graft.engine.specfile import load_spec
 
@@ -50,7 +50,7 @@ def run_graft(spec_path: str, workers: int, kind: str = "transfer") -> None:
     if spec.storage_options.get("s3"):
         import s3fs  # noqa: F401 # imports stay outside the timed region, as in the s3raw row
     r0, t0 = _start()
-    result = run_local(spec, workers=workers)
+    result = run_local(spec, workers=workers, **({"threads": threads} if threads else {}))
     seconds, read = time.perf_counter() - t0, _rchar() - r0
     _report(seconds, read, engine_bytes_read=result.manifest["run"]["bytes_read"])
 
@@ -141,7 +141,8 @@ def main() -> None:
     sub = ap.add_subparsers(dest="what", required=True)
     g = sub.add_parser("graft")
     g.add_argument("spec")
-    g.add_argument("--workers", type=int, default=2)  # the CLI's default for --executor local
+    g.add_argument("--workers", type=int, default=None)  # None: sized from the machine, as the CLI's
+    g.add_argument("--threads", type=int, default=None)
     g.add_argument("--kind", default="transfer", choices=["transfer", "diff"])  # graft run / graft diff
     n = sub.add_parser("naive")
     for role in ("target", "finetuned", "base", "out"):
@@ -150,7 +151,7 @@ def main() -> None:
     r.add_argument("job")
     args = ap.parse_args()
     if args.what == "graft":
-        run_graft(args.spec, args.workers, args.kind)
+        run_graft(args.spec, args.workers, args.kind, args.threads)
     elif args.what == "s3raw":
         run_s3raw(args.job)
     else:

@@ -422,7 +422,7 @@ def main() -> None:
     rows: list[Row] = []
     floor_row = Row("I/O floor: cat inputs, write + sync output", "1.1B")
     direct_floor = Row("I/O floor with O_DIRECT writes (dd oflag=direct, 8 MiB)", "1.1B")
-    local = Row("graft --executor local (2 shards at once, the default)", "1.1B")
+    local = Row("graft --executor local (sized from the machine, the default)", "1.1B")
     no_report = Row("graft --executor local, report: off", "1.1B")  # what the transfer report costs
     exact_report = Row("graft --executor local, report: exact", "1.1B")  # ... measuring every element
     rays = {w: Row(f"graft --executor ray --workers {w}", "1.1B") for w in (1, 2)}
@@ -548,7 +548,7 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int, in
                      f"| {speed} | {rss} | {read} | {cpu} |")
     off = by.get("graft --executor local, report: off")
     if off is not None and off.seconds:
-        on = by["graft --executor local (2 shards at once, the default)"]
+        on = by["graft --executor local (sized from the machine, the default)"]
         lines += ["", f"The transfer report (`report: sampled`, the default) costs "
                       f"{paired(on.seconds, off.seconds) - 1:+.1%} wall time and "
                       f"{paired(on.cpu, off.cpu) - 1:+.1%} CPU against the same job with `report: off` "
@@ -561,7 +561,7 @@ def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int, in
     if fp8 is not None:
         lines += ["", f"FP8 job: graft used {statistics.median(fp8.cpu) / (in_fp8 / 1e9):.1f} CPU-seconds per GB "
                   f"of input (median), on {os.cpu_count()} cores; the plain 1.1B job "
-                  f"{statistics.median(by['graft --executor local (2 shards at once, the default)'].cpu) / (in_llama / 1e9):.1f}."]
+                  f"{statistics.median(by['graft --executor local (sized from the machine, the default)'].cpu) / (in_llama / 1e9):.1f}."]
     recipes = [r for r in rows if r.job == "recipes"]
     if recipes:
         lines += recipe_lines(recipes, in_llama)

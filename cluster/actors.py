@@ -69,33 +69,33 @@ class ProgressBoard:
 
 @ray.remote(max_concurrency=MAX_SHARDS)
 class ShardWorker:
-    """Runs shard tasks, several at once if the driver sends several, posting each one's progress to
-    ``board`` (if given) at most every ``REPORT_SECONDS``."""
+    """Runs shard tasks, several at once if the driver sends several, each on ``threads`` compute
+    threads, posting each one's progress to the ``board`` it is sent with (if any) at most every
+    ``REPORT_SECONDS``."""
 
     def __init__(self, inputs: Mapping[str, str], output: str,
                  storage_options: Mapping[str, Mapping[str, Any]], use_gpu: bool = False,
-                 board: Any = None):
+                 threads: int = 1):
         # Imported here, not at module level, so that the board's process (which imports this
         # module) does not load torch; and a worker that cannot load it fails to start, clearly.
         import torch
 
         from graft.engine.execute import execute_shard
 
-        # torch's threads: the CPUs Ray gave this actor (its default, every core of the node for
-        # each running shard, oversubscribes a node of actors; bench/NOTES.md section 9).
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(max(1, int(cpus)))
+        # torch's own threads off: each shard's compute threads share the CPUs Ray gave this actor
+        # (torch's default, every core of the node for each operation, oversubscribes a node of
+        # actors; bench/NOTES.md sections 9 and 15).
+        torch.set_num_threads(1)
+        self._threads = threads
         self._execute = execute_shard
         # Ray sets CUDA_VISIBLE_DEVICES to the GPU(s) it assigned: "cuda" is ours.
         self._device = "cuda" if use_gpu else "cpu"
         self._inputs = {role: Storage(uri, storage_options) for role, uri in inputs.items()}
         self._output = Storage(output, storage_options)
-        self._board = board
 
-    def run(self, task: ShardTask, attempt: int = 1) -> ShardResult:
-        board = self._board
+    def run(self, task: ShardTask, attempt: int = 1, board: Any = None) -> ShardResult:
         if board is None:
-            return self._execute(task, self._inputs, self._output, device=self._device)
+            return self._execute(task, self._inputs, self._output, device=self._device, threads=self._threads)
         done, posted = 0, time.monotonic()
 
         def advance(n: int) -> None:  # called by execute_shard from this task's thread only
@@ -106,7 +106,8 @@ class ShardWorker:
                 board.post.remote(task.file, attempt, done)
 
         try:
-            return self._execute(task, self._inputs, self._output, on_progress=advance, device=self._device)
+            return self._execute(task, self._inputs, self._output, on_progress=advance, device=self._device,
+                                 threads=self._threads)
         finally:
             board.drop.remote(task.file, attempt)
 

@@ -310,7 +310,9 @@ def run_options(r: argparse.ArgumentParser) -> None:
                         "shared among the shards at once; 1 with --device cuda)")
     r.add_argument("--shards-per-worker", type=int, default=2,
                    help="ray: shards each actor runs at once (1..8, default 2)")
-    r.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per shard actor")
+    r.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="Ray CPUs per shard actor, which its shards compute on (default: the cluster's CPUs "
+                        "shared among the shards, at most a node's, at least 1; 1 with --gpus-per-worker)")
     r.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="Ray GPUs per shard actor; > 0 runs the arithmetic on CUDA")
     r.add_argument("--verify-kept", action="store_true",

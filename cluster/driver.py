@@ -11,12 +11,13 @@ call per poll that it never waits on.
 """
 from __future__ import annotations
 
+
 import os
 import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import ray
@@ -56,7 +57,9 @@ class RayOptions:
 
     address: str | None = None
     workers: int | None = None
-    cpus_per_worker: float = 1.0
+    # None: sized from the cluster and the job (``_sized``): each actor the CPUs of the cluster
+    # shared among the shards, at most a node's, at least 1 (1 for GPU actors).
+    cpus_per_worker: float | None = None
     gpus_per_worker: float = 0.0
     max_attempts: int = 3
     # Shards each actor runs at once: one shard's reads overlap another's compute, hashing and fsync.
@@ -90,6 +93,17 @@ def connect(address: str | None) -> bool:
         ray.init(address="local", include_dashboard=False, object_store_memory=_EMBEDDED_OBJECT_STORE,
                  **common)
     return True
+
+
+def _sized(opts: RayOptions, shards: int) -> RayOptions:
+    """``opts`` with ``cpus_per_worker`` set: as given, else the alive nodes' CPUs shared among the
+    ``shards`` (a whole number, at most the largest node's, at least 1): a job of fewer shards than
+    CPUs gives each actor several, which its shards compute on. GPU actors ask for 1."""
+    if opts.cpus_per_worker is not None:
+        return opts
+    cpus = [int(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node["Alive"]]
+    each = 1 if opts.gpus_per_worker > 0 or not cpus else max(1, min(max(cpus), sum(cpus) // max(1, shards)))
+    return replace(opts, cpus_per_worker=float(each))
 
 
 def _asks(opts: RayOptions) -> str:
@@ -214,16 +228,22 @@ class _WorkerPool:
 
     def __init__(self, job: Job, session: OutputSession, opts: RayOptions, report_progress: bool):
         self.job = job
-        self.opts = opts
+        self.opts = opts = _sized(opts, len(session.pending))
         self.size = _worker_count(opts, len(session.pending)) if session.pending else 0
-        # On the driver's node if it can be: a board on a worker node would be lost with that node.
+        # Plain values only: the actor rebuilds its Storage objects from these. Its shards compute on
+        # the CPUs it asks for, shared among the shards it runs at once.
+        at_once = min(opts.shards_per_worker, -(-len(session.pending) // max(1, self.size)))
+        threads = max(1, int(opts.cpus_per_worker or 1) // max(1, at_once))
+        self._ctor = ({role: c.storage.uri for role, c in job.checkpoints.items()},
+                      session.storage.uri, job.spec.storage_options, opts.gpus_per_worker > 0, threads)
+        self.actors = [self._new_actor() for _ in range(self.size)]
+        # After the shard workers: Ray keeps one worker process started per CPU, and a board asked
+        # for first would take one a shard worker then waits for (1.3 s of start-up on the 2-core
+        # bench; bench/NOTES.md section 14). On the driver's node if it can be: a board on a worker
+        # node would be lost with that node. Its handle goes with each shard.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         self.board = (ProgressBoard.options(scheduling_strategy=here).remote()
                       if report_progress and self.size else None)
-        # Plain values only (and the board's handle): the actor rebuilds its Storage objects from these.
-        self._ctor = ({role: c.storage.uri for role, c in job.checkpoints.items()},
-                      session.storage.uri, job.spec.storage_options, opts.gpus_per_worker > 0, self.board)
-        self.actors = [self._new_actor() for _ in range(self.size)]
         # pid() ref -> slot of the actors not answered yet.
         self.starting: dict[ray.ObjectRef, int] = {a.pid.remote(): slot for slot, a in enumerate(self.actors)}
         # ref -> (slot, the actor it was sent to, task); the actor tells a dead slot's first loss
@@ -257,7 +277,7 @@ class _WorkerPool:
                 slot, task = idle.popleft(), pending.popleft()
                 attempts[task.file] += 1
                 actor = self.actors[slot]
-                self.in_flight[actor.run.remote(task, attempts[task.file])] = (slot, actor, task)
+                self.in_flight[actor.run.remote(task, attempts[task.file], self.board)] = (slot, actor, task)
             if self.in_flight or not self.starting:
                 stalled_since = None
             elif stalled_since is None:
