@@ -57,15 +57,15 @@ def _compute(kernel: ChunkKernel | None, codec: Transcoder | None, chunk: Chunk,
 
 class CpuCompute:
     """Computes chunks on the calling threads, each with its own compute buffers (made on its first
-    chunk); ``finish`` has nothing left to wait for."""
+    chunk) and one ``TensorScales`` for all; ``finish`` has nothing left to wait for. The plain
+    kernel checks each block for NaN/Inf while it is in cache (``execute`` checks the other paths'
+    output on the compute thread)."""
 
-    def __init__(self, compute_dtype: str, plain_elems: int, codec_elems: int, scales: TensorScales):
+    def __init__(self, compute_dtype: str, plain_elems: int, codec_elems: int):
+        scales = TensorScales()
         self._make = lambda: (ChunkKernel(compute_dtype, plain_elems) if plain_elems else None,
                               Transcoder(compute_dtype, codec_elems, scales=scales) if codec_elems else None)
         self._mine = threading.local()
-
-    # The plain kernel checks each block for NaN/Inf while it is in cache (``execute`` checks the
-    # other paths' output on the compute thread).
 
     def submit(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor], out: torch.Tensor,
                scales: torch.Tensor | None, where: str, stats: StatsLog | None,
@@ -100,9 +100,8 @@ class CudaCompute:
                         for _ in range(2)]
         self.out_dev = [torch.empty(out_cap, dtype=torch.uint8, device=self.device) for _ in range(2)]
         self.released: list[torch.cuda.Event | None] = [None, None]
+        # No check on the device (it would wait for it): ``execute``'s write thread checks the host copy.
         self._count = 0
-
-    # A check on the device would wait for it: ``execute``'s write thread checks the host copy.
 
     def submit(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor], out: torch.Tensor,
                scales: torch.Tensor | None, where: str, stats: torch.Tensor | None,

@@ -14,7 +14,7 @@ and written right after its codes. Chunks of one tensor computed at once leave t
 report measures in a ``sums.StatsLog`` each, applied by the ordered stage in chunk order: the
 report's bits do not depend on the threads.
 
-Memory is bounded by the chunk size whatever the tensor, shard or model size (``shard_memory``): a
+Memory is bounded by the chunk size whatever the tensor, shard or model size (``sizing.shard_memory``): a
 window of ``window_for(threads)`` chunks in flight, each holding a slot (its input buffers and its
 output buffer) from its reads until its bytes are written and hashed; each compute thread's buffers;
 one scale tensor per quantized tensor in flight (1/16384 of its codes for 128x128 blocks) (plus, on
@@ -33,7 +33,6 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .codec import TensorScales
 from .devices import CpuCompute, CudaCompute
 from .errors import GraftError, IntegrityError
 from .provenance import check_stored_reads
@@ -41,7 +40,7 @@ from .kernel import TORCH_DTYPES, check_finite
 from .safetensors import DTYPE_SIZES, FLOATING_DTYPES, ShardWriter
 from .storage import RangeReader, Storage
 from .chunks import Chunk, Read, buffer_sizes, iter_chunks
-from .sizing import shard_memory, window_for
+from .sizing import window_for
 from .sums import StatsLog
 from .tasks import (DIFF_STATS, ExecSettings, ShardResult, ShardTask, TensorTask,
                     digest_key, output_digest_key, stat_names)
@@ -136,7 +135,7 @@ def execute_shard(
         free.put(_Slot(capacity, out_cap, pinned=on_gpu))
     compute: CpuCompute | CudaCompute = (
         CudaCompute(device, settings.compute_dtype, plain_elems, codec_elems, out_cap, capacity) if on_gpu
-        else CpuCompute(settings.compute_dtype, plain_elems, codec_elems, TensorScales()))
+        else CpuCompute(settings.compute_dtype, plain_elems, codec_elems))
     readers: dict[tuple[str, str], RangeReader] = {}  # made on this thread only
     roles = len({r.role for rs in reads for r in rs})
     # Reads of every chunk in the window may be in flight; local reads are copies from the page

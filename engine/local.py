@@ -28,7 +28,7 @@ def one_torch_thread() -> Iterator[None]:
     each. torch's default (every core for each operation, of every thread) oversubscribes: on the
     2-core bench 2 shards x 2 threads cost 18% of the job's wall time and 14% of its CPU
     (bench/NOTES.md section 9); one shard computing with torch's 2 threads took 1.55 s where one
-    thread took 1.15 s, its write thread needing the second core (section 13). Restored afterwards."""
+    thread took 1.15 s, its write thread needing the second core (section 15). Restored afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
