@@ -1,7 +1,9 @@
-"""``graft``: run | diff | plan | verify | report | inspect | push | clean.
+"""``graft``: run | diff | plan | verify | report | inspect | push | clean | schema.
 
 Every failure graft anticipates is a ``GraftError``: it is printed as one line on stderr naming the
-file or tensor and what to do, with the traceback only under ``--debug``.
+file or tensor and what to do, with the traceback only under ``--debug``, and exits with the code of
+its class (``exits.py``; the table is in ``graft --help``). Every command takes ``--json``
+(``cli_output.py`` says what it prints). Flags are checked before anything touches storage.
 """
 from __future__ import annotations
 
@@ -17,27 +19,68 @@ from typing import Any, Callable, Sequence
 
 from graft.engine import __version__
 from graft.engine.checkpoint import open_checkpoint
-from graft.engine.errors import GraftError, Interrupted, PlanError, Terminated
+from graft.engine.errors import GraftError, Interrupted, Terminated
 from graft.engine.job import prepare_job
 from graft.engine.session import OutputSession
 from graft.engine.manifest import verify_output
 from graft.engine.redaction import redact_uri
-from graft.engine.runmark import Observed
-from graft.engine.specfile import apply_overrides, load_spec
+from graft.engine.specfile import apply_overrides, load_spec, spec_schema
 
+from graft.cluster import exits
+from graft.cluster.cli_output import (UsageError, emit, error_line, error_object, failure, plan_summary,
+                                      print_plan, reader_gone, silence_closed_streams, unfinished_run_note)
+from graft.cluster.cli_flags import (Parser, at_least, common, device, flags_of, positive, run_options,
+                                     storage_option)
 from graft.cluster.progress import Progress, human_bytes
 
-__all__ = ["main"]
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+__all__ = ["main", "build_parser"]
 
 
 def _log(msg: str) -> None:
     print(f"graft: {msg}", file=sys.stderr, flush=True)
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` items, then ``--storage-option PROTO.KEY=VALUE`` as ``storage_options.PROTO.KEY=VALUE``."""
+    return [*args.set, *(f"storage_options.{item}" for item in args.storage_option)]
+
+
+def _check_run_flags(args: argparse.Namespace) -> None:
+    """The flags of one executor refused with the other, and a CUDA device that is not there: a
+    usage error before the spec is read or the output touched."""
+    ray_only = {"--address": args.address, "--shards-per-worker": args.shards_per_worker,
+                "--cpus-per-worker": args.cpus_per_worker, "--gpus-per-worker": args.gpus_per_worker,
+                "--start-timeout": args.start_timeout}
+    if args.executor == "local":
+        given = [flag for flag, value in ray_only.items() if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} applies to --executor ray only; with --executor local use "
+                             f"--workers, --threads and --device")
+    else:
+        for flag, value in (("--threads", args.threads), ("--device", args.device)):
+            if value is not None:
+                raise UsageError(f"{flag} applies to --executor local only; on Ray use --workers, "
+                                 f"--cpus-per-worker and --gpus-per-worker")
+    _check_device(args.device)
+
+
+def _check_device(device: str | None) -> None:
+    if device is None or device == "cpu":
+        return
+    import torch
+
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        raise UsageError(f"argument --device: {device} is not a CUDA device here (torch sees {count}); "
+                         f"use --device cpu" + (f" or cuda:0..{count - 1}" if count else ""))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    spec = load_spec(args.config, args.set, kind=args.kind)
+    if args.plan:  # graft run CONFIG --plan: the same as graft plan CONFIG
+        return cmd_plan(args)
+    _check_run_flags(args)
+    spec = load_spec(args.config, _overrides(args), kind=args.kind)
     job = prepare_job(spec)
     plan = job.plan
     for w in plan.warnings:
@@ -57,14 +100,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.executor == "local":
             from graft.engine.local import run_local  # torch loads only for a run
 
-            result = run_local(job, workers=args.workers, on_progress=update, log=log, device=args.device,
+            result = run_local(job, workers=args.workers, on_progress=update, log=log, device=args.device or "cpu",
                                on_shard=on_shard, verify_kept=args.verify_kept, threads=args.threads)
         else:
             from .driver import RayOptions, run_ray  # Ray is imported only when used
 
-            opts = RayOptions(address=args.address, workers=args.workers, shards_per_worker=args.shards_per_worker,
-                              cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                              start_timeout=args.start_timeout)
+            given = {k: getattr(args, k) for k in ("shards_per_worker", "cpus_per_worker", "gpus_per_worker",
+                                                   "start_timeout") if getattr(args, k) is not None}
+            opts = RayOptions(address=args.address, workers=args.workers, **given)
             result = run_ray(job, opts, on_progress=update, log=_log, on_shard=on_shard,
                              verify_kept=args.verify_kept)
     finally:
@@ -72,129 +115,71 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress.close()
     secs = time.monotonic() - t0
     rate = plan.read_bytes / secs if secs > 0 else 0.0
-    print(f"wrote {result.output} ({len(result.results)} shard(s), {human_bytes(plan.write_bytes)}) in "
-          f"{secs:.1f}s, {human_bytes(rate)}/s read; check it with: graft verify {result.output}")
-    return EXIT_OK
-
-
-def _plan_summary(job: Any) -> dict[str, Any]:
-    plan = job.plan
-    return {
-        "inputs": {role: {"uri": c.uri, "files": len(c.files), "tensors": len(c.tensors),
-                          "bytes": c.total_bytes} for role, c in job.checkpoints.items()},
-        "output": redact_uri(job.spec.output),
-        "tensors": plan.tensor_count,
-        "combined": plan.combined,
-        "copied": plan.copied,
-        "left_out": list(plan.left_out),
-        "shards": [{"file": s.file, "tensors": sum(1 for t in s.tensors if not t.continues), "bytes": s.size}
-                   for s in plan.shards],
-        "side_files": {s.name: s.donor for s in plan.side_files},
-        "formats": dict(plan.formats),
-        "vocab": dict(plan.vocab),
-        "config_changes": {s.name: {k: (None if v is None else json.loads(v)) for k, v in s.patch}
-                           for s in plan.side_files if s.patch},
-        "read_bytes": plan.read_bytes,
-        "write_bytes": plan.write_bytes,
-        "warnings": list(plan.warnings),
-    }
+    done = {"output": result.output, "shards": len(result.results), "write_bytes": plan.write_bytes,
+            "read_bytes": plan.read_bytes, "seconds": round(secs, 3), "read_bytes_per_second": round(rate),
+            "warnings": list(plan.warnings), "verify_command": f"graft verify {result.output}"}
+    emit(args.json, done, [f"wrote {result.output} ({len(result.results)} shard(s), {human_bytes(plan.write_bytes)}) "
+                           f"in {secs:.1f}s, {human_bytes(rate)}/s read; check it with: graft verify {result.output}"])
+    return exits.OK.code
 
 
 def _local_use(job: Any, args: argparse.Namespace) -> dict[str, Any]:
     """What ``graft run --executor local`` with these flags would use on this machine."""
     from graft.engine.sizing import local_parallelism, machine
 
-    use = local_parallelism(job.plan.shards, machine(), args.workers, args.threads, args.device)
+    use = local_parallelism(job.plan.shards, machine(), args.workers, args.threads,
+                             args.device or "cpu")
     return {"shards_at_once": use.shards, "threads_per_shard": use.threads, "chunks_in_flight_per_shard": use.window,
             "buffer_bytes": use.memory, "cores": use.machine.cores, "available_memory": use.machine.memory,
             "text": use.describe()}
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    spec = load_spec(args.config, args.set, kind="diff" if args.diff else "transfer")
-    try:
-        job = prepare_job(spec)
-    except PlanError as e:
-        for p in e.problems:
-            print(f"graft: error: {p}", file=sys.stderr)
-        return EXIT_FAIL
-    problems, notes = [], []
+    _check_device(args.device)
+    job = prepare_job(load_spec(args.config, _overrides(args), kind=args.kind))  # PlanError: main lists all
+    notes: list[str] = []
+    refused: GraftError | None = None
     try:
         previous = OutputSession.check(job, watch=False).previous
         if previous is not None:
-            notes.append(_unfinished_run_note(redact_uri(job.spec.output), previous))
+            notes.append(unfinished_run_note(redact_uri(job.spec.output), previous))
     except GraftError as e:
-        problems.append(str(e))
-    summary = _plan_summary(job)
+        refused = e
+    problems = [str(refused)] if refused else []
+    summary = plan_summary(job)
     summary["local_run"] = _local_use(job, args)
     summary["problems"] = problems
     summary["notes"] = notes
+    code = exits.exit_for(refused) if refused else exits.OK
+    if refused:
+        summary["error"] = error_object(refused, code, str(refused))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        formats = summary["formats"]
-        for role, i in summary["inputs"].items():
-            print(f"{role:9s} {i['uri']}: {i['files']} file(s), {i['tensors']} tensors, "
-                  f"{human_bytes(i['bytes'])}")
-            if role in formats:
-                print(f"          stored as {formats[role]}")
-        print(f"output    {summary['output']}: {len(summary['shards'])} shard(s), "
-              f"{summary['tensors']} tensors ({summary['combined']} combined, {summary['copied']} copied)")
-        if "output" in formats:
-            print(f"          stored as {formats['output']}")
-        for name, rows in summary["vocab"].items():
-            print(f"  {name}: {rows}")
-        for name, change in summary["config_changes"].items():
-            for key, value in change.items():
-                leaf = key.rpartition(".")[2]  # a key of a text sub-config: text_config.vocab_size
-                if leaf == "vocab_size":
-                    print(f"  {name}: {key} set to {value} (the output's embedding rows)")
-                elif leaf == "tie_word_embeddings":
-                    print(f"  {name}: {key} set to {json.dumps(value)} (as the output's LM head is)")
-                else:
-                    print(f"  {name}: {key} " + ("removed" if value is None else "set to the target's"))
-        for s in summary["shards"]:
-            print(f"  {s['file']}: {s['tensors']} tensors, {human_bytes(s['bytes'])}")
-        for name, donor in summary["side_files"].items():
-            print(f"  {name} <- {donor}")
-        print(f"reads {human_bytes(summary['read_bytes'])}, writes {human_bytes(summary['write_bytes'])}")
-        print(f"--executor local would run {summary['local_run']['text']}")
-        for w in summary["warnings"]:
-            print(f"warning: {w}")
-        for n in notes:
-            print(f"note: {n}")
-        for p in problems:
-            print(f"graft: error: {p}", file=sys.stderr)
-    return EXIT_FAIL if problems else EXIT_OK
-
-
-def _unfinished_run_note(output: str, previous: Observed) -> str:
-    """What ``graft run`` will do with an unfinished run's mark (``graft plan`` does not wait to
-    find out whether that run is alive)."""
-    from graft.engine.runmark import STALE_AFTER_SECONDS, describe, stale_at_once
-
-    if stale_at_once(previous.mark):
-        return f"{output} holds an unfinished graft run that stopped; graft run resumes it"
-    return (f"{output} holds the mark of an unfinished graft run ({describe(previous.mark)}); graft run "
-            f"watches it for up to {STALE_AFTER_SECONDS:.0f}s, then refuses the output if that run is "
-            f"alive, or resumes it")
+        print_plan(summary)
+    for p in problems:
+        error_line(p)
+    return code.code
 
 
 def _storage_options(items: Sequence[str]) -> dict[str, Any]:
-    """``-o s3.endpoint_url=http://...`` -> ``{"s3": {"endpoint_url": ...}}`` (values parsed as YAML)."""
+    """``--storage-option s3.endpoint_url=http://...`` -> ``{"s3": {"endpoint_url": ...}}`` (values
+    parsed as YAML)."""
     return apply_overrides({}, [f"storage_options.{item}" for item in items]).get("storage_options", {})
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     report = verify_output(_location(args.output), _storage_options(args.storage_option))
-    for name in report.checked:
-        print(f"{name}: OK")
+    result: dict[str, Any] = {"uri": report.uri, "ok": report.ok, "checked": list(report.checked),
+                              "problems": list(report.problems)}
+    if not report.ok:
+        message = f"{report.uri}: verification failed: " + (report.problems or ["no output file to check"])[0]
+        result["error"] = failure("VerifyFailed", exits.INTEGRITY, message, report.problems)
+    emit(args.json, result, [*(f"{name}: OK" for name in report.checked),
+                             *([f"verified {len(report.checked)} file(s) in {report.uri}"] if report.ok else [])])
     for p in report.problems:
         print(f"graft: FAILED: {p}", file=sys.stderr)
-    if report.ok:
-        print(f"verified {len(report.checked)} file(s) in {report.uri}")
-        return EXIT_OK
-    return EXIT_FAIL
+    return exits.OK.code if report.ok else exits.INTEGRITY.code
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -202,15 +187,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     from graft.engine.report import summary
 
     report = load_report(_location(args.output), _storage_options(args.storage_option))
+    # The picture: where --png says; in prose mode graft-report.png by default; with --json only when asked.
+    png = args.png if args.png is not None else ("" if args.json else "graft-report.png")
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print("\n".join(summary(report, limit=args.limit)))
-    if args.png:
-        plot_report(report, args.png, title=f"graft transfer report: {redact_uri(args.output)}")
-        if not args.json:
-            print(f"wrote {args.png}")
-    return EXIT_OK
+    if png:
+        plot_report(report, png, title=f"graft transfer report: {redact_uri(args.output)}")
+        if args.json:
+            _log(f"wrote {png}")
+        else:
+            print(f"wrote {png}")
+    return exits.OK.code
 
 
 def _stored_as(ckpt: Any) -> str:
@@ -226,38 +215,37 @@ def _stored_as(ckpt: Any) -> str:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     ckpt = open_checkpoint(_location(args.path), _storage_options(args.storage_option))
-    stored_as = _stored_as(ckpt)
-    if args.json:
-        print(json.dumps({
-            "uri": ckpt.uri,
-            "files": [{"name": f.name, "size": f.size} for f in ckpt.files],
-            "stored_as": stored_as,
-            "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "file": t.file}
-                        for n, t in ckpt.tensors.items()},
-            "side_files": list(ckpt.side_files),
-        }, indent=2))
-        return EXIT_OK
     dtypes: dict[str, int] = {}
     for t in ckpt.tensors.values():
         dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
-    print(f"{ckpt.uri}: {len(ckpt.files)} file(s), {len(ckpt.tensors)} tensors, "
-          f"{human_bytes(ckpt.total_bytes)}; dtypes: "
-          + ", ".join(f"{d} x{n}" for d, n in sorted(dtypes.items())))
-    print(f"stored as {stored_as}")
+    result = {
+        "uri": ckpt.uri,
+        "files": [{"name": f.name, "size": f.size} for f in ckpt.files],
+        "bytes": ckpt.total_bytes,
+        "dtypes": dict(sorted(dtypes.items())),
+        "stored_as": _stored_as(ckpt),
+        "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "file": t.file} for n, t in ckpt.tensors.items()},
+        "side_files": list(ckpt.side_files),
+    }
     width = max((len(n) for n in ckpt.tensors), default=4)
-    for name, t in ckpt.tensors.items():
-        print(f"  {name:{width}s}  {t.dtype:8s} {str(list(t.shape)):20s} {t.file}")
-    if ckpt.side_files:
-        print("other files: " + ", ".join(ckpt.side_files))
-    return EXIT_OK
+    emit(args.json, result, [
+        f"{ckpt.uri}: {len(ckpt.files)} file(s), {len(ckpt.tensors)} tensors, {human_bytes(ckpt.total_bytes)}; "
+        "dtypes: " + ", ".join(f"{d} x{n}" for d, n in result["dtypes"].items()),
+        f"stored as {result['stored_as']}",
+        *(f"  {name:{width}s}  {t.dtype:8s} {str(list(t.shape)):20s} {t.file}" for name, t in ckpt.tensors.items()),
+        *(["other files: " + ", ".join(ckpt.side_files)] if ckpt.side_files else []),
+    ])
+    return exits.OK.code
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
     from graft.engine.clean import clean_output
 
     removed = clean_output(_location(args.output), _storage_options(args.storage_option), log=_log)
-    print(f"removed {len(removed)} file(s) of an unfinished graft run from {redact_uri(args.output)}")
-    return EXIT_OK
+    output = redact_uri(args.output)
+    emit(args.json, {"output": output, "removed": list(removed)},
+         [f"removed {len(removed)} file(s) of an unfinished graft run from {output}"])
+    return exits.OK.code
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -266,76 +254,28 @@ def cmd_push(args: argparse.Namespace) -> int:
     url = push_output(_location(args.output), args.repo, _storage_options(args.storage_option),
                       private=True if args.private else None, message=args.message,
                       verify=not args.no_verify, log=_log)
-    print(f"pushed {args.output} to {url}")
-    return EXIT_OK
+    emit(args.json, {"output": args.output, "repo": args.repo, "url": url}, [f"pushed {args.output} to {url}"])
+    return exits.OK.code
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(spec_schema(args.kind), indent=2))  # JSON in both modes: --json is accepted, changes nothing
+    return exits.OK.code
 
 
 def _location(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def common(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-def positive(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return n
-
-
-def storage_option(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("-o", "--storage-option", action="append", default=[], metavar="PROTO.KEY=VALUE",
-                    help="fsspec option, e.g. -o s3.endpoint_url=http://minio:9000 (credentials "
-                         "come from the environment's standard chain)")
-
-
-def run_options(r: argparse.ArgumentParser) -> None:
-    """The options of the commands that run a job (run, diff): executor, workers, device, ..."""
-    r.add_argument("--executor", choices=["ray", "local"], default="ray",
-                   help="ray (default): shard actors on a Ray cluster; local: threads in this process")
-    r.add_argument("--address", default=None,
-                   help="Ray cluster to join (default: $RAY_ADDRESS, else start a private local Ray)")
-    r.add_argument("--workers", type=positive, default=None,
-                   help="ray: shard actors (default: as many as the cluster's CPUs fit); local: shards "
-                        "processed at once (default: one per core, at most one per shard, within half "
-                        "the available memory; graft plan says what a run will use)")
-    r.add_argument("--threads", type=positive, default=None,
-                   help="local: compute threads per shard, chunks computed at once (default: the cores "
-                        "shared among the shards at once; 1 with --device cuda)")
-    r.add_argument("--shards-per-worker", type=int, default=2,
-                   help="ray: shards each actor runs at once (1..8, default 2)")
-    r.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="Ray CPUs per shard actor, which its shards compute on (default: the cluster's CPUs "
-                        "shared among the shards, at most a node's, at least 1; 1 with --gpus-per-worker)")
-    r.add_argument("--gpus-per-worker", type=float, default=0.0,
-                   help="Ray GPUs per shard actor; > 0 runs the arithmetic on CUDA")
-    r.add_argument("--verify-kept", action="store_true",
-                   help="on resume, re-hash the shards kept from the previous run (in parallel on the "
-                        "workers) instead of trusting their journaled size and store version")
-    r.add_argument("--start-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="Ray: fail if no shard actor can be placed for this long (default 600)")
-    r.add_argument("--device", default="cpu", help="local executor: cpu or cuda[:N] for the arithmetic")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec key (dotted keys nest; value parsed as YAML)")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    r.add_argument("-v", "--verbose", action="store_true", help="log each shard")
-    common(r)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="graft", description="Fine-tuning transfer for safetensors "
-                                "checkpoints: out = target + alpha * (finetuned - base).")
+    """The whole command line, its exit-code table in the top-level help's epilog."""
+    p = Parser(prog="graft", description="Fine-tuning transfer for safetensors checkpoints: out = target + "
+               "alpha * (finetuned - base).", epilog=exits.epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"graft {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a transfer job and commit its output")
-    r.add_argument("config", help="YAML job spec")
+    r.add_argument("config", help="YAML job spec (graft schema prints its JSON Schema)")
     run_options(r)
     r.set_defaults(func=cmd_run, kind="transfer")
 
@@ -345,39 +285,40 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(d)
     d.set_defaults(func=cmd_run, kind="diff")
 
-    pl = sub.add_parser("plan", help="read headers only and show what a run would do")
+    pl = sub.add_parser("plan", help="read headers only and show what a run would do (graft run CONFIG --plan "
+                                     "and graft diff CONFIG --plan are the same)")
     pl.add_argument("config")
-    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    pl.add_argument("--json", action="store_true")
-    pl.add_argument("--diff", action="store_true", help="the config is a graft diff spec")
+    pl.add_argument("--diff", dest="kind", action="store_const", const="diff", default="transfer",
+                    help="the config is a graft diff spec (the same as graft diff CONFIG --plan)")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as graft run's")
+    storage_option(pl)
     pl.add_argument("--workers", type=positive, default=None, help="as graft run's, for what a local run would use")
     pl.add_argument("--threads", type=positive, default=None, help="as graft run's, for what a local run would use")
-    pl.add_argument("--device", default="cpu", help="as graft run's, for what a local run would use")
+    pl.add_argument("--device", type=device, default=None, help="as graft run's, for what a local run would use")
     common(pl)
     pl.set_defaults(func=cmd_plan)
 
-
-    v = sub.add_parser("verify", help="re-hash an output against SHA256SUMS and its manifest")
+    v = sub.add_parser("verify", help="re-hash an output against SHA256SUMS and its manifest (exit 5 if "
+                                      "anything differs)")
     v.add_argument("output")
-    storage_option(v)
+    storage_option(v, old_short=True)
     common(v)
     v.set_defaults(func=cmd_verify)
 
     rp = sub.add_parser("report", help="print a committed output's transfer report (norms, cosines, "
                                        "flags) and draw it per layer")
     rp.add_argument("output")
-    rp.add_argument("--png", metavar="FILE", default="graft-report.png",
-                    help="where to draw the per-layer picture (default graft-report.png; '' for none)")
-    rp.add_argument("--limit", type=int, default=5, help="examples shown per kind of flag (default 5)")
-    rp.add_argument("--json", action="store_true", help="print the whole report as JSON")
-    storage_option(rp)
+    rp.add_argument("--png", metavar="FILE", default=None,
+                    help="where to draw the per-layer picture ('' for none). Default: graft-report.png in the "
+                         "current directory, but with --json no picture unless --png is given")
+    rp.add_argument("--limit", type=at_least(0), default=5, help="examples shown per kind of flag (default 5)")
+    storage_option(rp, old_short=True)
     common(rp)
     rp.set_defaults(func=cmd_report)
 
     i = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes and shards")
     i.add_argument("path")
-    i.add_argument("--json", action="store_true")
-    storage_option(i)
+    storage_option(i, old_short=True)
     common(i)
     i.set_defaults(func=cmd_inspect)
 
@@ -389,16 +330,23 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--message", default=None, help="commit message")
     pu.add_argument("--no-verify", action="store_true",
                     help="skip re-hashing the output against its manifest before uploading")
-    storage_option(pu)
+    storage_option(pu, old_short=True)
     common(pu)
     pu.set_defaults(func=cmd_push)
 
     c = sub.add_parser("clean", help="remove what an unfinished (failed or interrupted) run left in an "
                                      "output: its kept shards, temporaries and run mark")
     c.add_argument("output")
-    storage_option(c)
+    storage_option(c, old_short=True)
     common(c)
     c.set_defaults(func=cmd_clean)
+
+    sc = sub.add_parser("schema", help="print the JSON Schema of the job spec, for editors: save it and start "
+                                       "a job file with # yaml-language-server: $schema=graft.schema.json")
+    sc.add_argument("--diff", dest="kind", action="store_const", const="diff", default="transfer",
+                    help="the schema of a graft diff spec")
+    common(sc)
+    sc.set_defaults(func=cmd_schema)
     return p
 
 
@@ -417,41 +365,76 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _fail(error: BaseException, code: exits.Exit, lines: Sequence[str], as_json: bool) -> int:
+    """Print a failure: its lines on stderr, and under ``--json`` its object on stdout."""
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+    if as_json:
+        message = _with_notes(error) if str(error) else lines[0].removeprefix("graft: ")
+        print(json.dumps({"error": error_object(error, code, message)}, indent=2))
+    return code.code
+
+
+def _stopped(e: KeyboardInterrupt) -> tuple[exits.Exit, str]:
+    term = _sigterm_seen.is_set() or isinstance(e, Terminated) or getattr(e, "terminated", False)
+    how = "terminated (SIGTERM)" if term else "interrupted"
+    if isinstance(e, Interrupted) and e.committed:
+        line = (f"graft: {how} after {e.output} was committed: the output is complete; check it with: "
+                f"graft verify {e.output}")
+    elif isinstance(e, Interrupted):
+        line = (f"graft: {how}: {e.kept} of {e.total} shard(s) are committed and kept in {e.output}; "
+                f"run the same command again to resume")
+    else:
+        line = f"graft: {how} before any output was committed; run the same command again"
+    return (exits.TERMINATED if term else exits.INTERRUPTED), line
+
+
+def _run(argv: list[str]) -> int:
+    as_json = "--json" in flags_of(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        return _fail(e, exits.USAGE, [f"graft: error: {e}"], as_json)
     handler: Callable[[argparse.Namespace], int] = args.func
     # SIGTERM (a scheduler stopping the job, `kill`) stops a run as cleanly as Ctrl-C does.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         return handler(args)
+    except UsageError as e:  # a flag the command checked itself, before touching anything
+        return _fail(e, exits.USAGE, [f"graft: error: {e}"], args.json)
     except GraftError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"graft: error: {_with_notes(e)}", file=sys.stderr)
-        return EXIT_FAIL
+        problems = getattr(e, "problems", None) or []
+        lines = problems if len(problems) > 1 else [_with_notes(e)]
+        return _fail(e, exits.exit_for(e), [f"graft: error: {line}" for line in lines], args.json)
     except KeyboardInterrupt as e:
-        term = _sigterm_seen.is_set() or isinstance(e, Terminated) or getattr(e, "terminated", False)
-        how = "terminated (SIGTERM)" if term else "interrupted"
-        if isinstance(e, Interrupted) and e.committed:
-            print(f"graft: {how} after {e.output} was committed: the output is complete; check it with: "
-                  f"graft verify {e.output}", file=sys.stderr)
-        elif isinstance(e, Interrupted):
-            print(f"graft: {how}: {e.kept} of {e.total} shard(s) are committed and kept in {e.output}; "
-                  f"run the same command again to resume", file=sys.stderr)
-        else:
-            print(f"graft: {how} before any output was committed; run the same command again",
-                  file=sys.stderr)
-        return EXIT_TERMINATED if term else EXIT_INTERRUPTED
+        code, line = _stopped(e)
+        return _fail(e, code, [line], args.json)
     except Exception as e:  # noqa: BLE001 - last resort: still one line, traceback on request
+        if isinstance(e, BrokenPipeError) and reader_gone():
+            raise
         if args.debug:
             traceback.print_exc()
-        print(f"graft: internal error: {e.__class__.__name__}: {_with_notes(e)} (rerun with --debug for "
-              f"the traceback and report it)", file=sys.stderr)
-        return EXIT_FAIL
+        return _fail(e, exits.INTERNAL, [f"graft: internal error: {e.__class__.__name__}: {_with_notes(e)} (rerun "
+                                         f"with --debug for the traceback and report it)"], args.json)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``graft``'s entry point: the exit code of the command (``graft --help`` lists them)."""
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        if not reader_gone():
+            raise
+        # Whoever read graft's output stopped reading (`graft plan job.yaml --json | head -1`): no
+        # message (it would go to the same closed pipe, or clutter the terminal), the shell's SIGPIPE code.
+        silence_closed_streams()
+        return exits.BROKEN_PIPE.code
 
 
 if __name__ == "__main__":

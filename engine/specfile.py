@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import SpecError
 from .spec import DEFAULT_FILES, DEFAULT_MAX_SIDE_FILE_SIZE, Diff, JobSpec, Rule, donor_role, parse_size
 
-__all__ = ["load_spec", "spec_from_mapping", "apply_overrides"]
+__all__ = ["load_spec", "spec_from_mapping", "apply_overrides", "spec_schema"]
 
 
 def _no_bool(v: Any) -> Any:
@@ -272,3 +272,19 @@ def load_spec(path: str, overrides: Sequence[str] = (), kind: str = "transfer") 
     if not isinstance(data, Mapping):
         raise SpecError(f"{path}: expected a mapping of keys (target, finetuned, base, output, ...)")
     return spec_from_mapping(apply_overrides(data, overrides), source=os.path.basename(path), kind=kind)
+
+
+def spec_schema(kind: str = "transfer") -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a job spec, generated from the pydantic model, for editors
+    (``# yaml-language-server: $schema=graft.schema.json``) and ``graft schema``. ``kind`` "diff":
+    the keys a ``graft diff`` spec takes. Rules the model cannot state (a diff's finetuned and base,
+    or diff, not both) are checked by ``spec_from_mapping`` only."""
+    schema = _SpecModel.model_json_schema()
+    if kind == "diff":
+        schema["properties"] = {k: v for k, v in schema["properties"].items() if k in _DIFF_JOB_KEYS}
+        schema["required"] = ["finetuned", "base", "output"]
+        schema["$defs"] = {}
+    else:
+        del schema["properties"]["diff_dtype"]  # a graft diff key only
+    title = "graft diff spec" if kind == "diff" else "graft job spec"
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": title}
