@@ -395,6 +395,11 @@ def _run(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as e:
         return _fail(e, exits.USAGE, [f"graft: error: {e}"], as_json)
+    except SystemExit:  # --help, --version: argparse drops a write error; the closed pipe is still seen
+        sys.stdout.flush()
+        if reader_gone():
+            raise BrokenPipeError() from None
+        raise
     handler: Callable[[argparse.Namespace], int] = args.func
     # SIGTERM (a scheduler stopping the job, `kill`) stops a run as cleanly as Ctrl-C does.
     in_main = threading.current_thread() is threading.main_thread()

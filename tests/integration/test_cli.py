@@ -66,7 +66,7 @@ def test_verify_catches_a_flipped_bit(tiny_checkpoints, tmp_path):
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0x01]))
     v = graft("verify", str(out))
-    assert v.returncode == 1
+    assert v.returncode == 5  # integrity
     assert shard in v.stderr and "does not match" in v.stderr
     s = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
     assert s.returncode != 0
@@ -95,7 +95,7 @@ def test_plan_exits_nonzero_and_lists_every_problem(tiny_checkpoints, tmp_path):
     save_file({"model.embed_tokens.weight": torch.zeros(3)}, str(ft / "model.safetensors"))
     cfg = write_config(tmp_path, dict(tiny_checkpoints, finetuned=str(ft)))
     r = graft("plan", cfg)
-    assert r.returncode == 1
+    assert r.returncode == 3  # refused
     lines = r.stderr.strip().splitlines()
     assert any("missing from finetuned" in line for line in lines)
     assert any("model.embed_tokens.weight" in line and "shape" in line for line in lines)
@@ -105,7 +105,7 @@ def test_plan_reports_an_unusable_output(tiny_checkpoints, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     r = graft("plan", write_config(tmp_path, tiny_checkpoints))
-    assert r.returncode == 1 and "not empty" in r.stderr
+    assert r.returncode == 3 and "not empty" in r.stderr
 
 
 def test_plan_reports_an_unfinished_run_without_waiting_to_judge_it(tiny_checkpoints, tmp_path):
@@ -136,7 +136,7 @@ def test_a_config_json_that_is_a_json_array_is_one_line_naming_it(copy_checkpoin
     text = open(config).read()
     open(config, "w").write(f"[{text}]")
     r = graft("plan", write_config(tmp_path, copy_checkpoints))
-    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"graft: error: {config}: not a JSON object (it holds a list)"), r.stderr
     r = graft("inspect", copy_checkpoints["target"])
     assert r.returncode == 0 and "not transferable by graft:" in r.stdout and "not a JSON object" in r.stdout
@@ -148,12 +148,12 @@ def test_errors_are_one_line_naming_the_file_and_tracebacks_only_with_debug(copy
     os.truncate(path, os.path.getsize(path) - 1)
     cfg = write_config(tmp_path, copy_checkpoints)
     r = graft("run", cfg)
-    assert r.returncode == 1
+    assert r.returncode == 3  # an unusable input: refused
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("graft: error: ")
     assert shard in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
     d = graft("run", cfg, "--debug")
-    assert d.returncode == 1 and "Traceback" in d.stderr
+    assert d.returncode == 3 and "Traceback" in d.stderr
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -164,7 +164,7 @@ def test_errors_are_one_line_naming_the_file_and_tracebacks_only_with_debug(copy
 ])
 def test_bad_config_gives_one_line_naming_the_key(tiny_checkpoints, tmp_path, args, needle):
     r = graft("run", write_config(tmp_path, tiny_checkpoints), *args)
-    assert r.returncode == 1
+    assert r.returncode == 2  # a spec error is a usage error
     assert needle in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
@@ -261,7 +261,7 @@ def test_a_failed_run_says_what_it_kept_on_one_line_and_graft_clean_removes_it(c
     config = write_config(tmp_path, copy_checkpoints)
     out = tmp_path / "out"
     proc = graft("run", config, "--executor", "local", "--workers", "1", "-q")
-    assert proc.returncode == 1
+    assert proc.returncode == 6  # NaN refused
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("graft: error:")]
     assert "NaN" in line or "nan" in line
     assert line.endswith(f"3 of 4 shard(s) are committed and kept in {out}: fix the cause and run the same "
@@ -270,4 +270,179 @@ def test_a_failed_run_says_what_it_kept_on_one_line_and_graft_clean_removes_it(c
     assert cleaned.returncode == 0 and "removed 4 file(s) of an unfinished graft run" in cleaned.stdout
     assert os.listdir(out) == []
     again = graft("clean", str(out))
-    assert again.returncode == 1 and "nothing to clean" in again.stderr
+    assert again.returncode == 3 and "nothing to clean" in again.stderr
+
+
+# -- the CLI contract: exit codes, --json on every command, quiet broken pipes, flags, storage options --
+
+def in_process(capsys, *argv: str) -> tuple[int, str, str]:  # noqa: ANN001
+    from graft.cluster.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """graft's real backoff, in milliseconds instead of seconds (the attempts are the same)."""
+    from graft.engine.storage import retry
+
+    monkeypatch.setattr(retry, "RETRY_BASE_SECONDS", 0.002)
+    monkeypatch.setattr(retry, "RETRY_MAX_SECONDS", 0.02)
+
+
+@pytest.fixture
+def committed(tiny_checkpoints, tmp_path, capsys):  # noqa: ANN001, ANN201
+    """A committed output of the tiny job (local executor) and its config."""
+    from graft.cluster.cli import main
+
+    cfg = write_config(tmp_path, tiny_checkpoints)
+    assert main(["run", cfg, "--executor", "local", "-q"]) == 0
+    capsys.readouterr()
+    return str(tmp_path / "out"), cfg
+
+
+def test_every_command_prints_one_json_object_with_the_prose_fields(capsys, tiny_checkpoints, committed, tmp_path):
+    out, cfg = committed
+    code, stdout, err = in_process(capsys, "verify", out, "--json")
+    v = json.loads(stdout)
+    assert code == 0 and v["ok"] is True and v["uri"] == out and len(v["checked"]) > 1 and v["problems"] == []
+    code, stdout, _ = in_process(capsys, "inspect", out, "--json")
+    i = json.loads(stdout)
+    assert code == 0 and i["bytes"] > 0 and sum(i["dtypes"].values()) == len(i["tensors"])
+    code, stdout, _ = in_process(capsys, "report", out, "--json")
+    assert code == 0 and isinstance(json.loads(stdout), dict)
+    code, stdout, _ = in_process(capsys, "plan", cfg, "--json", "--set", f"output={tmp_path / 'other'}")
+    assert code == 0 and json.loads(stdout)["tensors"] > 0
+    code, stdout, err = in_process(capsys, "run", cfg, "--json", "--executor", "local",
+                                   "--set", f"output={tmp_path / 'again'}")
+    r = json.loads(stdout)
+    assert code == 0 and r["output"] == str(tmp_path / "again") and r["shards"] == 4 and r["write_bytes"] > 0
+    assert r["verify_command"] == f"graft verify {r['output']}" and "tensors" in err  # the log on stderr
+    diff_cfg = tmp_path / "diff.yaml"
+    diff_cfg.write_text(yaml.safe_dump({"finetuned": tiny_checkpoints["finetuned"], "base": tiny_checkpoints["base"],
+                                        "output": str(tmp_path / "d")}))
+    code, stdout, _ = in_process(capsys, "diff", str(diff_cfg), "--json", "--executor", "local", "-q")
+    assert code == 0 and json.loads(stdout)["output"] == str(tmp_path / "d")
+    code, stdout, _ = in_process(capsys, "schema", "--json")
+    assert code == 0 and "properties" in json.loads(stdout)
+
+
+def test_a_failed_verify_is_exit_5_and_a_json_error_listing_every_problem(capsys, committed):
+    out, _ = committed
+    shards = sorted(p for p in os.listdir(out) if p.endswith(".safetensors"))
+    for shard in shards[:2]:
+        with open(os.path.join(out, shard), "r+b") as f:
+            f.seek(-1, 2)
+            last = f.read(1)
+            f.seek(-1, 2)
+            f.write(bytes([last[0] ^ 1]))
+    code, stdout, err = in_process(capsys, "verify", out, "--json")
+    v = json.loads(stdout)
+    assert code == 5 and v["ok"] is False and v["error"]["exit"] == "integrity" and v["error"]["exit_code"] == 5
+    assert len(v["error"]["problems"]) == 2 and all(s in " ".join(v["error"]["problems"]) for s in shards[:2])
+    assert "graft: FAILED" in err
+
+
+def test_a_refused_plan_under_json_lists_every_problem(capsys, tiny_checkpoints, tmp_path):
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    save_file({"model.embed_tokens.weight": torch.zeros(3)}, str(ft / "model.safetensors"))
+    code, stdout, err = in_process(capsys, "plan", write_config(tmp_path, dict(tiny_checkpoints, finetuned=str(ft))),
+                                   "--json")
+    error = json.loads(stdout)["error"]
+    assert code == 3 and error["kind"] == "PlanError" and error["exit"] == "refused" and len(error["problems"]) > 1
+    assert err.count("graft: error: ") == len(error["problems"])
+
+
+def test_a_nan_refused_under_json_is_exit_6(capsys, copy_checkpoints, tmp_path):
+    from conftest import poison
+
+    poison(copy_checkpoints["target"], float("nan"))
+    code, stdout, _ = in_process(capsys, "run", write_config(tmp_path, copy_checkpoints), "--executor", "local",
+                                 "-q", "--json", "--workers", "1")
+    error = json.loads(stdout)["error"]
+    assert code == 6 and error["kind"] == "NonFiniteError" and error["exit"] == "nonfinite"
+
+
+@pytest.mark.parametrize("command", ["run", "diff", "plan", "verify", "report", "inspect", "clean", "push"])
+def test_the_same_storage_option_flag_reaches_the_store_on_every_command_and_a_store_that_stays_down_is_exit_4(
+        capsys, tiny_checkpoints, tmp_path, fast_retries, command):
+    """faulty:// (tests/faulty_fs.py) is the local disk with a listing that always fails the way a
+    store that stays unreachable does; its rules travel only in --storage-option."""
+    from faulty_fs import count, faulty_uri, rule
+
+    journal = str(tmp_path / "journal")
+    options = ["--storage-option", f"faulty.journal={journal}", "--storage-option",
+               "faulty.rules=" + json.dumps([rule("reset", op="list", times=None)])]
+    if command in ("run", "diff", "plan"):
+        roles = ("finetuned", "base") if command == "diff" else ("target", "finetuned", "base")
+        cfg = write_config(tmp_path, {r: faulty_uri(tiny_checkpoints[r]) for r in ("target", "finetuned", "base")})
+        if command == "diff":
+            spec = yaml.safe_load(open(cfg))
+            del spec["target"]
+            open(cfg, "w").write(yaml.safe_dump(spec))
+        argv = [command, cfg, *(["--executor", "local"] if command != "plan" else [])]
+        assert roles
+    else:
+        argv = [command, faulty_uri(tiny_checkpoints["target"]), *(["hf://org/name"] if command == "push" else [])]
+    code, stdout, err = in_process(capsys, *argv, *options, "--json")
+    error = json.loads(stdout)["error"]
+    assert code == 4 and error["exit"] == "retryable" and error["kind"] == "StorageError", err
+    assert count(journal)[("reset", "list")] >= 1  # the option reached the store
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_json_draws_no_picture_unless_asked(capsys, committed, tmp_path, monkeypatch):
+    out, _ = committed
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = in_process(capsys, "report", out, "--json")
+    assert code == 0 and json.loads(stdout) and not (tmp_path / "graft-report.png").exists()
+    code, stdout, err = in_process(capsys, "report", out, "--json", "--png", "r.png")
+    assert code == 0 and json.loads(stdout) and (tmp_path / "r.png").exists() and "wrote r.png" in err
+
+
+def test_a_device_that_is_not_one_is_a_usage_error_and_leaves_no_output(capsys, tiny_checkpoints, tmp_path):
+    cfg = write_config(tmp_path, tiny_checkpoints)
+    code, stdout, err = in_process(capsys, "run", cfg, "--executor", "local", "--device", "gpu")
+    assert code == 2 and err.count("\n") == 1 and "--device" in err and "cpu, cuda or cuda:N" in err
+    assert not (tmp_path / "out").exists()
+    if not torch.cuda.is_available():
+        code, stdout, err = in_process(capsys, "run", cfg, "--executor", "local", "--device", "cuda")
+        assert code == 2 and "not a CUDA device here" in err and not (tmp_path / "out").exists()
+
+
+def test_diff_plan_and_plan_diff_are_the_same_and_run_plan_is_plan(capsys, tiny_checkpoints, tmp_path):
+    diff_cfg = tmp_path / "diff.yaml"
+    diff_cfg.write_text(yaml.safe_dump({"finetuned": tiny_checkpoints["finetuned"], "base": tiny_checkpoints["base"],
+                                        "output": str(tmp_path / "d")}))
+    def plan(*argv: str) -> dict:
+        summary = json.loads(in_process(capsys, *argv, "--json")[1])
+        del summary["local_run"]["available_memory"]  # of this machine, now
+        return summary
+
+    a = plan("plan", "--diff", str(diff_cfg))
+    assert a == plan("diff", str(diff_cfg), "--plan") and a["tensors"] > 0 and not (tmp_path / "d").exists()
+    cfg = write_config(tmp_path, tiny_checkpoints)
+    assert plan("run", cfg, "--plan") == plan("plan", cfg)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", "{cfg}", "--json"], ["plan", "{cfg}"], ["inspect", "{target}", "--json"], ["inspect", "{target}"],
+    ["schema"], ["verify", "{out}", "--json"], ["report", "{out}", "--json"], ["--help"],
+], ids=lambda a: " ".join(a))
+def test_a_reader_that_goes_away_gets_a_quiet_exit_141(committed, tiny_checkpoints, argv):
+    """`graft plan job.yaml --json | head -1`: the pipe is closed before graft writes a byte."""
+    out, cfg = committed
+    argv = [a.format(cfg=cfg, target=tiny_checkpoints["target"], out=out) for a in argv]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    try:
+        proc = subprocess.run([*GRAFT, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
+                              timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr

@@ -51,7 +51,7 @@ def test_a_finetune_of_another_family_with_identical_shapes_is_refused_by_plan(t
                                                                                 tmp_path):
     cfg = write_config(tmp_path, dict(tiny_checkpoints, finetuned=other_models["mistral"]))
     r = graft("plan", cfg)
-    assert r.returncode == 1
+    assert r.returncode == 3  # refused
     first = r.stderr.strip().splitlines()[0]
     assert "different model families" in first and "model_type" in first
     assert "finetuned 'mistral'" in first and "target 'llama'" in first and other_models["mistral"] in first

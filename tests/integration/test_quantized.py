@@ -319,7 +319,7 @@ def test_a_gptq_trio_is_refused_by_plan_and_run_with_one_line_and_nothing_writte
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({**paths, "output": str(out)}))
     for command in (["plan", "job.yaml"], ["run", "job.yaml", "--executor", "local"]):
         proc = _cli(*command, cwd=str(tmp_path))
-        assert proc.returncode == 1, proc.stderr
+        assert proc.returncode == 3, proc.stderr  # refused
         lines = [line for line in proc.stderr.splitlines() if line.startswith("graft: error:")]
         assert lines and "is quantized with GPTQ (quant_method 'gptq'), e.g. tensor" in lines[0]
         assert "unquantized release" in lines[0]
