@@ -82,7 +82,7 @@ class _DeprecatedShort(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
         print(f"graft: warning: {option_string} is deprecated; use --storage-option {values}", file=sys.stderr)
-        getattr(namespace, self.dest).append(values)
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), values])
 
 
 def common(sp: argparse.ArgumentParser) -> None:
