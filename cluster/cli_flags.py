@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 from graft.cluster.cli_output import UsageError
 
-__all__ = ["Parser", "positive", "at_most", "more_than", "at_least", "device", "storage_option_item",
+__all__ = ["Parser", "positive", "more_than", "at_least", "device", "storage_option_item",
            "common", "storage_option", "run_options", "flags_of", "MAX_SHARDS_PER_WORKER"]
 
 # cluster.actors.MAX_SHARDS (threads an actor keeps for shards); importing it here would load Ray.
@@ -42,10 +42,6 @@ def at_least(low: int, high: int | None = None) -> Callable[[str], int]:
                 f"{text!r} is not a whole number " + (f"from {low} to {high}" if high is not None else f"of at least {low}"))
         return n
     return parse
-
-
-def at_most(high: int) -> Callable[[str], int]:
-    return at_least(1, high)
 
 
 def more_than(low: float, inclusive: bool = False) -> Callable[[str], float]:
@@ -126,7 +122,7 @@ def run_options(r: argparse.ArgumentParser) -> None:
                    help="local only: cpu (default), cuda or cuda:N for the arithmetic; on Ray use --gpus-per-worker")
     r.add_argument("--address", default=None,
                    help="ray only: the cluster to join (default: $RAY_ADDRESS, else start a private local Ray)")
-    r.add_argument("--shards-per-worker", type=at_most(MAX_SHARDS_PER_WORKER), default=None,
+    r.add_argument("--shards-per-worker", type=at_least(1, MAX_SHARDS_PER_WORKER), default=None,
                    help=f"ray only: shards each actor runs at once, one's reads overlapping another's compute "
                         f"(1..{MAX_SHARDS_PER_WORKER}, the threads an actor keeps; default 2)")
     r.add_argument("--cpus-per-worker", type=more_than(0), default=None,
