@@ -84,7 +84,8 @@ def run(
 
     ``executor``: ``"local"`` (default: threads in this process, sized from the machine) or
     ``"ray"`` (shard actors on the Ray cluster at ``address`` or $RAY_ADDRESS, else a private one).
-    ``progress``: ``None`` for none, ``True`` for the CLI's progress line on stderr, or a callable
+    ``progress``: ``None`` for none, ``True`` for the CLI's progress (a live line on a terminal, else
+    ``graft.progress`` log records), or a callable
     ``progress(done_bytes, total_bytes)``. ``workers``, ``threads``, ``device``: as ``graft run``'s
     flags (``threads`` and ``device`` apply to the local executor).
     Returns ``RunResult``: ``output`` (the committed location), ``results`` (one per shard) and

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -25,7 +26,7 @@ from graft.engine.redaction import redact_uri
 from graft.engine.runmark import Observed
 from graft.engine.specfile import apply_overrides, load_spec
 
-from graft.cluster.progress import Progress, human_bytes
+from graft.cluster.progress import Progress, configure_logging, human_bytes
 
 __all__ = ["main"]
 
@@ -33,7 +34,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130
 
 
 def _log(msg: str) -> None:
-    print(f"graft: {msg}", file=sys.stderr, flush=True)
+    logging.getLogger("graft.cli").info(msg)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -419,6 +420,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     handler: Callable[[argparse.Namespace], int] = args.func
     # SIGTERM (a scheduler stopping the job, `kill`) stops a run as cleanly as Ctrl-C does.
     in_main = threading.current_thread() is threading.main_thread()
