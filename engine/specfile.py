@@ -201,11 +201,13 @@ def spec_from_mapping(data: Any, source: str = "spec", kind: str = "transfer") -
                         _check_keys(rule, _RULE_KEYS, f"{source}: diffs[{i}].rules[{j}]", problems)
     elif kind == "transfer":
         _diff_form(data, source, problems)
+    m: _SpecModel | None = None
     try:
         m = _SpecModel.model_validate(dict(data))
-    except ValidationError as e:
-        _raise_all(problems + _pydantic_problems(e, source, data))
-        raise  # not reached: a ValidationError has at least one error
+    except ValidationError as e:  # raised below, outside this block: not chained to pydantic's
+        problems += _pydantic_problems(e, source, data)
+    if m is None:
+        raise SpecError("\n".join(problems), problems)
     if kind == "transfer" and m.target is None:
         problems.append(f"{source}: key 'target': Input should be a valid string (got None)")
     if m.diffs is None:
