@@ -31,7 +31,12 @@ SpecLike = Union[Mapping[str, Any], str, "os.PathLike[str]", "JobSpec"]
 # Called with (bytes read so far, bytes the plan reads in all).
 ProgressCallback = Callable[[int, int], None]
 
-_log = logging.getLogger("graft.run")
+_logger = logging.getLogger("graft.run")
+
+
+def _log(message: str) -> None:
+    """The engine's log callback: its ``warning: ...`` lines as warnings, the rest as information."""
+    _logger.log(logging.WARNING if message.startswith("warning: ") else logging.INFO, message)
 
 
 def _job_spec(spec: SpecLike, overrides: Sequence[str], kind: str) -> JobSpec:
@@ -97,6 +102,8 @@ def run(
     if executor not in ("local", "ray"):
         raise SpecError(f"executor={executor!r}: expected 'local' or 'ray'")
     job = spec if isinstance(spec, Job) else prepare_job(_job_spec(spec, overrides, kind))
+    for warning in job.plan.warnings:
+        _log(f"warning: {warning}")
     total = job.plan.read_bytes
     bar = None
     on_progress: Callable[[int], None] | None = None
@@ -119,12 +126,12 @@ def run(
         if executor == "local":
             from graft.engine.local import run_local
 
-            return run_local(job, workers=workers, on_progress=on_progress, log=_log.info, device=device,
+            return run_local(job, workers=workers, on_progress=on_progress, log=_log, device=device,
                              on_shard=on_shard, threads=threads)
         from graft.cluster.driver import RayOptions, run_ray
 
         return run_ray(job, RayOptions(address=address, workers=workers), on_progress=on_progress,
-                       log=_log.info, on_shard=on_shard)
+                       log=_log, on_shard=on_shard)
     finally:
         if bar is not None:
             bar.close()

@@ -30,6 +30,8 @@ def test_a_library_users_logger_receives_graft_records(tiny_checkpoints, tmp_pat
     messages = [r.getMessage() for r in caplog.records if r.name == "graft.run"]
     assert any(m.startswith(f"committed {result.output}") for m in messages), messages
     assert any(r.getMessage().startswith("100.0% ") for r in caplog.records if r.name == "graft.progress")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("input dtypes differ" in w for w in warnings), warnings  # the plan's, as the CLI logs them
 
 
 def test_the_command_timestamps_its_log_lines_when_stderr_is_not_a_terminal(tiny_checkpoints, tmp_path):
