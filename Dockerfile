@@ -20,7 +20,7 @@ ENV RAY_USAGE_STATS_ENABLED=0 \
 RUN pip install ${PIP_EXTRA_ARGS} "${TORCH_SPEC}"
 
 WORKDIR /opt/graft
-COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users pyproject.toml README.md LICENSE __init__.py __main__.py ./
 COPY --chown=ray:users engine ./engine
 COPY --chown=ray:users cluster ./cluster
 RUN pip install "/opt/graft[gcs,azure]" && graft --version

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -31,13 +32,13 @@ from graft.cluster.cli_output import (UsageError, emit, error_line, error_object
                                       print_plan, reader_gone, silence_closed_streams, unfinished_run_note)
 from graft.cluster.cli_flags import (Parser, at_least, common, device, flags_of, positive, run_options,
                                      storage_option)
-from graft.cluster.progress import Progress, human_bytes
+from graft.cluster.progress import Progress, configure_logging, human_bytes
 
 __all__ = ["main", "build_parser"]
 
 
 def _log(msg: str) -> None:
-    print(f"graft: {msg}", file=sys.stderr, flush=True)
+    logging.getLogger("graft.cli").info(msg)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -84,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = prepare_job(spec)
     plan = job.plan
     for w in plan.warnings:
-        _log(f"warning: {w}")
+        logging.getLogger("graft.cli").warning(f"warning: {w}")
     formats = dict(plan.formats)
     if any(not v.startswith("plain") for v in formats.values()):
         _log("formats: " + "; ".join(f"{role} {v}" for role, v in formats.items()))
@@ -400,6 +401,7 @@ def _run(argv: list[str]) -> int:
         if reader_gone():
             raise BrokenPipeError() from None
         raise
+    configure_logging()
     handler: Callable[[argparse.Namespace], int] = args.func
     # SIGTERM (a scheduler stopping the job, `kill`) stops a run as cleanly as Ctrl-C does.
     in_main = threading.current_thread() is threading.main_thread()

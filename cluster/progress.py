@@ -1,10 +1,52 @@
-"""What ``graft run`` shows while it works: bytes done of the planned total, throughput, ETA."""
+"""What ``graft`` shows on stderr while it works: bytes done of the planned total, throughput, ETA,
+and the log lines of the ``graft.*`` loggers (``configure_logging``: the command's handler)."""
 from __future__ import annotations
 
+import datetime
+import logging
+import sys
 import time
 from typing import TextIO
 
-__all__ = ["Progress", "human_bytes"]
+__all__ = ["Progress", "human_bytes", "configure_logging"]
+
+_progress_log = logging.getLogger("graft.progress")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (a test or a host may swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass  # always the current sys.stderr
+
+
+class _Iso8601Formatter(logging.Formatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        stamp = datetime.datetime.fromtimestamp(record.created).astimezone()
+        return stamp.isoformat(timespec="milliseconds")
+
+
+def configure_logging(tty: bool | None = None) -> None:
+    """The ``graft`` command's handler for the ``graft.*`` loggers, on stderr: ``graft: message``
+    on a terminal, each line led by an ISO-8601 timestamp otherwise (a log file, a scheduler's log
+    collector). Idempotent; a library user configures ``logging`` as for any library instead."""
+    root = logging.getLogger("graft")
+    for h in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(h)
+    tty = sys.stderr.isatty() if tty is None else tty
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("graft: %(message)s") if tty
+                         else _Iso8601Formatter("%(asctime)s graft: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def human_bytes(n: float) -> str:
@@ -16,7 +58,8 @@ def human_bytes(n: float) -> str:
 
 
 class Progress:
-    """Bytes done / total, throughput and ETA: a redrawn bar on a TTY, plain log lines otherwise."""
+    """Bytes done / total, throughput and ETA: a bar redrawn on ``stream`` when it is a TTY, records of
+    the ``graft.progress`` logger otherwise (timestamped by the command's handler)."""
 
     def __init__(self, total: int, stream: TextIO, tty: bool | None = None, interval: float | None = None,
                  shards: int = 0):
@@ -60,9 +103,9 @@ class Progress:
             width = 30
             filled = int(width * self.done / self.total)
             self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.line()}   ")
+            self.stream.flush()
         else:
-            self.stream.write(f"graft: {self.line()}\n")
-        self.stream.flush()
+            _progress_log.info(self.line())
 
     def close(self) -> None:
         """Show the final state (every shard event counted), then end the bar's line."""

@@ -23,7 +23,14 @@ class GraftError(Exception):
 
 
 class SpecError(GraftError):
-    """The job spec is invalid (unknown key, bad value, bad override)."""
+    """The job spec is invalid (unknown key, bad value, bad override).
+
+    ``problems`` lists every problem found, one line each; the message is those lines.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [message])
 
 
 class StorageError(GraftError):

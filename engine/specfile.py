@@ -99,12 +99,52 @@ _RULE_KEYS = tuple(_RuleModel.model_fields)
 _DIFF_KEYS = tuple(_DiffModel.model_fields)
 
 
-def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str,
+                problems: list[str] | None = None) -> None:
+    """Each key of ``data`` not in ``allowed`` is a problem, with the closest valid key as a hint;
+    appended to ``problems`` when given, else the first is raised."""
     for key in data:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(allowed)}"
-            raise SpecError(f"{where}: unknown key '{key}'; {hint}")
+            if problems is None:
+                raise SpecError(f"{where}: unknown key '{key}'; {hint}")
+            problems.append(f"{where}: unknown key '{key}'; {hint}")
+
+
+def _raise_all(problems: list[str]) -> None:
+    """One ``SpecError`` listing every problem found, one line each (``problems`` on the error)."""
+    if problems:
+        raise SpecError("\n".join(problems), problems)
+
+
+def _misspelled(data: Any, loc: tuple[Any, ...]) -> bool:
+    """Whether the required key at ``loc`` is missing because the mapping holding it has a
+    misspelling of it (reported once, as the unknown key, not again as a missing one)."""
+    node = data
+    for part in loc[:-1]:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if not isinstance(node, Mapping):
+        return False
+    return any(difflib.get_close_matches(str(k), [str(loc[-1])], n=1, cutoff=0.5) for k in node)
+
+
+def _pydantic_problems(e: ValidationError, source: str, data: Mapping[str, Any]) -> list[str]:
+    """One line per pydantic error: the key path, what is allowed and what was given. Unknown keys
+    are left out: ``_check_keys`` reports them with a hint."""
+    out = []
+    for err in e.errors():
+        if err["type"] == "extra_forbidden" or (err["type"] == "missing" and _misspelled(data, err["loc"])):
+            continue
+        loc = ".".join(str(p) for p in err["loc"]) or "spec"
+        given = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        msg = err["msg"].removeprefix("Value error, ").replace(" or instance of _RuleModel",
+                                                                " with keys match and alpha")
+        out.append(f"{source}: key '{loc}': {msg}{given}")
+    return out
 
 
 def _normalize_location(uri: str) -> str:
@@ -114,60 +154,62 @@ def _normalize_location(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def _diff_form(d: Mapping[str, Any], where: str) -> None:
+def _diff_form(d: Mapping[str, Any], where: str, problems: list[str]) -> None:
     """A diff is a fine-tune and its base, or one stored difference (``diff``), not both."""
     if "diff" in d and ("finetuned" in d or "base" in d):
-        raise SpecError(f"{where}: key 'diff': give either diff (a difference written by graft diff) or "
+        problems.append(f"{where}: key 'diff': give either diff (a difference written by graft diff) or "
                         f"finetuned and base, not both")
     if "diff" not in d:
         for key in ("finetuned", "base"):
             if key not in d:
-                raise SpecError(f"{where}: key '{key}': field required (or diff: a difference written "
+                problems.append(f"{where}: key '{key}': field required (or diff: a difference written "
                                 f"by graft diff)")
 
 
 def spec_from_mapping(data: Any, source: str = "spec", kind: str = "transfer") -> JobSpec:
     """Validate a parsed YAML mapping; ``source`` (the file name) prefixes every error. ``kind``
-    "diff" validates a ``graft diff`` spec (finetuned, base, output, diff_dtype, ...)."""
+    "diff" validates a ``graft diff`` spec (finetuned, base, output, diff_dtype, ...).
+
+    Every problem found is reported at once: the ``SpecError`` lists each on a line of its own and
+    in ``problems``."""
     if not isinstance(data, Mapping):
         raise SpecError(f"{source}: expected a mapping of keys (target, finetuned, base, output, ...)")
+    problems: list[str] = []
     if kind == "diff":
-        _check_keys(data, _DIFF_JOB_KEYS, f"{source} (graft diff)")
+        _check_keys(data, _DIFF_JOB_KEYS, f"{source} (graft diff)", problems)
         for key in ("finetuned", "base"):
             if key not in data:
-                raise SpecError(f"{source}: key '{key}': field required (graft diff writes finetuned - base)")
+                problems.append(f"{source}: key '{key}': field required (graft diff writes finetuned - base)")
     else:
-        _check_keys(data, _KEYS, source)
+        _check_keys(data, _KEYS, source, problems)
         if "target" not in data:
-            raise SpecError(f"{source}: key 'target': field required")
+            problems.append(f"{source}: key 'target': field required")
     for i, rule in enumerate(data.get("rules") or []):
         if isinstance(rule, Mapping):
-            _check_keys(rule, _RULE_KEYS, f"{source}: rules[{i}]")
+            _check_keys(rule, _RULE_KEYS, f"{source}: rules[{i}]", problems)
     diffs = data.get("diffs")
     if diffs is not None:
         if any(k in data for k in ("finetuned", "base", "diff", "alpha")):
-            raise SpecError(f"{source}: key 'diffs': give either diffs or finetuned/base/alpha, not both "
+            problems.append(f"{source}: key 'diffs': give either diffs or finetuned/base/alpha, not both "
                             f"(each diff has its own finetuned, base and alpha)")
         for i, d in enumerate(diffs if isinstance(diffs, list) else []):
             if isinstance(d, Mapping):
-                _check_keys(d, _DIFF_KEYS, f"{source}: diffs[{i}]")
-                _diff_form(d, f"{source}: diffs[{i}]")
+                _check_keys(d, _DIFF_KEYS, f"{source}: diffs[{i}]", problems)
+                _diff_form(d, f"{source}: diffs[{i}]", problems)
                 for j, rule in enumerate(d.get("rules") or []):
                     if isinstance(rule, Mapping):
-                        _check_keys(rule, _RULE_KEYS, f"{source}: diffs[{i}].rules[{j}]")
+                        _check_keys(rule, _RULE_KEYS, f"{source}: diffs[{i}].rules[{j}]", problems)
     elif kind == "transfer":
-        _diff_form(data, source)
+        _diff_form(data, source, problems)
+    m: _SpecModel | None = None
     try:
         m = _SpecModel.model_validate(dict(data))
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "spec"
-        given = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-        msg = err["msg"].removeprefix("Value error, ").replace(" or instance of _RuleModel",
-                                                                " with keys match and alpha")
-        raise SpecError(f"{source}: key '{loc}': {msg}{given}") from None
+    except ValidationError as e:  # raised below, outside this block: not chained to pydantic's
+        problems += _pydantic_problems(e, source, data)
+    if m is None:
+        raise SpecError("\n".join(problems), problems)
     if kind == "transfer" and m.target is None:
-        raise SpecError(f"{source}: key 'target': Input should be a valid string (got None)")
+        problems.append(f"{source}: key 'target': Input should be a valid string (got None)")
     if m.diffs is None:
         diff_models = [_DiffModel(finetuned=m.finetuned, base=m.base, diff=m.diff, alpha=m.alpha)]
     else:
@@ -175,13 +217,25 @@ def spec_from_mapping(data: Any, source: str = "spec", kind: str = "transfer") -
     for i, dm in enumerate(diff_models):
         where = "alpha" if m.diffs is None else f"diffs.{i}.alpha"
         if not math.isfinite(dm.alpha):
-            raise SpecError(f"{source}: key '{where}' must be finite, got {dm.alpha}")
+            problems.append(f"{source}: key '{where}' must be finite, got {dm.alpha}")
         for j, r in enumerate(dm.rules):
             if not math.isfinite(r.alpha):
-                raise SpecError(f"{source}: key 'diffs.{i}.rules.{j}.alpha' must be finite, got {r.alpha}")
+                problems.append(f"{source}: key 'diffs.{i}.rules.{j}.alpha' must be finite, got {r.alpha}")
     for i, r in enumerate(m.rules):
         if not math.isfinite(r.alpha):
-            raise SpecError(f"{source}: key 'rules.{i}.alpha' must be finite, got {r.alpha}")
+            problems.append(f"{source}: key 'rules.{i}.alpha' must be finite, got {r.alpha}")
+    if m.output.startswith("hf://"):
+        problems.append(f"{source}: key 'output': the Hub is not a job output ({m.output}); write to a "
+                        f"local path or an object store, then publish the committed result with "
+                        f"`graft push OUTPUT {m.output}`")
+    sizes: dict[str, int | None] = {}
+    for key, value in (("max_shard_size", m.max_shard_size), ("max_side_file_size", m.max_side_file_size),
+                       ("chunk_size", m.chunk_size)):
+        try:
+            sizes[key] = None if value is None else parse_size(value, f"{source}: key '{key}'")
+        except SpecError as e:
+            problems.append(str(e))
+    _raise_all(problems)
     diffs_out = tuple(Diff(_normalize_location(dm.diff or dm.finetuned or ""),
                            "" if dm.diff else _normalize_location(dm.base or ""), float(dm.alpha),
                            tuple(Rule(r.match, float(r.alpha)) for r in dm.rules)) for dm in diff_models)
@@ -190,10 +244,6 @@ def spec_from_mapping(data: Any, source: str = "spec", kind: str = "transfer") -
         rules = diffs_out[0].rules + rules
         diffs_out = (Diff(diffs_out[0].finetuned, diffs_out[0].base, diffs_out[0].alpha),)
     files = tuple((p, donor_role(donor, diffs_out, f"{source}: key 'files.{p}'", kind)) for p, donor in m.files.items())
-    if m.output.startswith("hf://"):
-        raise SpecError(f"{source}: key 'output': the Hub is not a job output ({m.output}); write to a "
-                        f"local path or an object store, then publish the committed result with "
-                        f"`graft push OUTPUT {m.output}`")
     # A difference's side files are its fine-tune's (config.json too: the model family it belongs to).
     defaults = tuple((p, donor_role("finetuned" if kind == "diff" else d, diffs_out, "", kind))
                      for p, d in DEFAULT_FILES if p not in m.files)
@@ -212,12 +262,9 @@ def spec_from_mapping(data: Any, source: str = "spec", kind: str = "transfer") -
         allow_family_mismatch=m.allow_family_mismatch,
         # User entries come first, so they win over the defaults for the same file.
         files=files + defaults,
-        max_shard_size=(
-            None if m.max_shard_size is None
-            else parse_size(m.max_shard_size, f"{source}: key 'max_shard_size'")
-        ),
-        max_side_file_size=parse_size(m.max_side_file_size, f"{source}: key 'max_side_file_size'"),
-        chunk_size=parse_size(m.chunk_size, f"{source}: key 'chunk_size'"),
+        max_shard_size=sizes["max_shard_size"],
+        max_side_file_size=sizes["max_side_file_size"],
+        chunk_size=sizes["chunk_size"],
         read_concurrency=m.read_concurrency,
         report="off" if kind == "diff" else m.report,
         storage_options={k: dict(v) for k, v in m.storage_options.items()},

@@ -169,7 +169,7 @@ def test_bad_config_gives_one_line_naming_the_key(tiny_checkpoints, tmp_path, ar
     assert not (tmp_path / "out").exists()
 
 
-def test_progress_draws_a_bar_on_a_tty_and_log_lines_otherwise():
+def test_progress_draws_a_bar_on_a_tty_and_log_lines_otherwise(caplog):
     tty = io.StringIO()
     p = Progress(1000, tty, tty=True, interval=0)
     p.update(500)
@@ -180,9 +180,11 @@ def test_progress_draws_a_bar_on_a_tty_and_log_lines_otherwise():
     p = Progress(1000, plain, tty=False, interval=0, shards=4)
     for event in ("done", "done", "retried", "done", "done"):
         p.shard(event)
-    p.update(1000)
-    line = plain.getvalue()
-    assert line.startswith("graft: 100.0% ") and "\r" not in line
+    with caplog.at_level("INFO", logger="graft.progress"):
+        p.update(1000)
+    assert plain.getvalue() == ""  # not a terminal: log records, which the command timestamps
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "graft.progress"]
+    assert line.startswith("100.0% ") and "\r" not in line
     assert "shards 4/4 done, 1 retried" in line
 
 

@@ -453,3 +453,36 @@ def test_report_off_may_be_written_bare_although_yaml_reads_it_as_false(tmp_path
     path.write_text("target: t\nfinetuned: f\nbase: b\noutput: o\nreport: off\n")
     assert load_spec(str(path)).report == "off"
     assert load_spec(str(path), ["report=exact"]).report == "exact"
+
+
+# --- every problem at once -------------------------------------------------------------------------
+
+
+def test_three_bad_keys_are_reported_together_one_line_each(tmp_path):
+    path = _write(tmp_path, {"target": "t", "finetuned": "f", "base": "b", "output": "o",
+                             "alpah": 1.0, "compute_dtype": "float16", "read_concurrency": 0})
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    problems = caught.value.problems
+    assert len(problems) == 3, problems
+    assert str(caught.value).splitlines() == problems
+    assert "unknown key 'alpah'; did you mean 'alpha'?" in problems[0]
+    assert any("key 'compute_dtype'" in p and "'float32' or 'float64'" in p for p in problems)
+    assert any("key 'read_concurrency'" in p and "(got 0)" in p for p in problems)
+    assert all(p.startswith("job.yaml: ") for p in problems)
+
+
+def test_graft_checks_after_the_model_are_collected_too():
+    with pytest.raises(SpecError) as caught:
+        spec_from_mapping({"target": "t", "finetuned": "f", "base": "b", "output": "hf://me/out",
+                           "alpha": float("inf"), "chunk_size": "lots"}, source="job.yaml")
+    problems = caught.value.problems
+    assert [p.split(":")[1].strip() for p in problems] == ["key 'alpha' must be finite, got inf",
+                                                           "key 'output'", "key 'chunk_size'"]
+
+
+def test_a_misspelled_required_key_is_one_problem_not_two():
+    with pytest.raises(SpecError) as caught:
+        spec_from_mapping({"target": "t", "finetuned": "f", "base": "b", "output": "o",
+                           "rules": [{"match": "x", "alhpa": 0.0}]}, source="job.yaml")
+    assert caught.value.problems == ["job.yaml: rules[0]: unknown key 'alhpa'; did you mean 'alpha'?"]
