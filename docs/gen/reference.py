@@ -1,0 +1,181 @@
+"""The docs site's reference pages, generated from the code at build time (``docs/gen/hooks.py``).
+
+``spec_keys()`` walks the job spec's pydantic model (``graft.engine.specfile``), nested models
+included, and ``spec_page()`` renders every key with its type, default and the description on its
+field. ``cli_commands()`` walks ``graft.cluster.cli.build_parser()`` and ``cli_page()`` renders every
+command and flag with its help, and the top-level parser's description and epilog as they are. The
+pages are never committed, so they cannot go stale; the unit tests call these functions to check
+that every key and every flag is documented.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+__all__ = ["SpecKey", "spec_keys", "spec_page", "cli_commands", "cli_page"]
+
+
+@dataclass(frozen=True)
+class SpecKey:
+    """One key of the job spec: its dotted path (``diffs[].rules[].match``), type, default, description."""
+
+    path: str
+    type: str
+    default: str
+    description: str
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (itself, or in a list / optional), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return "size (e.g. `16MiB`, `5GB`) or bytes"
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        named = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(named)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping (keys below)"
+    return {str: "string", float: "number", int: "integer", bool: "boolean"}.get(annotation, str(annotation))
+
+
+def _default(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    if field.default is PydanticUndefined or field.default is None:
+        return "—"
+    return f"`{json.dumps(field.default)}`"
+
+
+def spec_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[SpecKey]:
+    """Every key of the spec model (default: the job spec's), nested models' keys after their parent's."""
+    if model is None:
+        from graft.engine.specfile import _SpecModel
+
+        model = _SpecModel
+    out: list[SpecKey] = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        out.append(SpecKey(path, _type_name(field.annotation), _default(field), (field.description or "").strip()))
+        nested = _model_of(field.annotation)
+        if nested is not None:
+            many = typing.get_origin(field.annotation) is list or any(
+                typing.get_origin(a) is list for a in typing.get_args(field.annotation))
+            out.extend(spec_keys(nested, f"{path}[]." if many else f"{path}."))
+    return out
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def spec_page() -> str:
+    """The spec reference page (markdown)."""
+    lines = [
+        "# Spec reference",
+        "",
+        "Every key of a job spec (`graft run`, `graft plan`) and of a `graft diff` spec, generated from the "
+        "pydantic model in `engine/specfile.py` when the site is built: the descriptions live on the model's "
+        "fields. `diffs[].x` is key `x` of each entry of the list `diffs`. The guide with examples is "
+        "[the job spec](../spec.md); unknown keys are errors naming the closest valid key.",
+        "",
+        "| key | type | default | description |",
+        "|---|---|---|---|",
+    ]
+    for k in spec_keys():
+        lines.append(f"| `{k.path}` | {_cell(k.type)} | {k.default} | {_cell(k.description)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[str, argparse.ArgumentParser]]:
+    """Each command's name -> (its one-line help, its parser), in the order they were added."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            return {name: (helps.get(name, ""), p) for name, p in action.choices.items()}
+    return {}
+
+
+def cli_commands(parser: argparse.ArgumentParser | None = None) -> dict[str, list[str]]:
+    """Each command -> every flag it takes (each option string; positionals by their metavar or name)."""
+    if parser is None:
+        from graft.cluster.cli import build_parser
+
+        parser = build_parser()
+    return {name: [s for a in p._actions for s in (a.option_strings or [a.metavar or a.dest])]
+            for name, (_, p) in _subcommands(parser).items()}
+
+
+def _help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    if not action.help or action.help == argparse.SUPPRESS:
+        return ""
+    # argparse's own expansion of %(default)s and the like, as `graft CMD --help` shows it.
+    return parser._get_formatter()._expand_help(action)
+
+
+def _flag(action: argparse.Action) -> str:
+    if not action.option_strings:
+        return f"`{action.metavar or action.dest}`"
+    takes = action.nargs != 0
+    meta = (action.metavar or action.dest.upper()) if takes else ""
+    names = ", ".join(f"`{s}{' ' + meta if meta else ''}`" for s in action.option_strings)
+    return names
+
+
+def cli_page(parser: argparse.ArgumentParser | None = None) -> str:
+    """The CLI reference page (markdown): the top-level help text, then every command and flag."""
+    if parser is None:
+        from graft.cluster.cli import build_parser
+
+        parser = build_parser()
+    lines = ["# CLI reference", "",
+             "Generated from `graft.cluster.cli.build_parser()` when the site is built: what `graft --help` "
+             "and `graft COMMAND --help` print. The guide is [Commands](../cli.md).", ""]
+    if parser.description:
+        lines += [parser.description, ""]
+    lines += ["```text", parser.format_usage().strip(), "```", ""]
+    if parser.epilog:
+        # Rendered as it is printed: the epilog may be laid out by hand (a table of exit codes).
+        lines += ["```text", parser.epilog.strip("\n"), "```", ""]
+    for name, (summary, sub) in _subcommands(parser).items():
+        lines += [f"## graft {name}", ""]
+        if summary:
+            lines += [summary[0].upper() + summary[1:] + ("" if summary.endswith(".") else "."), ""]
+        if sub.description and sub.description != summary:
+            lines += [sub.description, ""]
+        lines += ["```text", sub.format_usage().strip(), "```", "",
+                  "| argument | help | default |", "|---|---|---|"]
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            default = action.default
+            shown = "" if default in (None, False, [], argparse.SUPPRESS) or not action.option_strings \
+                else f"`{default}`"
+            lines.append(f"| {_flag(action)} | {_cell(_help(sub, action))} | {shown} |")
+        if sub.epilog:
+            lines += ["", "```text", sub.epilog.strip("\n"), "```"]
+        lines.append("")
+    return "\n".join(lines)
