@@ -19,7 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-__all__ = ["SpecKey", "spec_keys", "spec_page", "cli_commands", "cli_page"]
+__all__ = ["SpecKey", "spec_keys", "spec_page", "cli_commands", "cli_page", "undocumented_spec_keys",
+           "undocumented_commands"]
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,14 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[str, argpar
 
 
 def cli_commands(parser: argparse.ArgumentParser | None = None) -> dict[str, list[str]]:
-    """Each command -> every flag it takes (each option string; positionals by their metavar or name)."""
+    """Each command -> every flag it takes (each option string; positionals by their metavar or name;
+    not -h, which every command has)."""
     if parser is None:
         from graft.cluster.cli import build_parser
 
         parser = build_parser()
-    return {name: [s for a in p._actions for s in (a.option_strings or [a.metavar or a.dest])]
+    return {name: [s for a in p._actions if not isinstance(a, argparse._HelpAction)
+                   for s in (a.option_strings or [a.metavar or a.dest])]
             for name, (_, p) in _subcommands(parser).items()}
 
 
@@ -179,3 +182,28 @@ def cli_page(parser: argparse.ArgumentParser | None = None) -> str:
             lines += ["", "```text", sub.epilog.strip("\n"), "```"]
         lines.append("")
     return "\n".join(lines)
+
+
+def undocumented_spec_keys(model: type[BaseModel] | None = None) -> list[str]:
+    """The spec keys with no description on their field, or missing from the reference page."""
+    keys = spec_keys(model)
+    page = spec_page() if model is None else "\n".join(f"`{k.path}`" for k in keys if k.description)
+    return [k.path for k in keys if not k.description or f"`{k.path}`" not in page]
+
+
+def undocumented_commands(parser: argparse.ArgumentParser | None = None) -> list[str]:
+    """The commands with no help line, and the flags missing from the CLI page, as ``graft CMD FLAG``."""
+    if parser is None:
+        from graft.cluster.cli import build_parser
+
+        parser = build_parser()
+    page = cli_page(parser)
+    out = []
+    sections = page.split("\n## graft ")[1:]
+    on_page = {s.split("\n", 1)[0]: s for s in sections}
+    for name, (summary, _) in _subcommands(parser).items():
+        if not summary.strip() or name not in on_page:
+            out.append(f"graft {name}")
+            continue
+        out += [f"graft {name} {flag}" for flag in cli_commands(parser)[name] if f"`{flag}" not in on_page[name]]
+    return out
