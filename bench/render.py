@@ -2,7 +2,7 @@
 
 Three outputs, all from the same dict (what ``bench/run.py`` writes): ``page(results)``, every table
 the run holds (``bench/results.md`` and the docs site's benchmark page); ``readme_block(results)``,
-the short "Measured" block between the README's markers; ``update_readme(readme, results)``, that
+the short "Row" block between the README's markers; ``update_readme(readme, results)``, that
 block put in place. Nothing here measures or imports torch: the docs build and the unit tests call
 it with the project's own venv.
 """
@@ -13,7 +13,7 @@ import os
 import statistics
 from dataclasses import dataclass, field
 
-__all__ = ["BEGIN", "END", "frontier_lines", "load", "page", "paired", "readme_block", "recipe_lines",
+__all__ = ["BEGIN", "END", "Row", "frontier_lines", "load", "page", "paired", "readme_block", "recipe_lines",
            "update_readme", "write_readme"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,9 +26,9 @@ END = "<!-- bench:end -->"
 EXECUTOR_CHANGED = "2026-12-04"
 
 
-@dataclass(frozen=True)
-class Measured:
-    """One row of results.json: a contender on a job, one value per round."""
+@dataclass
+class Row:
+    """One contender on one job, one value per round: what bench/run.py measures and results.json holds."""
 
     name: str
     job: str
@@ -54,17 +54,17 @@ def paired(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
-def _rows(results: dict) -> list[Measured]:
-    return [Measured(**r) for r in results["rows"]]
+def _rows(results: dict) -> list[Row]:
+    return [Row(**r) for r in results["rows"]]
 
 
-def _default_local(rows: list[Measured]) -> Measured | None:
+def _default_local(rows: list[Row]) -> Row | None:
     # The default local row's name changed with the executor (issue 26); it says "the default".
     return next((r for r in rows if r.job == "1.1B" and r.name.startswith("graft --executor local")
                  and "the default" in r.name), None)
 
 
-def _main_table(results: dict, rows: list[Measured]) -> list[str]:
+def _main_table(results: dict, rows: list[Row]) -> list[str]:
     inputs = results["input_bytes"]
     by = {r.name: r for r in rows if r.job == "1.1B"}
     floors = {r.job: r for r in rows if r.name.startswith("I/O floor: cat")}
@@ -92,7 +92,7 @@ def _main_table(results: dict, rows: list[Measured]) -> list[str]:
     return out
 
 
-def _report_cost(rows: list[Measured]) -> list[str]:
+def _report_cost(rows: list[Row]) -> list[str]:
     by = {r.name: r for r in rows if r.job == "1.1B"}
     off, on = by.get("graft --executor local, report: off"), _default_local(rows)
     if off is None or on is None or not off.seconds:
@@ -107,7 +107,7 @@ def _report_cost(rows: list[Measured]) -> list[str]:
     return out
 
 
-def recipe_lines(rows: list[Measured], in_llama: int) -> list[str]:
+def recipe_lines(rows: list[Row], in_llama: int) -> list[str]:
     """The release recipes' table (rows: any with name, job, seconds, cpu, peak_rss)."""
     recipes = [r for r in rows if r.job == "recipes"]
     if len(recipes) != 5:
@@ -125,7 +125,7 @@ def recipe_lines(rows: list[Measured], in_llama: int) -> list[str]:
     return out
 
 
-def _s3(rows: list[Measured]) -> list[str]:
+def _s3(rows: list[Row]) -> list[str]:
     s3 = [r for r in rows if r.job in ("s3", "s3s3")]
     if len(s3) != 4:
         return []
@@ -208,7 +208,7 @@ def page(results: dict) -> str:
 
 
 def readme_block(results: dict) -> str:
-    """The README's few "Measured" lines: the headline ratios of the run, its date and machine."""
+    """The README's few "Row" lines: the headline ratios of the run, its date and machine."""
     rows = _rows(results)
     by = {r.name: r for r in rows if r.job == "1.1B"}
     floor = by["I/O floor: cat inputs, write + sync output"]
@@ -243,14 +243,14 @@ def update_readme(text: str, results: dict) -> str:
     """``text`` (a README) with the block between its markers replaced by ``readme_block(results)``."""
     if BEGIN not in text or END not in text:
         raise ValueError(f"README.md: the markers {BEGIN!r} and {END!r} are missing; put them back "
-                         "where the Measured block goes")
+                         "where the Row block goes")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{BEGIN}\n{readme_block(results)}\n{END}{tail}"
 
 
 def write_readme(readme: str = README, results_path: str = RESULTS) -> None:
-    """Re-render the README's Measured block from ``results_path`` in place."""
+    """Re-render the README's Row block from ``results_path`` in place."""
     with open(readme, encoding="utf-8") as f:
         text = f.read()
     new = update_readme(text, load(results_path))

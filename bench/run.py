@@ -18,13 +18,11 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import psutil
@@ -33,7 +31,7 @@ import yaml
 from bench import render
 from bench.data import ensure
 from bench.frontier import make_trio
-from bench.render import frontier_lines, recipe_lines
+from bench.render import Row, frontier_lines, recipe_lines
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NODE_SIZE = 0.5  # GB of inputs per trio of the node benchmark's rows in make bench
@@ -41,21 +39,6 @@ ROLES = ("target", "finetuned", "base")
 PY = sys.executable
 ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
 ENV.pop("RAY_ADDRESS", None)
-
-
-@dataclass
-class Row:
-    name: str
-    job: str
-    seconds: list[float] = field(default_factory=list)
-    peak_rss: list[int] = field(default_factory=list)
-    bytes_read: list[int] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
-    note: str = ""
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
 
 
 def input_files(paths: dict[str, str]) -> list[str]:

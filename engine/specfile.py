@@ -28,6 +28,13 @@ def _no_bool(v: Any) -> Any:
     return v
 
 
+# The spec reference's words for a checkpoint location (target, finetuned, each diff's finetuned).
+_LOCATION = ("a checkpoint location: a local path or fsspec URI of a directory (`model.safetensors`, or shards + "
+             "`model.safetensors.index.json`; naming the index means its directory), or one `.safetensors` file; "
+             "a Hugging Face cache snapshot folder or `models--org--name` folder works as it is. Relative paths "
+             "are resolved against the working directory.")
+
+
 class _RuleModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     match: str = Field(description=(
@@ -52,11 +59,7 @@ class _RuleModel(BaseModel):
 class _DiffModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     finetuned: str | None = Field(default=None, min_length=1, description=(
-        "This diff's fine-tune: "
-        "a checkpoint location: a local path or fsspec URI of a directory (`model.safetensors`, or shards + "
-        "`model.safetensors.index.json`; naming the index means its directory), or one `.safetensors` file; "
-        "a Hugging Face cache snapshot folder or `models--org--name` folder works as it is. Relative paths "
-        "are resolved against the working directory."))
+        "This diff's fine-tune: " + _LOCATION))
     base: str | None = Field(default=None, min_length=1, description=(
         "The checkpoint this diff's fine-tune was trained from (each diff has its own base)."))
     diff: str | None = Field(default=None, min_length=1, description=(
@@ -72,17 +75,9 @@ class _DiffModel(BaseModel):
 class _SpecModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     target: str | None = Field(default=None, min_length=1, description=(
-        "Required. The new base θ_target: "
-        "a checkpoint location: a local path or fsspec URI of a directory (`model.safetensors`, or shards + "
-        "`model.safetensors.index.json`; naming the index means its directory), or one `.safetensors` file; "
-        "a Hugging Face cache snapshot folder or `models--org--name` folder works as it is. Relative paths "
-        "are resolved against the working directory."))
+        "Required. The new base θ_target: " + _LOCATION))
     finetuned: str | None = Field(default=None, min_length=1, description=(
-        "The fine-tune of the old base θ_ft (or give `diff` or `diffs`): "
-        "a checkpoint location: a local path or fsspec URI of a directory (`model.safetensors`, or shards + "
-        "`model.safetensors.index.json`; naming the index means its directory), or one `.safetensors` file; "
-        "a Hugging Face cache snapshot folder or `models--org--name` folder works as it is. Relative paths "
-        "are resolved against the working directory."))
+        "The fine-tune of the old base θ_ft (or give `diff` or `diffs`): " + _LOCATION))
     base: str | None = Field(default=None, min_length=1, description=(
         "The old base θ_base that `finetuned` was trained from (or give `diff` or `diffs`)."))
     diff: str | None = Field(default=None, min_length=1, description=(
