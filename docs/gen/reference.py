@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if annotation is Any:
-        return "size (e.g. `16MiB`, `5GB`) or bytes"
+        return "any value"
     if origin is Literal:
         return "one of " + ", ".join(f"`{a}`" for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -68,6 +69,8 @@ def _default(field: Any) -> str:
         return "required"
     if field.default is PydanticUndefined or field.default is None:
         return "—"
+    if field.annotation is Any and isinstance(field.default, int):  # a size in bytes
+        return f"`{field.default}` ({field.default / 2**20:g} MiB)"
     return f"`{json.dumps(field.default)}`"
 
 
@@ -80,7 +83,9 @@ def spec_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[Sp
     out: list[SpecKey] = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
-        out.append(SpecKey(path, _type_name(field.annotation), _default(field), (field.description or "").strip()))
+        # The spec's untyped keys are sizes, checked by parse_size (pydantic would coerce YAML `true`).
+        kind = "size (`16MiB`, `5GB`) or bytes" if field.annotation is Any else _type_name(field.annotation)
+        out.append(SpecKey(path, kind, _default(field), (field.description or "").strip()))
         nested = _model_of(field.annotation)
         if nested is not None:
             many = typing.get_origin(field.annotation) is list or any(
@@ -108,6 +113,10 @@ def spec_page() -> str:
     ]
     for k in spec_keys():
         lines.append(f"| `{k.path}` | {_cell(k.type)} | {k.default} | {_cell(k.description)} |")
+    from graft.engine.specfile import _DIFF_JOB_KEYS
+
+    lines += ["", "A `graft diff` spec takes the keys that make sense without a target: "
+              + ", ".join(f"`{k}`" for k in _DIFF_JOB_KEYS) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +158,22 @@ def _flag(action: argparse.Action) -> str:
 
 
 def cli_page(parser: argparse.ArgumentParser | None = None) -> str:
-    """The CLI reference page (markdown): the top-level help text, then every command and flag."""
+    """The CLI reference page (markdown): the top-level help text, then every command and flag.
+
+    Usage lines are wrapped at 100 columns whatever the terminal of the build (argparse reads
+    ``COLUMNS``), so the page is the same on every machine."""
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        return _cli_page(parser)
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
+
+
+def _cli_page(parser: argparse.ArgumentParser | None) -> str:
     if parser is None:
         from graft.cluster.cli import build_parser
 
@@ -160,6 +184,9 @@ def cli_page(parser: argparse.ArgumentParser | None = None) -> str:
     if parser.description:
         lines += [parser.description, ""]
     lines += ["```text", parser.format_usage().strip(), "```", ""]
+    top = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    if top:
+        lines += ["| option | help |", "|---|---|", *(f"| {_flag(a)} | {_cell(_help(parser, a))} |" for a in top), ""]
     if parser.epilog:
         # Rendered as it is printed: the epilog may be laid out by hand (a table of exit codes).
         lines += ["```text", parser.epilog.strip("\n"), "```", ""]
