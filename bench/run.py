@@ -3,8 +3,8 @@
 Every contender runs in a fresh process, several times after a warm-up read of its inputs; the
 table reports medians. Ratios are against numbers measured in this same run (machines are noisy).
 Ends with a small run of the node benchmark (bench/node.py: CPU rows, about 0.5 GB of inputs per
-trio). Writes bench/results.md, bench/results.json (the node benchmark under "node") and
-bench/results.png.
+trio). Writes bench/results.json (the node benchmark under "node"), then renders from it
+(bench/render.py) bench/results.md and the README's Measured block; and bench/results.png.
 
     python -m bench.run [--runs 5] [--quick]   # --quick: one run each, no mergekit / naive / S3
     python -m bench.run --s3-only              # just the S3 rows, printed
