@@ -70,7 +70,8 @@ $(BENCH_STAMP): pyproject.toml
 	touch $(BENCH_STAMP)
 
 # Generates the checkpoints once (bench/data, ~10.5 GB with the node benchmark's), then measures
-# everything in one run: bench/results.md, bench/results.json and bench/results.png.
+# everything in one run: bench/results.json, rendered into bench/results.md and the README's Measured
+# block (bench/render.py), and bench/results.png.
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m bench.run
 
