@@ -95,7 +95,10 @@ def spec_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[Sp
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text for one table cell: one line, pipes escaped outside code spans (inside them a table
+    already keeps a pipe, and a backslash would show)."""
+    parts = " ".join(text.split()).split("`")
+    return "`".join(p if i % 2 else p.replace("|", "\\|") for i, p in enumerate(parts))
 
 
 def spec_page() -> str:
