@@ -19,7 +19,7 @@ AZURITE := $(EMULATORS)/node_modules/.bin/azurite-blob
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: install demo test test-fast fuzz bench bench-node clean
+.PHONY: install demo test test-fast fuzz docs bench bench-node clean
 
 install: $(STAMP)
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,gcs,azure]"
+	$(PY) -m pip install -q -e ".[dev,gcs,azure,docs]"
 	touch $(STAMP)
 
 $(AZURITE): $(EMULATORS)/package.json $(EMULATORS)/package-lock.json
@@ -53,6 +53,11 @@ test: install $(AZURITE)
 test-fast: install
 	$(PY) -m pytest -q tests/unit
 
+# The docs site into site/ (mkdocs.yml; the reference pages and benchmark tables are generated as it
+# builds). `make test` builds it too, with --strict, in a temporary directory.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 # The header and index fuzz tests with many more examples than `make test` runs (minutes, not seconds).
 fuzz: install
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/unit/test_fuzz_headers.py
@@ -65,7 +70,8 @@ $(BENCH_STAMP): pyproject.toml
 	touch $(BENCH_STAMP)
 
 # Generates the checkpoints once (bench/data, ~10.5 GB with the node benchmark's), then measures
-# everything in one run: bench/results.md, bench/results.json and bench/results.png.
+# everything in one run: bench/results.json, rendered into bench/results.md and the README's Measured
+# block (bench/render.py), and bench/results.png.
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m bench.run
 
@@ -76,4 +82,4 @@ bench-node: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m bench.node --size $(SIZE) --out bench
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info demo .pytest_cache $(EMULATORS)/node_modules
+	rm -rf $(VENV) $(BENCH_VENV) build site *.egg-info demo .pytest_cache $(EMULATORS)/node_modules

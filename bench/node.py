@@ -66,7 +66,8 @@ from dataclasses import dataclass, field
 import psutil
 
 from bench.data import LLAMA, make_big, make_fp8, make_llama
-from bench.run import ENV, HERE, PY, Row, children_cpu, clear, floor, input_files, machine, paired, spec_file, warm
+from bench.render import paired
+from bench.run import ENV, HERE, PY, Row, children_cpu, clear, floor, input_files, machine, spec_file, warm
 
 __all__ = ["NodeRow", "trios", "measure", "lines"]
 

@@ -3,8 +3,8 @@
 Every contender runs in a fresh process, several times after a warm-up read of its inputs; the
 table reports medians. Ratios are against numbers measured in this same run (machines are noisy).
 Ends with a small run of the node benchmark (bench/node.py: CPU rows, about 0.5 GB of inputs per
-trio). Writes bench/results.md, bench/results.json (the node benchmark under "node") and
-bench/results.png.
+trio). Writes bench/results.json (the node benchmark under "node"), then renders from it
+(bench/render.py) bench/results.md and the README's Measured block; and bench/results.png.
 
     python -m bench.run [--runs 5] [--quick]   # --quick: one run each, no mergekit / naive / S3
     python -m bench.run --s3-only              # just the S3 rows, printed
@@ -18,20 +18,20 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import psutil
 import yaml
 
+from bench import render
 from bench.data import ensure
 from bench.frontier import make_trio
+from bench.render import Row, frontier_lines, recipe_lines
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NODE_SIZE = 0.5  # GB of inputs per trio of the node benchmark's rows in make bench
@@ -39,21 +39,6 @@ ROLES = ("target", "finetuned", "base")
 PY = sys.executable
 ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
 ENV.pop("RAY_ADDRESS", None)
-
-
-@dataclass
-class Row:
-    name: str
-    job: str
-    seconds: list[float] = field(default_factory=list)
-    peak_rss: list[int] = field(default_factory=list)
-    bytes_read: list[int] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
-    note: str = ""
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
 
 
 def input_files(paths: dict[str, str]) -> list[str]:
@@ -174,20 +159,6 @@ def recipe_rows(llama: dict[str, str], scratch: str, runs: int) -> list[Row]:
     for d in (out, mid, delta):
         clear(d)
     return [one, two, make, from_diff, three]
-
-
-def recipe_lines(rows: list[Row], in_llama: int) -> list[str]:
-    one, two, make, from_diff, three = rows
-    lines = ["", "Release recipes on the 1.1B checkpoints (graft local; CPU-s per GB of the three-checkpoint "
-             "job's input):", "", "| recipe | wall (s) | CPU-s per GB | peak RSS (MB) | vs |",
-             "|---|---:|---:|---:|---|"]
-    for r, vs in ((one, f"{paired(one.seconds, two.seconds):.2f} of 2 passes (CPU {paired(one.cpu, two.cpu):.2f})"),
-                  (two, ""), (make, ""),
-                  (from_diff, f"{paired(from_diff.seconds, three.seconds):.2f} of 3 checkpoints (CPU "
-                              f"{paired(from_diff.cpu, three.cpu):.2f})"), (three, "")):
-        lines.append(f"| {r.name} | {r.median:.2f} | {statistics.median(r.cpu) / (in_llama / 1e9):.2f} "
-                     f"| {statistics.median(r.peak_rss) / 1e6:.0f} | {vs} |")
-    return lines
 
 
 def graft_ray(row: Row, paths: dict[str, str], out: str, scratch: str, workers: int) -> None:
@@ -362,27 +333,6 @@ def frontier(scratch: str, runs: int) -> dict:
     return {"plan_seconds": seconds, "plan_peak_rss": peaks, "driver": json.loads(probe.stdout.strip().splitlines()[-1])}
 
 
-def frontier_lines(f: dict) -> list[str]:
-    d = f["driver"]
-    return [
-        "", "## Planning at frontier scale", "",
-        f"Three DeepSeek-V3-671B-shaped block-FP8 checkpoints made of real headers and sparse data "
-        f"(`bench/frontier.py`): {d['tensors']:,} tensors each ({d['logical_tensors']:,} weights with "
-        f"their scales) in {d['shards']} shards, {d['write_bytes'] / 1e9:.1f} GB per checkpoint as the "
-        f"headers claim. Planning reads only the headers, so this is what the real job's planning costs.",
-        "", "| measure | result | target |", "|---|---:|---:|",
-        f"| `graft plan` wall time (median of {len(f['plan_seconds'])}, a fresh process each) "
-        f"| {statistics.median(f['plan_seconds']):.1f} s | ≤ 10 s |",
-        f"| `graft plan` peak RSS | {statistics.median(f['plan_peak_rss']) / 1e6:.0f} MB | |",
-        f"| Ray driver before its first submit (ray and torch loaded; headers, plan, fingerprint, every "
-        f"task pickled): wall time | {d['driver_seconds']:.1f} s | |",
-        f"| Ray driver peak RSS | {d['peak_rss'] / 1e6:.0f} MB | ≤ 1 GB |",
-        f"| largest pickled `ShardTask` (all {d['shards']}: {d['all_tasks_bytes'] / 1e6:.1f} MB) "
-        f"| {d['largest_task_bytes'] / 1e3:.0f} KB | |",
-        f"| planned reads / writes | {d['read_bytes'] / 1e12:.2f} TB / {d['write_bytes'] / 1e9:.0f} GB | |",
-    ]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
@@ -485,7 +435,7 @@ def main() -> None:
     from bench.node import measure  # bench.node imports this module: imported once this one is loaded
 
     results["node"] = measure(os.path.join(HERE, "data", "node"), NODE_SIZE, min(runs, 3), "cpu")
-    write_results(rows, results, in_llama, in_big, in_fp8)
+    write_results(rows, results)
 
 
 def machine() -> str:
@@ -498,113 +448,16 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def paired(num: list[float], den: list[float]) -> float:
-    """The median of per-run ratios: run i of one row against run i of another, measured moments
-    apart, so that drift of the machine between runs cancels out."""
-    return statistics.median(a / b for a, b in zip(num, den, strict=True))
-
-
-def write_results(rows: list[Row], results: dict, in_llama: int, in_big: int, in_fp8: int) -> None:
-    by = {r.name: r for r in rows if r.job == "1.1B"}
-    by_job = {r.job: r for r in rows if r.name.startswith("I/O floor: cat")}
-    floor_row = by["I/O floor: cat inputs, write + sync output"]
-    floor_s = floor_row.median
-
-    merge = by.get("mergekit 0.1.5 linear")
-    lines = [
-        f"# graft benchmark ({results['date']})",
-        "",
-        f"{results['machine']}; warm page cache; median of {results['runs']} run(s) each, all in one "
-        f"`make bench` run. 1.1B job: three TinyLlama-1.1B-shaped bf16 checkpoints "
-        f"({in_llama / 1e9:.2f} GB of inputs, {results['output_bytes'] / 1e9:.2f} GB written). "
-        f"768 MiB job: one 768 MiB tensor per checkpoint ({in_big / 1e9:.2f} GB of inputs). "
-        f"FP8 job: three block-FP8 checkpoints of DeepSeek-V3 expert shapes ({in_fp8 / 1e9:.2f} GB of "
-        f"inputs), decoded, combined and re-encoded with fresh 128x128 block scales.",
-        "",
-        "| contender | job | wall (s) | × floor | speed-up vs mergekit | peak RSS (MB) | bytes read ÷ input "
-        "| CPU-s per GB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        if r.job in ("s3", "s3s3", "recipes"):
-            continue
-        if "--workers" in r.name:
-            w = r.name.rsplit(" ", 1)[1]
-            up = by[f"Ray start-up: init, {w} actor(s) ready, shutdown"].seconds
-            ratio = f"{paired(r.seconds, [f + u for f, u in zip(floor_row.seconds, up)]):.2f} of floor + start-up"
-        elif r.job == "1.1B" and "start-up" not in r.name:
-            ratio = f"{paired(r.seconds, floor_row.seconds):.2f}"
-        elif r.job == "FP8":
-            ratio = f"{paired(r.seconds, by_job['FP8'].seconds):.2f}"
-        else:
-            ratio = ""
-        speed = (f"{paired(merge.seconds, r.seconds):.1f}×" if merge and r.job == "1.1B" and "floor" not in r.name
-                 and "start-up" not in r.name else "")
-        rss = f"{statistics.median(r.peak_rss) / 1e6:.0f}" if r.peak_rss else ""
-        inb = {"1.1B": in_llama, "768MiB": in_big, "FP8": in_fp8}[r.job]
-        read = f"{statistics.median(r.bytes_read) / inb:.3f}" if r.bytes_read else ""
-        cpu = f"{statistics.median(r.cpu) / (inb / 1e9):.2f}" if r.cpu else ""
-        lines.append(f"| {r.name} | {r.job} | {r.median:.2f} | {ratio} "
-                     f"| {speed} | {rss} | {read} | {cpu} |")
-    off = by.get("graft --executor local, report: off")
-    if off is not None and off.seconds:
-        on = by["graft --executor local (sized from the machine, the default)"]
-        lines += ["", f"The transfer report (`report: sampled`, the default) costs "
-                      f"{paired(on.seconds, off.seconds) - 1:+.1%} wall time and "
-                      f"{paired(on.cpu, off.cpu) - 1:+.1%} CPU against the same job with `report: off` "
-                      f"(paired runs of this table)."]
-        exact = by.get("graft --executor local, report: exact")
-        if exact is not None and exact.seconds:
-            lines += ["", f"Measuring every element (`report: exact`) costs {paired(exact.seconds, off.seconds) - 1:+.1%} "
-                          f"wall time and {paired(exact.cpu, off.cpu) - 1:+.1%} CPU against `report: off`."]
-    fp8 = next((r for r in rows if r.job == "FP8" and r.cpu and r.name.startswith("graft")), None)
-    if fp8 is not None:
-        lines += ["", f"FP8 job: graft used {statistics.median(fp8.cpu) / (in_fp8 / 1e9):.1f} CPU-seconds per GB "
-                  f"of input (median), on {os.cpu_count()} cores; the plain 1.1B job "
-                  f"{statistics.median(by['graft --executor local (sized from the machine, the default)'].cpu) / (in_llama / 1e9):.1f}."]
-    recipes = [r for r in rows if r.job == "recipes"]
-    if recipes:
-        lines += recipe_lines(recipes, in_llama)
-    s3 = [r for r in rows if r.job in ("s3", "s3s3")]
-    if s3:
-        raw, job, raw_rw, job_rw = s3
-        total = raw.bytes_read[0]
-        lines += ["", f"S3: moto's server in its own process on 127.0.0.1; three checkpoints of 16 tensors "
-                  f"of 8 MiB, one per object ({total / 1e6:.0f} MB in all). Throughput = those input bytes "
-                  "÷ wall time; graft's time is the whole job (read, compute, write, hash). The S3 → S3 "
-                  "job writes its output as one shard to the same server, and its raw contender uploads "
-                  "as many bytes while it reads; each raw contender makes the same requests (range and "
-                  "part sizes, requests in flight) as graft's job.",
-                  "", "| contender | wall (s) | MB/s | vs raw | CPU-s per GB |", "|---|---:|---:|---:|---:|"]
-        for base, row in ((raw, raw), (raw, job), (raw_rw, raw_rw), (raw_rw, job_rw)):
-            cpu = f"{statistics.median(row.cpu) / (total / 1e9):.2f}" if row.cpu else ""
-            lines.append(f"| {row.name} | {row.median:.2f} | {total / row.median / 1e6:.0f} "
-                         f"| {paired(base.seconds, row.seconds):.2f} | {cpu} |")
-    if results.get("frontier"):
-        lines += frontier_lines(results["frontier"])
-    lines += ["", "CPU-s per GB: user + system CPU-seconds per GB of the job's input, of the process "
-              "(graft local, naive) or of the command and every process it waited for (the floor: cat "
-              "and dd; mergekit); not for Ray, whose daemons and workers are not all reaped by the "
-              "command (their CPU would be undercounted). On this VM a "
-              "buffered write costs CPU in the kernel (the floor's dd), which graft's O_DIRECT writes "
-              "avoid."]
-    lines += ["", "Peak RSS: the largest single process (for Ray, the largest shard worker). Bytes read: "
-              "`rchar` of the process (every system-call read, headers and configs included) for graft "
-              "local; graft's own count for Ray; not measurable for mergekit and naive, which read "
-              "through mmap. Ray rows are compared with the floor plus Ray's own start-up for the same "
-              "number of actors (the start-up rows). Wall times are medians; every ratio is the median "
-              "of per-run ratios (run i of a row against run i of the floor, of mergekit or of raw s3fs, "
-              "from the same round), so that drift of the machine between rounds cancels out.", ""]
-    if results.get("node"):
-        from bench.node import lines as node_lines
-
-        lines += ["## The node benchmark (bench/node.py, CPU rows)", "", *node_lines(results["node"]), ""]
-    with open(os.path.join(HERE, "results.md"), "w") as f:
-        f.write("\n".join(lines))
+def write_results(rows: list[Row], results: dict) -> None:
+    floor_s = next(r for r in rows if r.job == "1.1B" and r.name.startswith("I/O floor: cat")).median
     with open(os.path.join(HERE, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
+    text = f"# graft benchmark ({results['date']})\n\n" + render.page(results)
+    with open(os.path.join(HERE, "results.md"), "w") as f:
+        f.write(text)
+    render.write_readme()  # the README's Measured block, from the results.json just written
     chart(rows, floor_s)
-    print("\n".join(lines))
+    print(text)
 
 
 def chart(rows: list[Row], floor_s: float) -> None:

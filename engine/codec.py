@@ -6,7 +6,7 @@ per-tensor scale is one block covering everything, a per-channel scale blocks of
 The real value of a code is ``code x scale`` (DeepSeek-V3's ``weight_scale_inv`` and
 compressed-tensors' ``weight_scale`` both multiply).
 
-The encoding rule (README, "Quantized checkpoints"), for a block of real values ``W`` computed in the
+The encoding rule (docs/quantized.md), for a block of real values ``W`` computed in the
 compute dtype::
 
     amax   = max |W| over the block

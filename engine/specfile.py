@@ -28,10 +28,21 @@ def _no_bool(v: Any) -> Any:
     return v
 
 
+# The spec reference's words for a checkpoint location (target, finetuned, each diff's finetuned).
+_LOCATION = ("a checkpoint location: a local path or fsspec URI of a directory (`model.safetensors`, or shards + "
+             "`model.safetensors.index.json`; naming the index means its directory), or one `.safetensors` file; "
+             "a Hugging Face cache snapshot folder or `models--org--name` folder works as it is. Relative paths "
+             "are resolved against the working directory.")
+
+
 class _RuleModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    match: str
-    alpha: float
+    match: str = Field(description=(
+        "A regular expression searched (`re.search`) in each tensor name; the first rule that "
+        "matches sets the tensor's alpha."))
+    alpha: float = Field(description=(
+        "The alpha of the tensors this rule matches; 0 copies the target tensor's bytes "
+        "unchanged (finetuned/base need not hold it)."))
 
     _alpha_not_bool = field_validator("alpha", mode="before")(_no_bool)
 
@@ -47,40 +58,90 @@ class _RuleModel(BaseModel):
 
 class _DiffModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    finetuned: str | None = Field(default=None, min_length=1)
-    base: str | None = Field(default=None, min_length=1)
-    diff: str | None = Field(default=None, min_length=1)
-    alpha: float = 1.0
-    rules: list[_RuleModel] = []
+    finetuned: str | None = Field(default=None, min_length=1, description=(
+        "This diff's fine-tune: " + _LOCATION))
+    base: str | None = Field(default=None, min_length=1, description=(
+        "The checkpoint this diff's fine-tune was trained from (each diff has its own base)."))
+    diff: str | None = Field(default=None, min_length=1, description=(
+        "Instead of finetuned/base: a difference written by `graft diff`."))
+    alpha: float = Field(default=1.0, description=(
+        "The scale of this diff vector."))
+    rules: list[_RuleModel] = Field(default=[], description=(
+        "Rules for this diff only, tried before the job's `rules`; the first match wins."))
 
     _alpha_not_bool = field_validator("alpha", mode="before")(_no_bool)
 
 
 class _SpecModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    target: str | None = Field(default=None, min_length=1)
-    finetuned: str | None = Field(default=None, min_length=1)
-    base: str | None = Field(default=None, min_length=1)
-    diff: str | None = Field(default=None, min_length=1)
-    diff_dtype: Literal["float32", "bf16"] = "float32"
-    diffs: list[_DiffModel] | None = Field(default=None, min_length=1)
-    output: str = Field(min_length=1)
-    alpha: float = 1.0
-    compute_dtype: Literal["float32", "float64"] = "float32"
-    output_format: Literal["target", "bf16"] = "target"
-    vocab: Literal["error", "pad", "align"] = "error"
-    rules: list[_RuleModel] = []
-    on_missing: Literal["error", "carry_target"] = "error"
-    allow_nonfinite: bool = False
-    allow_family_mismatch: bool = False
-    files: dict[str, str] = {}
+    target: str | None = Field(default=None, min_length=1, description=(
+        "Required. The new base θ_target: " + _LOCATION))
+    finetuned: str | None = Field(default=None, min_length=1, description=(
+        "The fine-tune of the old base θ_ft (or give `diff` or `diffs`): " + _LOCATION))
+    base: str | None = Field(default=None, min_length=1, description=(
+        "The old base θ_base that `finetuned` was trained from (or give `diff` or `diffs`)."))
+    diff: str | None = Field(default=None, min_length=1, description=(
+        "Instead of finetuned/base: a committed difference written by `graft diff` "
+        "(two checkpoints read instead of three)."))
+    diff_dtype: Literal["float32", "bf16"] = Field(default="float32", description=(
+        "`graft diff` only: the dtype the difference is written in; "
+        "bf16 is half the size, rounded (no bit-identity is claimed for it)."))
+    diffs: list[_DiffModel] | None = Field(default=None, min_length=1, description=(
+        "Instead of finetuned/base/alpha: several diff vectors applied "
+        "in one streaming pass, one entry `{finetuned, base, alpha, rules}` or `{diff, alpha, rules}` each."))
+    output: str = Field(min_length=1, description=(
+        "Required. The output directory or URI (local, S3, GCS, Azure, ...; not `hf://`: "
+        "publish with `graft push`); it must not exist, be empty, or hold an unfinished graft run."))
+    alpha: float = Field(default=1.0, description=(
+        "The scale α of the diff vector: out = target + α · (finetuned − base)."))
+    compute_dtype: Literal["float32", "float64"] = Field(default="float32", description=(
+        "The dtype the arithmetic runs in; the result is rounded "
+        "once to the target tensor's dtype."))
+    output_format: Literal["target", "bf16"] = Field(default="target", description=(
+        "`target`: every tensor as the target stores it (FP8 codes "
+        "with fresh scales for a quantized target); `bf16`: FP8 tensors written dequantized as BF16, their scale "
+        "tensors left out and config.json's `quantization_config` removed."))
+    vocab: Literal["error", "pad", "align"] = Field(default="error", description=(
+        "When the embeddings / LM head row counts differ (a fine-tune "
+        "that added tokens): `error` refuses, `pad` counts missing rows as zeros (the paper's rule), `align` "
+        "matches rows by token through the three `tokenizer.json` files."))
+    rules: list[_RuleModel] = Field(default=[], description=(
+        "Ordered `{match: <regex>, alpha: <float>}` entries; the first match wins "
+        "over `alpha`. With `diffs`, they set every diff's alpha after each diff's own rules."))
+    on_missing: Literal["error", "carry_target"] = Field(default="error", description=(
+        "`error`: the checkpoints must hold the same tensors; "
+        "`carry_target`: target tensors missing from finetuned/base are carried over unchanged, tensors only in "
+        "finetuned/base are left out; both are reported."))
+    allow_nonfinite: bool = Field(default=False, description=(
+        "NaN/Inf in an output tensor fails the run naming the tensor, unless true."))
+    allow_family_mismatch: bool = Field(default=False, description=(
+        "The config.json files must agree on `model_type` and "
+        "`architectures`; true turns that refusal into a warning."))
+    files: dict[str, str] = Field(default={}, description=(
+        "Which checkpoint donates each non-weight file: `{<name or glob>: "
+        "target|finetuned|base|none}` (with diffs also `diffs[i].finetuned`, `diffs[i].base`); entries win over the "
+        "defaults (config.json from the target, generation config and tokenizer files from the fine-tune)."))
     # Validated by parse_size: pydantic's int|str would turn YAML `true` into 1 first.
-    max_shard_size: Any = None
-    max_side_file_size: Any = DEFAULT_MAX_SIDE_FILE_SIZE
-    chunk_size: Any = "16MiB"
-    read_concurrency: int = Field(default=4, ge=1, le=64, strict=True)
-    report: Literal["sampled", "exact", "off"] = "sampled"
-    storage_options: dict[str, dict[str, Any]] = {}
+    max_shard_size: Any = Field(default=None, description=(
+        "A size such as `5GB` or `512MiB`: re-lay the output into "
+        "`model-0000i-of-0000n.safetensors` shards. Unset: mirror the target's shard names and contents "
+        "(a drop-in replacement)."))
+    max_side_file_size: Any = Field(default=DEFAULT_MAX_SIDE_FILE_SIZE, description=(
+        "The largest side file (config, tokenizer: anything "
+        "`files` donates) copied whole through memory at commit; a larger one is refused at plan time."))
+    chunk_size: Any = Field(default="16MiB", description=(
+        "Bytes of compute buffer per chunk; bounds memory (larger tensors are "
+        "processed in pieces)."))
+    read_concurrency: int = Field(default=4, ge=1, le=64, strict=True, description=(
+        "Object stores and the Hub: byte ranges in flight per "
+        "input stream (1 to 64); each chunk read is split into up to this many range requests. Local files are "
+        "read with one `preadv`."))
+    report: Literal["sampled", "exact", "off"] = Field(default="sampled", description=(
+        "The transfer report measured while the job streams: "
+        "`sampled` (every 32nd block of each tensor on a CPU, all on a GPU), `exact` (every element), or `off`."))
+    storage_options: dict[str, dict[str, Any]] = Field(default={}, description=(
+        "fsspec options per protocol, e.g. "
+        "`{s3: {endpoint_url: ...}}` or `{hf: {token: ...}}`; secrets are redacted in the manifest."))
 
     _alpha_not_bool = field_validator("alpha", mode="before")(_no_bool)
 

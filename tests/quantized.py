@@ -11,7 +11,7 @@
   exactly their documented layout; FBGEMM's config.json block comes from transformers' own
   ``FbgemmFp8Config``.
 
-``quantize_blocks`` / ``dequantize`` are the README's reference rule written out block by block in
+``quantize_blocks`` / ``dequantize`` are the reference rule of docs/quantized.md written out block by block in
 float64, deliberately unlike graft's vectorized codec, so a bit-identical match means something.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Quantized checkpoints end to end: FP8 trios (block FP8, compressed-tensors per-tensor / per-channel /
 block, mixed with BF16) transfer on real values into the target's format, bit-identical to the
-README's rule in float64; transformers (and compressed-tensors) load the output; every other
+rule of docs/quantized.md in float64; transformers (and compressed-tensors) load the output; every other
 quantization is refused by ``graft plan`` and ``graft run`` before anything is written."""
 from __future__ import annotations
 

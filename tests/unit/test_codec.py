@@ -1,4 +1,4 @@
-"""The FP8 codec as a specification: decoding is exact, encoding follows the README's rule bit for bit
+"""The FP8 codec as a specification: decoding is exact, encoding follows docs/quantized.md's rule bit for bit
 in float64 (checked against ``quantized.quantize_blocks``, a block-by-block loop), chunking never
 changes a bit, and what cannot be encoded (NaN, Inf) is refused naming the tensor."""
 from __future__ import annotations
