@@ -16,7 +16,7 @@ from huggingface_hub import CommitOperationAdd, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
 from .checkpoint import unsafe_name
-from .errors import OutputError, StorageError
+from .errors import IntegrityError, OutputError, StorageError
 from .storage.hub import first_line, hub_api, repo_id_of
 from .manifest import MANIFEST_NAME, verify_output
 from .storage import Storage
@@ -109,7 +109,8 @@ def push_output(output: str, repo: str, storage_options: Mapping[str, Mapping[st
     if verify:
         report = verify_output(output, options)
         if not report.ok:
-            raise OutputError(f"{output}: not pushed: {report.problems[0] if report.problems else 'no files'}")
+            # The same failure as `graft verify`'s, and the same exit code (5).
+            raise IntegrityError(f"{output}: not pushed: {report.problems[0] if report.problems else 'no files'}")
         log(f"verified {len(report.checked)} files of {output}")
     try:
         manifest = json.loads(out.read(MANIFEST_NAME))

@@ -262,9 +262,10 @@ def test_push_refuses_unfinished_or_corrupted_outputs_and_touches_nothing(hub, f
             data = data.replace(b"{", b"[", 1)  # same size, other bytes
         (corrupted / name).write_bytes(data)
     dest = f"org/refused-{uuid.uuid4().hex[:8]}"
-    with pytest.raises(OutputError, match=r"graft\.manifest\.json: missing"):
+    # push verifies first: what `graft verify` fails, push refuses the same way (exit 5).
+    with pytest.raises(IntegrityError, match=r"graft\.manifest\.json: missing"):
         push_output(str(unfinished), f"hf://{dest}", hub_options(hub, TOKEN))
-    with pytest.raises(OutputError, match=r"config\.json: sha256 .* does not match"):
+    with pytest.raises(IntegrityError, match=r"config\.json: sha256 .* does not match"):
         push_output(str(corrupted), f"hf://{dest}", hub_options(hub, TOKEN))
     assert [r for r in hub.requests if r.method in ("POST", "PUT")] == []
     with pytest.raises(OutputError, match="not a Hub model repository"):
