@@ -19,13 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from graft.engine import __version__
+from graft.engine.plan.spec import JobSpec  # plain dataclasses: no torch, Ray or pydantic
 
 if TYPE_CHECKING:
-    from graft.engine.job import Job, RunResult
-    from graft.engine.manifest import VerifyReport
-    from graft.engine.spec import JobSpec
+    from graft.engine.formats.manifest import VerifyReport
+    from graft.engine.run.job import Job, RunResult
 
-__all__ = ["__version__", "plan", "run", "verify", "SpecLike", "ProgressCallback"]
+__all__ = ["__version__", "plan", "run", "verify", "JobSpec", "SpecLike", "ProgressCallback"]
 
 SpecLike = Union[Mapping[str, Any], str, "os.PathLike[str]", "JobSpec"]
 # Called with (bytes read so far, bytes the plan reads in all).
@@ -41,8 +41,7 @@ def _log(message: str) -> None:
 
 def _job_spec(spec: SpecLike, overrides: Sequence[str], kind: str) -> JobSpec:
     from graft.engine.errors import SpecError
-    from graft.engine.spec import JobSpec
-    from graft.engine.specfile import apply_overrides, load_spec, spec_from_mapping
+    from graft.engine.plan.specfile import apply_overrides, load_spec, spec_from_mapping
 
     if isinstance(overrides, str):
         raise SpecError(f"overrides={overrides!r}: give a list of key=value strings, e.g. ['alpha=0.5']")
@@ -68,7 +67,7 @@ def plan(spec: SpecLike, overrides: Sequence[str] = (), kind: Literal["transfer"
     Raises ``SpecError`` (every bad key at once, in ``problems``), ``PlanError`` (every reason the
     checkpoints cannot be combined, in ``problems``), ``StorageError``, ``CheckpointError``, ...
     """
-    from graft.engine.job import prepare_job
+    from graft.engine.run.job import prepare_job
 
     return prepare_job(_job_spec(spec, overrides, kind))
 
@@ -97,7 +96,7 @@ def run(
     ``manifest`` (what ``graft.manifest.json`` records).
     """
     from graft.engine.errors import SpecError
-    from graft.engine.job import Job, prepare_job
+    from graft.engine.run.job import Job, prepare_job
 
     if executor not in ("local", "ray"):
         raise SpecError(f"executor={executor!r}: expected 'local' or 'ray'")
@@ -124,7 +123,7 @@ def run(
             progress(done, total)
     try:
         if executor == "local":
-            from graft.engine.local import run_local
+            from graft.engine.run.local import run_local
 
             return run_local(job, workers=workers, on_progress=on_progress, log=_log, device=device,
                              on_shard=on_shard, threads=threads)
@@ -143,7 +142,7 @@ def verify(path: str | os.PathLike[str], storage_options: Mapping[str, Mapping[s
     Returns ``VerifyReport``: ``ok``, ``checked`` (file names that matched), ``problems`` (one line
     each) and ``manifest``. A tampered, missing or extra file is a problem, not an exception; an
     unreachable store raises ``StorageError``."""
-    from graft.engine.manifest import verify_output
+    from graft.engine.formats.manifest import verify_output
 
     where = os.fspath(path)
     return verify_output(where if "://" in where else os.path.abspath(where), storage_options)

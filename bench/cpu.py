@@ -21,7 +21,7 @@ import torch
 
 from bench.data import ensure
 from graft.engine.storage.directio import DirectAppender
-from graft.engine.kernel import ChunkKernel
+from graft.engine.compute.kernel import ChunkKernel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHUNK = 4 * 2**20  # elements per chunk: graft's default 16 MiB of float32 compute buffer

@@ -136,8 +136,8 @@ def probe(root: str) -> dict:
     import time
 
     import graft.cluster.driver  # noqa: F401 - ray and torch, as a driver has them
-    from graft.engine.job import fingerprint, prepare_job
-    from graft.engine.specfile import spec_from_mapping
+    from graft.engine.run.job import fingerprint, prepare_job
+    from graft.engine.plan.specfile import spec_from_mapping
 
     paths = make_trio(root)
     t0 = time.perf_counter()

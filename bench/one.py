@@ -43,8 +43,8 @@ def _report(seconds: float, read: int, **extra: object) -> None:
 
 
 def run_graft(spec_path: str, workers: int | None, kind: str = "transfer", threads: int | None = None) -> None:
-    from graft.engine.local import run_local
-    from graft.engine.specfile import load_spec
+    from graft.engine.run.local import run_local
+    from graft.engine.plan.specfile import load_spec
 
     spec = load_spec(spec_path, kind=kind)
     if spec.storage_options.get("s3"):

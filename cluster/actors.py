@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import ray
 
-from graft.engine.planner import ShardTask
+from graft.engine.plan.planner import ShardTask
 from graft.engine.storage import Storage
 
 if TYPE_CHECKING:
-    from graft.engine.execute import ShardResult
+    from graft.engine.run.execute import ShardResult
 
 __all__ = ["MAX_SHARDS", "ProgressBoard", "ShardWorker", "hash_output_file"]
 
@@ -35,7 +35,7 @@ def hash_output_file(output: str, storage_options: Mapping[str, Mapping[str, Any
                      size: int) -> str:
     """sha256 of a shard a resumed run keeps (``--verify-kept``), read on whichever node has a free
     CPU: a 405B output's 750 GB are re-hashed by the cluster in parallel, not by the driver."""
-    from graft.engine.manifest import hash_file
+    from graft.engine.formats.manifest import hash_file
 
     return hash_file(Storage(output, storage_options), name, size)
 
@@ -80,7 +80,7 @@ class ShardWorker:
         # module) does not load torch; and a worker that cannot load it fails to start, clearly.
         import torch
 
-        from graft.engine.execute import execute_shard
+        from graft.engine.run.execute import execute_shard
 
         # torch's own threads off: each shard's compute threads share the CPUs Ray gave this actor
         # (torch's default, every core of the node for each operation, oversubscribes a node of

@@ -4,14 +4,17 @@ command runs: a bad value is a one-line usage error (exit 2) naming the flag and
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from typing import Any, Callable, Sequence
 
 from graft.cluster.cli_output import UsageError
+from graft.engine.plan.specfile import apply_overrides
 
 __all__ = ["Parser", "positive", "more_than", "at_least", "device", "storage_option_item",
-           "common", "storage_option", "run_options", "flags_of", "MAX_SHARDS_PER_WORKER"]
+           "common", "storage_option", "run_options", "flags_of", "overrides", "storage_options", "location",
+           "MAX_SHARDS_PER_WORKER"]
 
 # cluster.actors.MAX_SHARDS (threads an actor keeps for shards); importing it here would load Ray.
 MAX_SHARDS_PER_WORKER = 8
@@ -103,7 +106,7 @@ def storage_option(sp: argparse.ArgumentParser, old_short: bool = False) -> None
 
 def run_options(r: argparse.ArgumentParser) -> None:
     """The options of the commands that run a job (run, diff): executor, workers, device, ...
-    Flags of one executor are refused with the other (``cli._check_run_flags``)."""
+    Flags of one executor are refused with the other (``commands.jobs._check_run_flags``)."""
     r.add_argument("--executor", choices=["ray", "local"], default="ray",
                    help="ray (default): shard actors on a Ray cluster (starts a private Ray unless --address "
                         "or $RAY_ADDRESS; a few seconds); local: this process, no Ray")
@@ -148,3 +151,19 @@ def flags_of(argv: Sequence[str]) -> set[str]:
     """The long flags on a command line (``--json=...`` counted as ``--json``), read before argparse
     runs, so that a usage error can still answer in JSON."""
     return {a.partition("=")[0] for a in argv if a.startswith("--")}
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` items, then ``--storage-option PROTO.KEY=VALUE`` as ``storage_options.PROTO.KEY=VALUE``."""
+    return [*args.set, *(f"storage_options.{item}" for item in args.storage_option)]
+
+
+def storage_options(items: Sequence[str]) -> dict[str, Any]:
+    """``--storage-option s3.endpoint_url=http://...`` -> ``{"s3": {"endpoint_url": ...}}`` (values
+    parsed as YAML)."""
+    return apply_overrides({}, [f"storage_options.{item}" for item in items]).get("storage_options", {})
+
+
+def location(path: str) -> str:
+    """A command's path argument: a store URI as given, a local path made absolute."""
+    return path if "://" in path else os.path.abspath(path)

@@ -20,7 +20,7 @@ import sys
 from typing import Any, Iterable, Mapping, Sequence
 
 from graft.engine.redaction import redact_uri
-from graft.engine.runmark import Observed
+from graft.engine.run.runmark import Observed
 
 from graft.cluster.exits import Exit
 from graft.cluster.progress import human_bytes
@@ -146,7 +146,7 @@ def print_plan(summary: dict[str, Any]) -> None:
 def unfinished_run_note(output: str, previous: Observed) -> str:
     """What ``graft run`` will do with an unfinished run's mark (``graft plan`` does not wait to
     find out whether that run is alive)."""
-    from graft.engine.runmark import STALE_AFTER_SECONDS, describe, stale_at_once
+    from graft.engine.run.runmark import STALE_AFTER_SECONDS, describe, stale_at_once
 
     if stale_at_once(previous.mark):
         return f"{output} holds an unfinished graft run that stopped; graft run resumes it"

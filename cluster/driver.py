@@ -1,6 +1,6 @@
 """The Ray driver: plan on the driver, run one task per output shard on ShardWorker actors, commit.
 
-Order of work (the engine's, see ``graft.engine.job``): prepare the job (headers only) -> open the
+Order of work (the engine's, see ``graft.engine.run.job``): prepare the job (headers only) -> open the
 output session -> size the pool from what the cluster can place and start the actors -> submit shard
 tasks to the actors that have answered, at most ``shards_per_worker`` in flight per actor -> on a
 worker's death, kill it, start a replacement and run its shards again -> commit on the driver
@@ -24,11 +24,11 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from graft.engine.chunks import shard_read_bytes
+from graft.engine.plan.chunks import shard_read_bytes
 from graft.engine.errors import GraftError, SpecError
-from graft.engine.job import Job, RunResult
-from graft.engine.session import OutputSession
-from graft.engine.planner import ShardTask
+from graft.engine.run.job import Job, RunResult
+from graft.engine.run.session import OutputSession
+from graft.engine.plan.planner import ShardTask
 from graft.engine.storage import Storage
 
 from .actors import MAX_SHARDS, ProgressBoard, ShardWorker, hash_output_file

@@ -1,6 +1,6 @@
 """``graft report OUTPUT``: read a committed output's transfer report, print it, draw it.
 
-The report itself is made by the engine while the job streams (``graft.engine.report``); this module
+The report itself is made by the engine while the job streams (``graft.engine.compute.report``); this module
 only reads ``graft.report.json`` back from any store and draws the per-layer picture with
 matplotlib (imported only here, only when a picture is asked for).
 """
@@ -10,8 +10,8 @@ import json
 from typing import Any, Mapping
 
 from graft.engine.errors import OutputError
-from graft.engine.manifest import MANIFEST_NAME
-from graft.engine.report import REPORT_NAME
+from graft.engine.formats.manifest import MANIFEST_NAME
+from graft.engine.compute.report import REPORT_NAME
 from graft.engine.storage import Storage
 
 __all__ = ["load_report", "plot_report"]

@@ -95,8 +95,8 @@ def stop_after_first_shard(spec, output: str) -> dict:  # noqa: ANN001
     returns the run mark it leaves at ``output`` (its journal of kept shards)."""
     import json
 
-    from graft.engine.local import run_local
-    from graft.engine.runmark import RUN_MARK
+    from graft.engine.run.local import run_local
+    from graft.engine.run.runmark import RUN_MARK
 
     def interrupt(event: str) -> None:
         if event == "done":

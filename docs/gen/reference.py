@@ -1,6 +1,6 @@
 """The docs site's reference pages, generated from the code at build time (``docs/gen/hooks.py``).
 
-``spec_keys()`` walks the job spec's pydantic model (``graft.engine.specfile``), nested models
+``spec_keys()`` walks the job spec's pydantic model (``graft.engine.plan.specfile``), nested models
 included, and ``spec_page()`` renders every key with its type, default and the description on its
 field. ``cli_commands()`` walks ``graft.cluster.cli.build_parser()`` and ``cli_page()`` renders every
 command and flag with its help, and the top-level parser's description and epilog as they are. The
@@ -77,7 +77,7 @@ def _default(field: Any) -> str:
 def spec_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[SpecKey]:
     """Every key of the spec model (default: the job spec's), nested models' keys after their parent's."""
     if model is None:
-        from graft.engine.specfile import _SpecModel
+        from graft.engine.plan.specfile import _SpecModel
 
         model = _SpecModel
     out: list[SpecKey] = []
@@ -107,7 +107,7 @@ def spec_page() -> str:
         "# Spec reference",
         "",
         "Every key of a job spec (`graft run`, `graft plan`) and of a `graft diff` spec, generated from the "
-        "pydantic model in `engine/specfile.py` when the site is built: the descriptions live on the model's "
+        "pydantic model in `engine/plan/specfile.py` when the site is built: the descriptions live on the model's "
         "fields. `diffs[].x` is key `x` of each entry of the list `diffs`. The guide with examples is "
         "[the job spec](../spec.md); unknown keys are errors naming the closest valid key.",
         "",
@@ -116,7 +116,7 @@ def spec_page() -> str:
     ]
     for k in spec_keys():
         lines.append(f"| `{k.path}` | {_cell(k.type)} | {k.default} | {_cell(k.description)} |")
-    from graft.engine.specfile import _DIFF_JOB_KEYS
+    from graft.engine.plan.specfile import _DIFF_JOB_KEYS
 
     lines += ["", "A `graft diff` spec takes the keys that make sense without a target: "
               + ", ".join(f"`{k}`" for k in _DIFF_JOB_KEYS) + "."]

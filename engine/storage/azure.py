@@ -22,10 +22,10 @@ from typing import Any, Callable, ClassVar
 
 from fsspec.asyn import sync
 
-from ..errors import NotFoundError
 from . import parts
+from ..errors import NotFoundError
 from .atomic import AtomicWriter
-from .base import Storage
+from .generic import FsspecStorage
 from .parts import PartWriter
 
 __all__ = ["AzureStorage", "BlockWriter"]
@@ -34,7 +34,7 @@ MIN_BLOCK = 64 * 2**20
 MAX_BLOCKS = 50_000
 
 
-class AzureStorage(Storage):
+class AzureStorage(FsspecStorage):
     protocols = ("az", "abfs", "abfss")
     lists_stats: ClassVar[bool] = True
     pins_reads: ClassVar[bool] = True

@@ -5,7 +5,7 @@ Order of use:
 1. ``Storage(uri, storage_options)``: resolves the filesystem; no I/O. The class is chosen by the
    URI's protocol (as ``pathlib.Path`` picks its flavour): ``LocalStorage`` (``local.py``),
    ``S3Storage`` (``s3.py``), ``GCSStorage`` (``gcs.py``), ``AzureStorage`` (``azure.py``),
-   ``HubStorage`` (``hub.py``), else this generic fsspec store (``memory://``, ...).
+   ``HubStorage`` (``hub.py``), else ``FsspecStorage`` (``generic.py``: ``memory://``, ...).
 2. ``pinned()``: the same location at a revision that cannot move (the Hub; itself elsewhere).
 3. ``list()`` / ``stat(name)`` / ``read(name, start, end)``: small reads (headers, index, configs).
 4. ``reader(name)``: a ``RangeReader`` for streaming a file's byte ranges into caller buffers.
@@ -24,17 +24,18 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, TypeVar
 
 import fsspec
 
 from . import retry
 from ..errors import GraftError, IntegrityError, NotFoundError, StorageError
 from ..redaction import redact_text, redact_uri
-from .atomic import AtomicWriter
-from .readers import FsspecRangeReader, RangeReader
 from .retry import ShortRead, describe, is_full, is_transient
-from .writers import RenameAtomicWriter
+
+if TYPE_CHECKING:  # the face names its readers and writers, never builds one: each store chooses
+    from .atomic import AtomicWriter
+    from .readers import RangeReader
 
 __all__ = ["FileStat", "Storage", "check_digest", "protocol_of"]
 
@@ -84,11 +85,13 @@ class Storage:
     """A directory on an fsspec filesystem, addressed by plain file names inside it.
 
     Subclasses name the protocols they serve in ``protocols``; ``Storage(uri)`` returns an instance
-    of the one registered for the URI's protocol.
+    of the one registered for the URI's protocol, else of the one declared with ``fallback=True``.
+    Each store chooses its ``reader`` and ``writer``: this face imports none of them.
     """
 
     protocols: ClassVar[tuple[str, ...]] = ()
     _by_protocol: ClassVar[dict[str, type[Storage]]] = {}
+    _fallback: ClassVar[type[Storage] | None] = None
 
     is_local: ClassVar[bool] = False
     # Whether a listing carries the size and version ``stat`` would give (saves a request per file).
@@ -105,14 +108,20 @@ class Storage:
     # The immutable revision every read uses (Hub: a commit sha); None where stores have none.
     commit: str | None = None
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, fallback: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for protocol in cls.protocols:
             Storage._by_protocol[protocol] = cls
+        if fallback:
+            Storage._fallback = cls
 
     def __new__(cls, uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None) -> Storage:
         if cls is Storage:
-            cls = Storage._by_protocol.get(protocol_of(uri), Storage)
+            found = Storage._by_protocol.get(protocol_of(uri)) or Storage._fallback
+            if found is None:  # only this module was imported: the package registers the stores
+                raise StorageError(f"{redact_uri(uri)}: no store registered for protocol "
+                                   f"'{protocol_of(uri)}'; import graft.engine.storage")
+            cls = found
         return super().__new__(cls)
 
     def __getnewargs__(self) -> tuple[str, Mapping[str, Mapping[str, Any]]]:
@@ -351,13 +360,12 @@ class Storage:
         A range is split into up to ``concurrency`` parts of at least ``min_read_part`` fetched at
         once (each a ``read``), each pinned to ``version`` where the store ``pins_reads``.
         """
-        return FsspecRangeReader(self, name, concurrency, version)
+        raise NotImplementedError(f"{type(self).__name__}: no reader")
 
     def writer(self, name: str, size: int | None = None) -> AtomicWriter:
         """A writer whose bytes become visible at ``name`` only on ``commit()``. ``size``: the bytes
-        the file will have, if known (on S3 it sizes the upload's parts). Here: write a temporary
-        and rename it (a store whose rename is not atomic must override this)."""
-        return RenameAtomicWriter(self, name)
+        the file will have, if known (on S3 it sizes the upload's parts)."""
+        raise NotImplementedError(f"{type(self).__name__}: no writer")
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Atomically write a small file."""

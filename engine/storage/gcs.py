@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from ..errors import NotFoundError
 from .atomic import AtomicWriter
-from .base import Storage
+from .generic import FsspecStorage
 from .writers import DeferredCommitWriter
 
 __all__ = ["GCSStorage"]
@@ -33,7 +33,7 @@ __all__ = ["GCSStorage"]
 WRITE_BLOCK = 16 * 2**20
 
 
-class GCSStorage(Storage):
+class GCSStorage(FsspecStorage):
     protocols = ("gs", "gcs")
     lists_stats: ClassVar[bool] = True
     pins_reads: ClassVar[bool] = True

@@ -24,9 +24,10 @@ import dataclasses
 import re
 from typing import TYPE_CHECKING, Any, Mapping
 
+from . import retry
 from ..errors import StorageError
 from .base import FileStat, Storage
-from . import retry
+from .generic import FsspecStorage
 from .retry import ShortRead
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def first_line(e: BaseException) -> str:
     return retry.first_line(e) or e.__class__.__name__
 
 
-class HubStorage(Storage):
+class HubStorage(FsspecStorage):
     protocols = ("hf",)
 
     def __init__(self, uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None):

@@ -18,7 +18,7 @@ from fsspec.asyn import sync
 from . import retry
 from ..errors import NotFoundError
 from .atomic import AtomicWriter
-from .base import Storage
+from .generic import FsspecStorage
 from .s3write import S3PartWriter, abort_uploads, precondition_failed
 
 __all__ = ["S3Storage"]
@@ -42,7 +42,7 @@ _BOTOCORE_WRITE_RETRIES_MODE = "standard"
 _POOL_CONNECTIONS = 64
 
 
-class S3Storage(Storage):
+class S3Storage(FsspecStorage):
     protocols = ("s3", "s3a")
     lists_stats: ClassVar[bool] = True
     pins_reads: ClassVar[bool] = True

@@ -97,10 +97,16 @@ def test_errors_are_typed(tiny_checkpoints, tmp_path):
 
 
 def test_import_graft_loads_neither_torch_nor_ray_nor_pydantic():
-    code = ("import sys, graft; assert graft.plan and graft.run and graft.verify; "
+    code = ("import sys, graft; assert graft.plan and graft.run and graft.verify and graft.JobSpec; "
             "print(sorted(m for m in ('torch', 'ray', 'pydantic', 'graft.cluster') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_spec_class_is_graft_jobspec():
+    from graft.engine.plan.spec import JobSpec
+
+    assert graft.JobSpec is JobSpec and "JobSpec" in graft.__all__
 
 
 def test_one_version_everywhere():

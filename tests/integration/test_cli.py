@@ -189,7 +189,7 @@ def test_progress_draws_a_bar_on_a_tty_and_log_lines_otherwise(caplog):
 
 
 def test_engine_never_imports_ray():
-    code = ("import sys, graft.engine.local, graft.engine.session, graft.engine.execute, graft.engine.manifest;"
+    code = ("import sys, graft.engine.run.local, graft.engine.run.session, graft.engine.run.execute, graft.engine.formats.manifest;"
             "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     engine_dir = os.path.dirname(__import__("graft.engine", fromlist=["x"]).__file__)

@@ -13,11 +13,11 @@ from cloud_servers import AZURITE_KEY, leftovers, new_root, staged_blobs, store_
 from conftest import comparable, local_ray, poisoned_copy, shard_bytes
 from graft.cluster.driver import RayOptions, run_ray
 from graft.engine.errors import IntegrityError, NonFiniteError
-from graft.engine.job import prepare_job
-from graft.engine.local import run_local
-from graft.engine.manifest import MANIFEST_NAME, verify_output
-from graft.engine.runmark import RUN_MARK
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.run.job import prepare_job
+from graft.engine.run.local import run_local
+from graft.engine.formats.manifest import MANIFEST_NAME, verify_output
+from graft.engine.run.runmark import RUN_MARK
+from graft.engine.plan.specfile import spec_from_mapping
 from graft.engine.storage import TEMP_MARK, AzureStorage, GCSStorage, Storage
 
 ROLES = ("target", "finetuned", "base")
@@ -96,7 +96,7 @@ def test_a_job_on_the_store_on_the_ray_executor(cloud, inputs, reference_output)
 
 def test_a_failed_run_leaves_no_object_at_a_final_name_and_nothing_staged(cloud, inputs, tiny_checkpoints,
                                                                            tmp_path):
-    from graft.engine.clean import clean_output
+    from graft.engine.run.clean import clean_output
 
     _, options = cloud
     bad_ft, victim = poisoned_copy(tiny_checkpoints["finetuned"], str(tmp_path / "ft"))
@@ -185,7 +185,7 @@ def test_an_input_rewritten_after_planning_is_refused_at_its_first_read(versione
 
 def test_two_runs_on_one_output_exactly_one_takes_it(cloud, inputs):
     from graft.engine.errors import OutputError
-    from graft.engine.runmark import RunMark, read_mark
+    from graft.engine.run.runmark import RunMark, read_mark
     from graft.engine.storage import cas
 
     _, options = cloud

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import load_all, reference, within_float32_contract
-from graft.engine.kernel import ChunkKernel
-from graft.engine.local import run_local
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.compute.kernel import ChunkKernel
+from graft.engine.run.local import run_local
+from graft.engine.plan.specfile import spec_from_mapping
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -79,7 +79,7 @@ def test_gpu_run_of_a_tensor_much_larger_than_a_chunk(tmp_path):
 def test_fp8_trios_on_the_gpu_are_the_cpus_bytes_in_float64(fp8_trio, ct_trio, tmp_path, output_format):
     """FP8 decode, combine and re-encode on the GPU give the CPU's codes and scales (the rule's), and
     a float32 run on the GPU commits a verified output."""
-    from graft.engine.manifest import verify_output
+    from graft.engine.formats.manifest import verify_output
 
     for name, paths in (("block", fp8_trio), ("per-tensor", ct_trio("FP8")), ("channel", ct_trio("FP8_DYNAMIC"))):
         cpu, gpu, gpu32 = (str(tmp_path / f"{name}-{kind}") for kind in ("cpu", "gpu", "gpu32"))

@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import load_all, reference, shard_bytes, stop_after_first_shard
-from graft.engine.checkpoint import open_checkpoint
+from graft.engine.formats.checkpoint import open_checkpoint
 from graft.engine.errors import IntegrityError, PlanError, SpecError
-from graft.engine.job import prepare_job
-from graft.engine.local import run_local
-from graft.engine.manifest import MANIFEST_NAME, verify_output
-from graft.engine.provenance import file_content_sha256
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.run.job import prepare_job
+from graft.engine.run.local import run_local
+from graft.engine.formats.manifest import MANIFEST_NAME, verify_output
+from graft.engine.run.provenance import file_content_sha256
+from graft.engine.plan.specfile import spec_from_mapping
 
 
 def diff_spec(finetuned: str, base: str, output: str, **extra):  # noqa: ANN201

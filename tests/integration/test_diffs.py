@@ -11,10 +11,10 @@ import torch
 
 from conftest import SECOND_FROZEN, load_all, reference, reference_terms, shard_bytes
 from graft.engine.errors import PlanError, SpecError
-from graft.engine.job import prepare_job
-from graft.engine.local import run_local
-from graft.engine.manifest import verify_output
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.run.job import prepare_job
+from graft.engine.run.local import run_local
+from graft.engine.formats.manifest import verify_output
+from graft.engine.plan.specfile import spec_from_mapping
 
 
 def two_diffs(ckpts: dict[str, str], second: dict[str, str], output: str, alphas=(1.0, 0.5), **extra):  # noqa: ANN001, ANN201

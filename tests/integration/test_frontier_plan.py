@@ -13,9 +13,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench.frontier import BLOCK, HIDDEN, SHARDS, deepseek_v3_tensors, make_trio  # noqa: E402
-from graft.engine.job import prepare_job  # noqa: E402
-from graft.engine.specfile import spec_from_mapping  # noqa: E402
-from graft.engine.chunks import iter_chunks  # noqa: E402
+from graft.engine.run.job import prepare_job  # noqa: E402
+from graft.engine.plan.specfile import spec_from_mapping  # noqa: E402
+from graft.engine.plan.chunks import iter_chunks  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ from huggingface_hub import hf_hub_download, snapshot_download
 
 from conftest import shard_bytes, stop_after_first_shard
 from graft.engine.errors import IntegrityError
-from graft.engine.job import prepare_job
-from graft.engine.local import run_local
-from graft.engine.manifest import verify_output
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.run.job import prepare_job
+from graft.engine.run.local import run_local
+from graft.engine.formats.manifest import verify_output
+from graft.engine.plan.specfile import spec_from_mapping
 
 ROLES = ("target", "finetuned", "base")
 
@@ -148,7 +148,7 @@ def test_a_cache_repository_folder_means_its_main_snapshot(cached, tmp_path):
 
 
 def test_a_cache_folder_with_several_snapshots_and_no_main_is_refused_naming_them(cached, tmp_path):
-    from graft.engine.checkpoint import open_checkpoint
+    from graft.engine.formats.checkpoint import open_checkpoint
     from graft.engine.errors import CheckpointError
 
     repo = tmp_path / "models--org--two"

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from graft.engine.errors import CheckpointError, HeaderError, PlanError
-from graft.engine.local import run_local
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.run.local import run_local
+from graft.engine.plan.specfile import spec_from_mapping
 
 
 def _shards(d: str) -> list[str]:

@@ -21,12 +21,12 @@ from huggingface_hub import constants
 from conftest import comparable, new_bucket, shard_bytes
 from fake_hub import FakeHub
 from graft.engine.errors import IntegrityError, OutputError, StorageError
-from graft.engine.publish import push_output
-from graft.engine.job import prepare_job
-from graft.engine.local import run_local
-from graft.engine.manifest import MANIFEST_NAME, SUMS_NAME
-from graft.engine.safetensors import HEADER_PROBE
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.run.publish import push_output
+from graft.engine.run.job import prepare_job
+from graft.engine.run.local import run_local
+from graft.engine.formats.manifest import MANIFEST_NAME, SUMS_NAME
+from graft.engine.formats.safetensors import HEADER_PROBE
+from graft.engine.plan.specfile import spec_from_mapping
 
 ROLES = ("target", "finetuned", "base")
 TOKEN = "hf_fake_token"

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from graft.engine.errors import PlanError
-from graft.engine.job import prepare_job
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.run.job import prepare_job
+from graft.engine.plan.specfile import spec_from_mapping
 from test_cli import graft, write_config
 
 

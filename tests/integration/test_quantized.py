@@ -17,10 +17,10 @@ from quantized import (SCALED_FP8, TORCH, block_of, dequantize, llama_weights, q
                        read_tensors, real_values, save_block_fp8, save_compressed_tensors, save_plain,
                        save_scaled_fp8, scale_suffix)
 from graft.engine.errors import PlanError, QuantizationError
-from graft.engine.job import prepare_job
-from graft.engine.local import run_local
-from graft.engine.manifest import MANIFEST_NAME, verify_output
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.run.job import prepare_job
+from graft.engine.run.local import run_local
+from graft.engine.formats.manifest import MANIFEST_NAME, verify_output
+from graft.engine.plan.specfile import spec_from_mapping
 
 ROLES = ("target", "finetuned", "base")
 

@@ -20,10 +20,10 @@ from test_transfer_local import assert_not_committed, make_spec
 from graft.cluster.actors import ProgressBoard
 from graft.cluster.driver import RayOptions, WorkerStartError, _WorkerPool, run_ray
 from graft.engine.errors import NonFiniteError, SpecError
-from graft.engine.job import prepare_job
-from graft.engine.session import OutputSession
-from graft.engine.local import run_local
-from graft.engine.manifest import verify_output
+from graft.engine.run.job import prepare_job
+from graft.engine.run.session import OutputSession
+from graft.engine.run.local import run_local
+from graft.engine.formats.manifest import verify_output
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,7 +88,7 @@ def test_graft_diff_and_a_transfer_from_it_on_ray_are_the_local_executors(tiny_c
     assert manifest_of(ray_diff)["diff"] == manifest_of(local_diff)["diff"]
     three, two = str(tmp_path / "three"), str(tmp_path / "two")
     run_local(make_spec(tiny_checkpoints, three, alpha=0.5))
-    from graft.engine.specfile import spec_from_mapping
+    from graft.engine.plan.specfile import spec_from_mapping
 
     run_ray(prepare_job(spec_from_mapping({"target": tiny_checkpoints["target"], "diff": ray_diff, "alpha": 0.5,
                                            "output": two})), RayOptions(workers=2))
@@ -301,9 +301,9 @@ def test_verify_kept_re_hashes_kept_shards_in_ray_tasks_not_on_the_driver(tiny_c
     import json
     import shutil
 
-    from graft.engine import session as session_module
-    from graft.engine.job import fingerprint
-    from graft.engine.runmark import RUN_MARK
+    from graft.engine.run import session as session_module
+    from graft.engine.run.job import fingerprint
+    from graft.engine.run.runmark import RUN_MARK
     from graft.engine.storage import Storage
 
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
@@ -339,7 +339,7 @@ def test_a_resized_vocabulary_streams_in_small_chunks_on_ray_to_the_same_bytes(t
     split into chunks like any tensor: the same bytes as one local run with the default chunk."""
     from test_vocab import _trio
 
-    from graft.engine.specfile import spec_from_mapping
+    from graft.engine.plan.specfile import spec_from_mapping
 
     trio = _trio(tmp_path / "trio", False)
     local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")

@@ -12,8 +12,8 @@ from conftest import shard_bytes
 from live_runs import Background, shards_in_progress, wait_for
 from test_transfer_local import make_spec
 from graft.cluster.driver import RayOptions, run_ray
-from graft.engine.job import prepare_job
-from graft.engine.local import run_local
+from graft.engine.run.job import prepare_job
+from graft.engine.run.local import run_local
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 from conftest import load_all, stop_after_first_shard
 from graft.cluster.report_view import load_report
 from graft.engine.errors import OutputError
-from graft.engine.local import run_local
-from graft.engine.manifest import verify_output
-from graft.engine.report import REPORT_NAME, layer_of
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.run.local import run_local
+from graft.engine.formats.manifest import verify_output
+from graft.engine.compute.report import REPORT_NAME, layer_of
+from graft.engine.plan.specfile import spec_from_mapping
 
 FROZEN = "model.layers.0.self_attn.k_proj.weight"
 

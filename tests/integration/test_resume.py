@@ -17,16 +17,16 @@ from conftest import shard_bytes, stop_after_first_shard
 from live_runs import Background, shard_in_progress, wait_for
 from test_transfer_local import make_spec
 from graft.engine.errors import OutputError
-from graft.engine.job import fingerprint, prepare_job
-from graft.engine.local import run_local
-from graft.engine.manifest import verify_output
-from graft.engine.runmark import RUN_MARK
+from graft.engine.run.job import fingerprint, prepare_job
+from graft.engine.run.local import run_local
+from graft.engine.formats.manifest import verify_output
+from graft.engine.run.runmark import RUN_MARK
 
 
 @pytest.fixture(autouse=True)
 def quick_marks(monkeypatch):  # noqa: ANN001, ANN201
     """A mark is judged stale after 1 s unchanged (not 30), heartbeats every 0.1 s."""
-    from graft.engine import runmark
+    from graft.engine.run import runmark
 
     monkeypatch.setattr(runmark, "HEARTBEAT_SECONDS", 0.1)
     monkeypatch.setattr(runmark, "STALE_AFTER_SECONDS", 1.0)
@@ -103,7 +103,7 @@ def test_kept_shards_are_vouched_for_by_size_and_version_and_hashed_only_on_requ
     """A resume of a 405B job must not re-read ~750 GB on the driver: the journal's size and store
     version vouch for a kept shard; ``verify_kept`` hashes them (in parallel), and catches a shard
     whose bytes changed under an unchanged version; a changed version is always hashed."""
-    from graft.engine import session as session_module
+    from graft.engine.run import session as session_module
 
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     shards = list(run_local(make_spec(tiny_checkpoints, ref)).results)
@@ -152,7 +152,7 @@ def test_a_crashed_run_of_another_job_keeps_nothing(tiny_checkpoints, tmp_path):
 def test_a_changed_job_after_a_stopped_run_is_told_to_graft_clean_and_then_runs(tiny_checkpoints, tmp_path):
     """A stopped run left shards under its own names; the job changed (max_shard_size: other names).
     The refusal names the command that starts over, and after it the changed job runs."""
-    from graft.engine.clean import clean_output
+    from graft.engine.run.clean import clean_output
 
     out = str(tmp_path / "out")
     stop_after_first_shard(make_spec(tiny_checkpoints, out), out)
@@ -174,7 +174,7 @@ def test_a_changed_job_after_a_stopped_run_is_told_to_graft_clean_and_then_runs(
 def test_a_mark_that_keeps_changing_is_a_live_run_whatever_its_clock_says(tiny_checkpoints, tmp_path):
     out = str(tmp_path / "out")
     os.makedirs(out)
-    from graft.engine.session import OutputSession
+    from graft.engine.run.session import OutputSession
 
     job = prepare_job(make_spec(tiny_checkpoints, out))
     with ForeignRun(out, heartbeat=time.time() - 3600):  # its wall clock is an hour behind ours
@@ -198,7 +198,7 @@ def test_a_mark_that_does_not_change_is_stale_whatever_its_clock_says(tiny_check
 
 
 def test_a_dead_pid_counts_only_in_the_same_process_space(tiny_checkpoints, tmp_path, monkeypatch):
-    from graft.engine import runmark
+    from graft.engine.run import runmark
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -237,7 +237,7 @@ def mark_store(request, tmp_path):  # noqa: ANN001, ANN201
 
 
 def test_two_runs_creating_the_mark_at_once_exactly_one_wins(mark_store):
-    from graft.engine.runmark import RunMark, read_mark
+    from graft.engine.run.runmark import RunMark, read_mark
 
     first, second = RunMark(mark_store, "fp", {}), RunMark(mark_store, "fp", {})
     first.acquire(None)
@@ -248,7 +248,7 @@ def test_two_runs_creating_the_mark_at_once_exactly_one_wins(mark_store):
 
 
 def test_two_runs_taking_over_one_stale_mark_exactly_one_wins(mark_store):
-    from graft.engine.runmark import RunMark, observe, read_mark
+    from graft.engine.run.runmark import RunMark, observe, read_mark
 
     mark_store.write_bytes(RUN_MARK, json.dumps(foreign_mark(interrupted=True)).encode())
     stale = observe(mark_store)
@@ -261,7 +261,7 @@ def test_two_runs_taking_over_one_stale_mark_exactly_one_wins(mark_store):
 
 
 def test_a_run_that_was_taken_over_finds_out_on_its_next_write_and_never_overwrites_the_owner(mark_store):
-    from graft.engine.runmark import RunMark, observe, read_mark
+    from graft.engine.run.runmark import RunMark, observe, read_mark
 
     old = RunMark(mark_store, "fp", {})
     old.acquire(None)
@@ -295,7 +295,7 @@ def test_a_writer_killed_in_the_instant_its_mark_was_moved_aside_leaves_a_resuma
 def test_a_run_that_loses_the_race_touches_nothing(tiny_checkpoints, tmp_path):
     """Both runs judged the crashed run's mark stale; the one that lost the compare-and-swap must not
     sweep the winner's temporaries nor hash or keep anything."""
-    from graft.engine.session import OutputSession
+    from graft.engine.run.session import OutputSession
 
     out = str(tmp_path / "out")
     os.makedirs(out)
@@ -387,7 +387,7 @@ def test_a_mark_that_cannot_be_read_is_an_error_never_a_missing_mark(tmp_path):
     from faulty_fs import faulty_options, faulty_uri, rule
 
     from graft.engine.errors import StorageError
-    from graft.engine.runmark import read_mark
+    from graft.engine.run.runmark import read_mark
     from graft.engine.storage import Storage
 
     out = tmp_path / "out"
@@ -401,7 +401,7 @@ def test_a_mark_that_cannot_be_read_is_an_error_never_a_missing_mark(tmp_path):
 
 
 def test_a_heartbeat_that_cannot_read_the_mark_does_not_give_the_run_up(tmp_path, monkeypatch):
-    from graft.engine import runmark
+    from graft.engine.run import runmark
     from graft.engine.errors import StorageError
     from graft.engine.storage import Storage
 
@@ -439,7 +439,7 @@ def _taken_over(out: str) -> None:
 @pytest.mark.parametrize("error", ["failure", "interrupt"])
 def test_a_run_that_was_taken_over_removes_nothing_when_it_stops(tiny_checkpoints, tmp_path, error):
     from graft.engine.errors import NonFiniteError
-    from graft.engine.session import OutputSession
+    from graft.engine.run.session import OutputSession
 
     out = str(tmp_path / "out")
     session = OutputSession.open(prepare_job(make_spec(tiny_checkpoints, out)))
@@ -450,8 +450,8 @@ def test_a_run_that_was_taken_over_removes_nothing_when_it_stops(tiny_checkpoint
 
 
 def test_a_run_that_was_taken_over_commits_nothing(tiny_checkpoints, tmp_path):
-    from graft.engine.session import OutputSession
-    from graft.engine.manifest import MANIFEST_NAME
+    from graft.engine.run.session import OutputSession
+    from graft.engine.formats.manifest import MANIFEST_NAME
 
     out = str(tmp_path / "out")
     job = prepare_job(make_spec(tiny_checkpoints, out))

@@ -13,10 +13,10 @@ import ray
 from conftest import comparable, local_ray, new_bucket, shard_bytes, unfinished_uploads
 from graft.cluster.driver import RayOptions, run_ray
 from graft.engine.errors import NonFiniteError
-from graft.engine.job import prepare_job
-from graft.engine.local import run_local
-from graft.engine.manifest import MANIFEST_NAME, verify_output
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.run.job import prepare_job
+from graft.engine.run.local import run_local
+from graft.engine.formats.manifest import MANIFEST_NAME, verify_output
+from graft.engine.plan.specfile import spec_from_mapping
 
 ROLES = ("target", "finetuned", "base")
 
@@ -167,7 +167,7 @@ def test_a_failed_run_on_s3_leaves_no_object_and_no_unfinished_upload(s3_server,
     assert all(n.endswith(".safetensors") or n == ".graft-run.json" for n in left), left
     assert unfinished_uploads(s3_server, bucket) == []
     if left:
-        from graft.engine.clean import clean_output
+        from graft.engine.run.clean import clean_output
 
         clean_output(out, s3_server)
         assert fs.find(bucket.removeprefix("s3://"), refresh=True) == []

@@ -143,8 +143,8 @@ def test_listing_an_empty_prefix_is_one_request_of_that_prefix(s3_server, listin
 
 
 def test_an_s3_run_lists_its_output_three_times_and_never_its_parent(s3_server, tiny_checkpoints, listings):
-    from graft.engine.local import run_local
-    from graft.engine.specfile import spec_from_mapping
+    from graft.engine.run.local import run_local
+    from graft.engine.plan.specfile import spec_from_mapping
 
     out = f"{new_bucket(s3_server)}/runs/out"
     run_local(spec_from_mapping({**tiny_checkpoints, "output": out, "storage_options": s3_server}), workers=2)

@@ -19,9 +19,9 @@ from conftest import shard_bytes
 from faulty_fs import count, faulty_options, faulty_uri, injected, rule
 from graft.engine.storage import retry as retry_mod
 from graft.engine.errors import GraftError, IntegrityError, StorageError
-from graft.engine.local import run_local
-from graft.engine.manifest import MANIFEST_NAME, verify_output
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.run.local import run_local
+from graft.engine.formats.manifest import MANIFEST_NAME, verify_output
+from graft.engine.plan.specfile import spec_from_mapping
 from graft.engine.storage import Storage, is_transient
 
 ROLES = ("target", "finetuned", "base")
@@ -474,7 +474,7 @@ def local_ray_with_faulty_fs():  # noqa: ANN201
 def test_transient_faults_in_ray_workers_are_retried_with_bit_identical_output(
         local_ray_with_faulty_fs, tiny_checkpoints, tmp_path, reference_output):
     from graft.cluster.driver import RayOptions, run_ray
-    from graft.engine.job import prepare_job
+    from graft.engine.run.job import prepare_job
 
     journal, out = str(tmp_path / "journal"), str(tmp_path / "out")
     rules = (rule("reset", match="*.safetensors", after=PAST_HEADERS, times=1),

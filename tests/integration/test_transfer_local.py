@@ -14,13 +14,13 @@ from safetensors.torch import save_file
 
 from conftest import load_all, poison, reference, within_float32_contract
 from graft.engine.errors import NonFiniteError, OutputError, PlanError
-from graft.engine.execute import iter_chunks
-from graft.engine.clean import clean_output
-from graft.engine.job import prepare_job
-from graft.engine.runmark import RUN_MARK
-from graft.engine.local import run_local
-from graft.engine.manifest import MANIFEST_NAME, verify_output
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.run.execute import iter_chunks
+from graft.engine.run.clean import clean_output
+from graft.engine.run.job import prepare_job
+from graft.engine.run.runmark import RUN_MARK
+from graft.engine.run.local import run_local
+from graft.engine.formats.manifest import MANIFEST_NAME, verify_output
+from graft.engine.plan.specfile import spec_from_mapping
 from graft.engine.storage import TEMP_MARK
 
 
@@ -243,7 +243,7 @@ def test_a_failure_keeps_the_shards_already_committed_and_graft_clean_removes_th
 
 def test_a_clean_that_fails_half_way_leaves_a_mark_the_next_clean_takes_over_at_once(copy_checkpoints, tmp_path,
                                                                                         monkeypatch):
-    from graft.engine import runmark
+    from graft.engine.run import runmark
     from graft.engine.errors import StorageError
     from graft.engine.storage import Storage
 
@@ -275,7 +275,7 @@ def test_an_interrupt_after_the_manifest_is_written_leaves_the_output_complete(t
     """A signal while the committed run removes its mark (a few seconds at most) must not take the
     output apart: once the manifest is written, nothing is removed."""
     from graft.engine.errors import Interrupted
-    from graft.engine.runmark import RunMark
+    from graft.engine.run.runmark import RunMark
 
     real_release = RunMark.release
     calls: list[bool] = []
@@ -308,7 +308,7 @@ def test_a_mark_left_in_a_committed_output_is_not_output_and_graft_clean_refuses
 
 
 def test_graft_clean_refuses_a_run_that_is_still_going(tiny_checkpoints, tmp_path):
-    from graft.engine.runmark import RunMark
+    from graft.engine.run.runmark import RunMark
     from graft.engine.storage import Storage
 
     out = tmp_path / "out"

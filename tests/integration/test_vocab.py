@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from graft.engine.errors import PlanError
-from graft.engine.job import prepare_job
-from graft.engine.local import run_local
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.run.job import prepare_job
+from graft.engine.run.local import run_local
+from graft.engine.plan.specfile import spec_from_mapping
 
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(29)]  # 32 tokens
 ADDED = ["<|im_start|>", "<|im_end|>", "<tool>"]

@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import save_file
 
-from graft.engine.checkpoint import INDEX_NAME, open_checkpoint
+from graft.engine.formats.checkpoint import INDEX_NAME, open_checkpoint
 from graft.engine.errors import CheckpointError
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
@@ -291,7 +291,7 @@ def test_index_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkey
     # The index used to be read whole whatever its size: a multi-GB file named like an index cost that
     # much memory (test_fuzz_headers checks every read against the cap). A valid index padded with
     # spaces past a lowered cap shows that the size is checked before anything is read.
-    from graft.engine import checkpoint
+    from graft.engine.formats import checkpoint
     from graft.engine.storage import Storage
 
     _sharded(tmp_path)
@@ -431,7 +431,7 @@ def test_index_that_stops_naming_a_shard_is_still_refused(tmp_path):
 
 
 def test_a_config_json_too_big_to_be_one_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    from graft.engine import checkpoint
+    from graft.engine.formats import checkpoint
     from graft.engine.storage import Storage
 
     save_file(_state_dict(), str(tmp_path / "model.safetensors"))

@@ -11,10 +11,11 @@ import jsonschema
 import pytest
 import yaml
 
-from graft.cluster import cli, exits
+from graft.cluster import cli, cli_flags, exits
+from graft.cluster.commands import jobs
 from graft.cluster.cli_flags import MAX_SHARDS_PER_WORKER
 from graft.engine import errors
-from graft.engine.specfile import _SpecModel, spec_from_mapping, spec_schema
+from graft.engine.plan.specfile import _SpecModel, spec_from_mapping, spec_schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMANDS = ["run", "diff", "plan", "verify", "report", "inspect", "push", "clean", "schema"]
@@ -68,7 +69,7 @@ def test_an_unexpected_exception_is_an_internal_error_with_the_traceback_hint(ca
     def broken(args):  # noqa: ANN001, ANN202 - a bug inside a command
         raise KeyError("oops")
 
-    monkeypatch.setattr(cli, "cmd_schema", broken)
+    monkeypatch.setattr(jobs, "cmd_schema", broken)
     code, out, err = run(capsys, "schema")
     assert code == exits.INTERNAL.code == 70
     assert err.startswith("graft: internal error: KeyError") and "--debug" in err and out == ""
@@ -125,9 +126,9 @@ def test_every_command_takes_one_storage_option_flag_named_after_the_spec_key(co
                                           "--storage-option", "s3.anon=true"])
     assert args.storage_option == ["s3.endpoint_url=http://m:9000", "s3.anon=true"]
     if command in ("run", "diff", "plan"):  # there, the same as --set storage_options.PROTO.KEY=VALUE
-        assert cli._overrides(args) == ["storage_options.s3.endpoint_url=http://m:9000", "storage_options.s3.anon=true"]
+        assert cli_flags.overrides(args) == ["storage_options.s3.endpoint_url=http://m:9000", "storage_options.s3.anon=true"]
     else:
-        assert cli._storage_options(args.storage_option) == {"s3": {"endpoint_url": "http://m:9000", "anon": True}}
+        assert cli_flags.storage_options(args.storage_option) == {"s3": {"endpoint_url": "http://m:9000", "anon": True}}
 
 
 def test_the_old_short_spelling_still_works_with_a_warning(capsys):

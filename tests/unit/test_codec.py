@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from quantized import FMAX, TORCH, dequantize, quantize_blocks
-from graft.engine.codec import Transcoder, decode_into
+from graft.engine.compute.codec import Transcoder, decode_into
 from graft.engine.errors import NonFiniteError
-from graft.engine.chunks import iter_chunks, shard_read_bytes
-from graft.engine.tasks import ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask, Term
+from graft.engine.plan.chunks import iter_chunks, shard_read_bytes
+from graft.engine.plan.tasks import ExecSettings, OutScales, Scales, ShardTask, Source, TensorTask, Term
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -188,7 +188,7 @@ def test_reads_of_a_chunk_cover_exactly_its_codes_and_its_scale_rows():
 def test_an_fp8_outputs_sampled_change_is_measured_on_its_decoded_codes():
     """Blocks 0 and 32 of 256Ki elements (rows 0-31 and 1024-1055 of one chunk): (out - t) over
     them is the written codes times their new scales, minus the target, decoded row span by span."""
-    from graft.engine.kernel import CPU_BLOCK, STATS
+    from graft.engine.compute.kernel import CPU_BLOCK, STATS
 
     rows, cols = 1088, 8192
     torch.manual_seed(37)
@@ -214,7 +214,7 @@ def test_an_fp8_outputs_sampled_change_is_measured_on_its_decoded_codes():
 
 
 def test_the_report_samples_the_same_grid_blocks_on_the_codec_path():
-    from graft.engine.kernel import CPU_BLOCK, STATS
+    from graft.engine.compute.kernel import CPU_BLOCK, STATS
 
     rows, cols = 2048, 8192  # 64 blocks of CPU_BLOCK elements: blocks 0 and 32 are measured
     torch.manual_seed(31)

@@ -28,11 +28,11 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 from conftest import PrivateMemoryFileSystem
-from graft.engine import checkpoint as checkpoint_module
-from graft.engine import safetensors as safetensors_module
-from graft.engine.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from graft.engine.formats import checkpoint as checkpoint_module
+from graft.engine.formats import safetensors as safetensors_module
+from graft.engine.formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from graft.engine.errors import GraftError
-from graft.engine.safetensors import DTYPE_SIZES, Header, build_header, parse_header, read_header
+from graft.engine.formats.safetensors import DTYPE_SIZES, Header, build_header, parse_header, read_header
 from graft.engine.storage import Storage
 
 _REAL_PROBE = safetensors_module.HEADER_PROBE

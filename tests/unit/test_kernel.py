@@ -18,8 +18,8 @@ import torch
 
 from conftest import ulp, within_float32_contract
 from graft.engine.errors import NonFiniteError
-from graft.engine.kernel import CPU_BLOCK, STATS, ChunkKernel, check_finite, first_nonfinite, sampled_ranges
-from graft.engine.tasks import SUM_ROW, stat_names
+from graft.engine.compute.kernel import CPU_BLOCK, STATS, ChunkKernel, check_finite, first_nonfinite, sampled_ranges
+from graft.engine.plan.tasks import SUM_ROW, stat_names
 
 N = 20_000
 ALPHAS = (1.0, 0.5, -1.3)
@@ -375,7 +375,7 @@ def test_each_diff_is_known_touched_or_untouched_when_sampled():
 
 
 def test_the_difference_alone_is_the_float32_subtraction_and_counts_what_float32_cannot_hold():
-    from graft.engine.tasks import DIFF_STATS
+    from graft.engine.plan.tasks import DIFF_STATS
 
     torch.manual_seed(24)
     n = CPU_BLOCK + 333

@@ -13,11 +13,11 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import save_file
 
-from graft.engine.checkpoint import INDEX_NAME, open_checkpoint
+from graft.engine.formats.checkpoint import INDEX_NAME, open_checkpoint
 from graft.engine.errors import PlanError
-from graft.engine.planner import SideFile, make_plan
-from graft.engine.safetensors import build_header
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.plan.planner import SideFile, make_plan
+from graft.engine.formats.safetensors import build_header
+from graft.engine.plan.specfile import spec_from_mapping
 
 ROLES = ("target", "finetuned", "base")
 
@@ -466,7 +466,7 @@ def test_a_donated_config_json_is_patched_to_describe_the_outputs_weights(tmp_pa
 
 
 def test_apply_patch_sets_and_removes_nested_keys():
-    from graft.engine.output_files import apply_patch
+    from graft.engine.plan.output_files import apply_patch
 
     config = {"vocab_size": 1, "text_config": {"vocab_size": 1, "x": 2}, "quantization_config": {}}
     patch = (("text_config.vocab_size", "36"), ("quantization_config", None), ("tie_word_embeddings", "true"))

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from graft.engine.checkpoint import open_checkpoint
+from graft.engine.formats.checkpoint import open_checkpoint
 from graft.engine.errors import PlanError, QuantizationError
-from graft.engine.planner import QUANT_KEY, make_plan
-from graft.engine.quant import layout_of, read_scheme
-from graft.engine.specfile import spec_from_mapping
+from graft.engine.plan.planner import QUANT_KEY, make_plan
+from graft.engine.plan.quant import layout_of, read_scheme
+from graft.engine.plan.specfile import spec_from_mapping
 
 ROLES = ("target", "finetuned", "base")
 F8 = torch.float8_e4m3fn
@@ -311,7 +311,7 @@ def test_a_donated_hf_quant_config_is_refused_unless_the_output_is_the_modelopt_
 
 
 def test_the_rows_of_a_resized_fp8_tensor_carry_their_own_scales():
-    from graft.engine.tasks import Scales
+    from graft.engine.plan.tasks import Scales
 
     per_tensor = Scales("h_scale", "F32", (), (40, 32), file="f", begin=100, end=104)
     assert per_tensor.rows(24, 16, 32) == Scales("h_scale", "F32", (), (16, 32), file="f", begin=100, end=104)

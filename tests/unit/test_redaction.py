@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from graft.engine.storage import retry as retry_mod
-from graft.engine.checkpoint import open_checkpoint
+from graft.engine.formats.checkpoint import open_checkpoint
 from graft.engine.errors import GraftError
 from graft.engine.redaction import redact, redact_text, redact_uri
 from graft.engine.storage import Storage

@@ -19,7 +19,7 @@ import hashlib
 
 from conftest import PrivateMemoryFileSystem
 from graft.engine.errors import HeaderError, IntegrityError
-from graft.engine.safetensors import (
+from graft.engine.formats.safetensors import (
     HEADER_PROBE,
     MAX_HEADER_BYTES,
     ShardWriter,

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from graft.engine.errors import SpecError
-from graft.engine.spec import DEFAULT_FILES, JobSpec, Rule, parse_size
-from graft.engine.specfile import apply_overrides, load_spec, spec_from_mapping
+from graft.engine.plan.spec import DEFAULT_FILES, JobSpec, Rule, parse_size
+from graft.engine.plan.specfile import apply_overrides, load_spec, spec_from_mapping
 
 MINIMAL = {"target": "/ck/target", "finetuned": "/ck/ft", "base": "/ck/base", "output": "/ck/out"}
 
@@ -425,7 +425,7 @@ INVALID = {
 
 
 def test_the_sweep_covers_every_key_of_the_spec():
-    from graft.engine.specfile import _KEYS
+    from graft.engine.plan.specfile import _KEYS
 
     assert sorted(INVALID) == sorted(_KEYS)
 

@@ -325,7 +325,7 @@ def test_a_local_write_larger_than_the_writeback_step_round_trips(tmp_path):
 
 @pytest.mark.parametrize("uri, kind", [("/data/x", "LocalStorage"), ("file:///data/x", "LocalStorage"),
                                        ("s3://bucket/x", "S3Storage"), ("hf://org/repo", "HubStorage"),
-                                       ("memory://x", "Storage")])
+                                       ("memory://x", "FsspecStorage")])
 def test_the_store_is_chosen_by_protocol_and_kept_by_copies(uri, kind):
     import copy
     import pickle

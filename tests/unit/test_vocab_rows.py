@@ -2,8 +2,8 @@
 become (each run one contiguous range per checkpoint, or zeros)."""
 from __future__ import annotations
 
-from graft.engine.tasks import Source
-from graft.engine.vocab import Run, align_map, pad_map, pieces, read_vocab, tokenizer_size
+from graft.engine.plan.tasks import Source
+from graft.engine.plan.vocab import Run, align_map, pad_map, pieces, read_vocab, tokenizer_size
 
 
 def rows_of(rowmap, role):  # noqa: ANN001, ANN201
