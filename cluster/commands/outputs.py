@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from graft.cluster import exits
 from graft.cluster.cli_flags import at_least, common, location, storage_option, storage_options
@@ -28,48 +28,46 @@ def _log(msg: str) -> None:
 
 def register(sub: Any) -> None:
     """Add this family's commands to ``graft``'s subparsers."""
-    v = sub.add_parser("verify", help="re-hash an output against SHA256SUMS and its manifest (exit 5 if "
-                                      "anything differs)")
-    v.add_argument("output")
-    storage_option(v, old_short=True)
-    common(v)
-    v.set_defaults(func=cmd_verify)
+    _add(sub, "verify", cmd_verify, "re-hash an output against SHA256SUMS and its manifest (exit 5 if anything "
+         "differs)", ["output"])
+    _add(sub, "report", cmd_report, "print a committed output's transfer report (norms, cosines, flags) and draw "
+         "it per layer", ["output"], _report_flags)
+    _add(sub, "inspect", cmd_inspect, "list a checkpoint's tensors, dtypes, shapes and shards", ["path"])
+    _add(sub, "push", cmd_push, "publish a committed output to the Hugging Face Hub in one commit, with a model "
+         "card naming its sources", ["output", "repo"], _push_flags)
+    _add(sub, "clean", cmd_clean, "remove what an unfinished (failed or interrupted) run left in an output: its "
+         "kept shards, temporaries and run mark", ["output"])
 
-    rp = sub.add_parser("report", help="print a committed output's transfer report (norms, cosines, "
-                                       "flags) and draw it per layer")
-    rp.add_argument("output")
-    rp.add_argument("--png", metavar="FILE", default=None,
-                    help="where to draw the per-layer picture ('' for none). Default: graft-report.png in the "
-                         "current directory, but with --json no picture unless --png is given")
-    rp.add_argument("--limit", type=at_least(0), default=5, help="examples shown per kind of flag (default 5)")
-    storage_option(rp, old_short=True)
-    common(rp)
-    rp.set_defaults(func=cmd_report)
 
-    i = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes and shards")
-    i.add_argument("path")
-    storage_option(i, old_short=True)
-    common(i)
-    i.set_defaults(func=cmd_inspect)
+def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], text: str, positional: list[str],
+         flags: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """One command of this family: its positional arguments, its own flags, then the shared ones."""
+    p = sub.add_parser(name, help=text)
+    for arg in positional:
+        p.add_argument(arg, help=_POSITIONAL_HELP.get((name, arg)))
+    if flags:
+        flags(p)
+    storage_option(p, old_short=True)
+    common(p)
+    p.set_defaults(func=func)
 
-    pu = sub.add_parser("push", help="publish a committed output to the Hugging Face Hub in one commit, "
-                                     "with a model card naming its sources")
-    pu.add_argument("output", help="a finished graft output (local path or object store URI)")
-    pu.add_argument("repo", help="hf://org/name[@branch] (created if missing)")
-    pu.add_argument("--private", action="store_true", help="create the repository as private")
-    pu.add_argument("--message", default=None, help="commit message")
-    pu.add_argument("--no-verify", action="store_true",
-                    help="skip re-hashing the output against its manifest before uploading")
-    storage_option(pu, old_short=True)
-    common(pu)
-    pu.set_defaults(func=cmd_push)
 
-    c = sub.add_parser("clean", help="remove what an unfinished (failed or interrupted) run left in an "
-                                     "output: its kept shards, temporaries and run mark")
-    c.add_argument("output")
-    storage_option(c, old_short=True)
-    common(c)
-    c.set_defaults(func=cmd_clean)
+_POSITIONAL_HELP = {("push", "output"): "a finished graft output (local path or object store URI)",
+                    ("push", "repo"): "hf://org/name[@branch] (created if missing)"}
+
+
+def _report_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--png", metavar="FILE", default=None,
+                   help="where to draw the per-layer picture ('' for none). Default: graft-report.png in the "
+                        "current directory, but with --json no picture unless --png is given")
+    p.add_argument("--limit", type=at_least(0), default=5, help="examples shown per kind of flag (default 5)")
+
+
+def _push_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--message", default=None, help="commit message")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip re-hashing the output against its manifest before uploading")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
