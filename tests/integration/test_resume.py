@@ -38,9 +38,12 @@ def foreign_mark(**fields) -> dict:  # noqa: ANN003
 
 
 def write_mark(out: str, **fields) -> None:  # noqa: ANN003
-    """The mark of a run on another host that is not writing it any more (unless the test does)."""
-    with open(os.path.join(out, RUN_MARK), "w") as f:
+    """The mark of a run on another host that is not writing it any more (unless the test does).
+    Replaced atomically, as graft writes its marks: a reader never sees it half written."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f"{os.path.basename(out)}{RUN_MARK}.tmp")
+    with open(tmp, "w") as f:
         json.dump(foreign_mark(**fields), f)
+    os.replace(tmp, os.path.join(out, RUN_MARK))
 
 
 class ForeignRun(threading.Thread):
