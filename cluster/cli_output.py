@@ -100,6 +100,7 @@ def plan_summary(job: Any) -> dict[str, Any]:
         "side_files": {s.name: s.donor for s in plan.side_files},
         "formats": dict(plan.formats),
         "vocab": dict(plan.vocab),
+        "lora": plan.lora(),
         "config_changes": {s.name: {k: (None if v is None else json.loads(v)) for k, v in s.patch}
                            for s in plan.side_files if s.patch},
         "read_bytes": plan.read_bytes,
@@ -122,6 +123,10 @@ def print_plan(summary: dict[str, Any]) -> None:
         print(f"          stored as {formats['output']}")
     for name, rows in summary["vocab"].items():
         print(f"  {name}: {rows}")
+    for role, changed in summary["lora"].items():
+        ranks = sorted({c["rank"] for c in changed.values()})
+        shown = ", ".join(list(changed)[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        print(f"  {role}: LoRA changes {len(changed)} tensor(s), rank {'/'.join(map(str, ranks))}: {shown}")
     for name, change in summary["config_changes"].items():
         for key, value in change.items():
             leaf = key.rpartition(".")[2]  # a key of a text sub-config: text_config.vocab_size

@@ -106,12 +106,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _stored_as(ckpt: Any) -> str:
     """How a checkpoint stores its weights, or why graft would refuse it (inspect never fails on it)."""
-    from graft.engine.errors import CheckpointError, QuantizationError
+    from graft.engine.errors import CheckpointError, PlanError, QuantizationError
+    from graft.engine.formats.adapter import is_adapter, read_adapter
     from graft.engine.plan.quant import layout_for
 
     try:
+        if is_adapter(ckpt):  # a PEFT adapter: a diff, given as diff
+            return read_adapter(ckpt, "adapter").describe() + "; give it as diff"
         return layout_for(ckpt, ckpt.read_json("config.json"), "checkpoint").describe()
-    except (QuantizationError, CheckpointError) as e:  # a malformed config.json: a plan refuses it
+    except (QuantizationError, CheckpointError, PlanError) as e:  # a plan refuses it the same way
         return f"not transferable by graft: {e}"
 
 

@@ -5,26 +5,31 @@ buffers, the order and the threads); ``finish(handle)`` waits for a chunk's resu
 from __future__ import annotations
 
 import threading
+from typing import Mapping
 
 import torch
 
 from ..plan.chunks import Chunk
-from ..plan.tasks import Source
+from ..plan.tasks import Source, Term
 from .codec import TensorScales, Transcoder
 from .kernel import TORCH_DTYPES, ChunkKernel, nonfinite_error
 from .sums import Measures, StatsLog
 
-__all__ = ["CpuCompute", "CudaCompute"]
+__all__ = ["CpuCompute", "CudaCompute", "Factors"]
+
+# Each LoRA term's (U, V, scale) by (tensor, diff): ``execute.load_factors``.
+Factors = Mapping[tuple[str, int], tuple[torch.Tensor, torch.Tensor, float]]
 
 
 def _compute(kernel: ChunkKernel | None, codec: Transcoder | None, chunk: Chunk,
              inputs: dict[tuple[str, str], torch.Tensor], out: torch.Tensor, scales: torch.Tensor | None,
              where: str, non_blocking: bool = False, stats: Measures | None = None,
-             check: bool = False, every: int = 1) -> None:
+             check: bool = False, every: int = 1, factors: Factors | None = None) -> None:
     """One chunk into ``out`` (its output bytes) on the inputs' device: the plain kernel, or the
     codec, whose output scale rows land in ``scales`` (the tensor's whole scale tensor, on the host).
     ``stats``: the tensor's report measures, added to (on a CPU, of every ``every``-th block of the
-    tensor; ``kernel.sampled_ranges``); ``check``: the plain kernel refuses NaN/Inf."""
+    tensor; ``kernel.sampled_ranges``); ``check``: the plain kernel refuses NaN/Inf; ``factors``: each
+    LoRA term's ``(U, V, scale)`` by (tensor, diff), whose change stands in for ``finetuned - 0``."""
     t = chunk.tensor
     typed = out.view(TORCH_DTYPES[t.dtype])
     if t.transcodes:
@@ -44,11 +49,21 @@ def _compute(kernel: ChunkKernel | None, codec: Transcoder | None, chunk: Chunk,
             # so does a stored difference's base.
             return kernel.zeros(chunk.count, TORCH_DTYPES[src.dtype])
 
+        def change_of(term: Term) -> torch.Tensor:
+            """What the term adds before alpha: the fine-tune's rows, or a LoRA term's change (into
+            the kernel's buffer for the tensor's n-th LoRA term)."""
+            if term.lora is None:
+                return rows_of(term.finetuned)
+            assert factors is not None
+            u, v, scale = factors[(t.name, term.diff)]
+            slot = sum(1 for x in t.terms[:t.terms.index(term)] if x.lora is not None)
+            return kernel.low_rank(slot, u, v, scale, chunk.start, chunk.count)
+
         if not t.adds_target:  # graft diff: the difference alone
             (term,) = t.terms
             bad = kernel.difference(rows_of(term.finetuned), rows_of(term.base), typed, stats, check)
         else:
-            bad = kernel.combine_terms(rows_of(t.target), tuple((rows_of(x.finetuned), rows_of(x.base), x.alpha)
+            bad = kernel.combine_terms(rows_of(t.target), tuple((change_of(x), rows_of(x.base), x.alpha)
                                                                 for x in t.terms),
                                        typed, stats, check, chunk.start, every)
         if bad is not None:
@@ -66,6 +81,7 @@ class CpuCompute:
         self._make = lambda: (ChunkKernel(compute_dtype, plain_elems) if plain_elems else None,
                               Transcoder(compute_dtype, codec_elems, scales=scales) if codec_elems else None)
         self._mine = threading.local()
+        self.factors: Factors = {}  # set by ``execute`` before the first chunk
 
     def submit(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor], out: torch.Tensor,
                scales: torch.Tensor | None, where: str, stats: StatsLog | None,
@@ -73,7 +89,8 @@ class CpuCompute:
         if not hasattr(self._mine, "buffers"):
             self._mine.buffers = self._make()
         kernel, codec = self._mine.buffers
-        _compute(kernel, codec, chunk, inputs, out, scales, where, stats=stats, check=check, every=every)
+        _compute(kernel, codec, chunk, inputs, out, scales, where, stats=stats, check=check, every=every,
+                 factors=self.factors)
         return out, scales if chunk.last else None
 
     def finish(self, handle: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -102,6 +119,7 @@ class CudaCompute:
         self.released: list[torch.cuda.Event | None] = [None, None]
         # No check on the device (it would wait for it): ``execute``'s write thread checks the host copy.
         self._count = 0
+        self.factors: Factors = {}  # set by ``execute`` before the first chunk, on this device
 
     def submit(self, chunk: Chunk, inputs: dict[tuple[str, str], torch.Tensor], out: torch.Tensor,
                scales: torch.Tensor | None, where: str, stats: torch.Tensor | None,
@@ -124,7 +142,7 @@ class CudaCompute:
             out_dev = self.out_dev[k][:chunk.out_bytes]
             # The scale rows go straight to the pinned host buffer, after the compute on this stream.
             _compute(self.kernel, self.codec, chunk, staged, out_dev, scales, where, non_blocking=True,
-                     stats=stats)
+                     stats=stats, factors=self.factors)
             out.copy_(out_dev, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.compute_stream)

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import NonFiniteError
 from ..plan.tasks import CPU_BLOCK, STATS, TERM_STATS, stat_names
+from .lowrank import LowRankChange
 from .sums import Measures, OrderedSum, StatsLog, flag_set
 
 __all__ = ["TORCH_DTYPES", "COMPUTE_DTYPES", "CPU_BLOCK", "STATS", "add_stats", "sampled_ranges", "zeros_in",
@@ -159,6 +160,15 @@ class ChunkKernel:
         self._zeros: dict[torch.dtype, torch.Tensor] = {}
         self._capacity = capacity
         self._ordered: OrderedSum | None = None  # the report's sums of squares and products
+        self._lora: LowRankChange | None = None  # LoRA terms' changes of the chunk (``low_rank``)
+
+    def low_rank(self, slot: int, u: torch.Tensor, v: torch.Tensor, scale: float, start: int,
+                 count: int) -> torch.Tensor:
+        """Elements ``[start, start + count)`` of a LoRA change ``scale * U.V`` (``lowrank.py``), in a
+        buffer of this kernel's for the tensor's ``slot``-th LoRA term."""
+        if self._lora is None:
+            self._lora = LowRankChange(self.dtype, self._capacity, self.block, self._diff.device)
+        return self._lora.chunk(slot, u, v, scale, start, count)
 
     def _sums(self) -> OrderedSum:
         if self._ordered is None:

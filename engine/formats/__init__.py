@@ -4,6 +4,7 @@ files that make a committed output (SHA256SUMS, graft.manifest.json, verificatio
     safetensors.py   the strict header parser, the header builder, the streaming ``ShardWriter``
     checkpoint.py    shards + index -> tensor name -> (file, dtype, shape, byte range)
     manifest.py      SHA256SUMS, the manifest, ``verify_output``; the names of an output's own files
+    adapter.py       a PEFT LoRA adapter: the factors of each weight it changes, or why it is refused
 
 May import: ``engine.errors``, ``engine.redaction``, ``engine.storage``. Nothing here knows a job:
 no spec, plan, arithmetic or run.

@@ -6,6 +6,7 @@
     vocab.py, vocab_plan.py  resized vocabularies: row maps, tied heads, the pieces of each tensor
     output_files.py          the output's shard files, side files and config patches
     tasks.py, chunks.py      what crosses to a worker (``ShardTask``, ...) and how a shard splits
+    lora_plan.py             a LoRA adapter's terms: the factors of each weight it changes
     planner.py               all of the above assembled into a ``Plan``
 
 May import: ``engine.errors``, ``engine.redaction``, ``engine.storage``, ``engine.formats``.

@@ -21,9 +21,11 @@ __all__ = ["Read", "Chunk", "iter_chunks", "shard_read_bytes", "buffer_sizes"]
 
 def shard_read_bytes(task: ShardTask) -> int:
     """Input bytes a shard reads: each input byte once, except the inputs of a tensor written with
-    one per-tensor scale, which are read twice (the scale depends on every element)."""
+    one per-tensor scale, which are read twice (the scale depends on every element). A LoRA term's
+    factors are read whole, once per tensor (``execute.load_factors``)."""
     n = 0
     for t in task.tensors:
+        n += sum(x.lora.nbytes for x in t.terms if x.lora is not None)
         if t.transcodes:
             n += _codec_read_bytes(t, task.settings)
         else:

@@ -87,7 +87,8 @@ def overlap_problems(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
         wanted = [n for n, t in logical["target"].items()
                   if t.codes.dtype in FLOATING_DTYPES and spec.alpha_for(n, i) != 0.0]
         for role in spec.diff_roles(i):
-            out.extend(_overlap(role, checkpoints, logical[role], wanted))
+            if role in logical:  # an adapter changes what it has factors for, and leaves the rest
+                out.extend(_overlap(role, checkpoints, logical[role], wanted))
     return out
 
 

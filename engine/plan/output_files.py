@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -167,7 +168,11 @@ def shard_layout(spec: JobSpec, tgt: Checkpoint, tasks: Mapping[str, TensorTask]
 
 
 def donated_files(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
-                  config_patch: tuple[tuple[str, str | None], ...] = ()) -> tuple[tuple[SideFile, ...], list[str]]:
+                  config_patch: tuple[tuple[str, str | None], ...] = (),
+                  adapters: frozenset[str] = frozenset()) -> tuple[tuple[SideFile, ...], list[str]]:
+    """The side files the output gets, each from its donor (``spec.files``). A file graft gives a
+    fine-tune by default (the tokenizer) comes from an adapter (``adapters``: roles) if it has one,
+    else from the target: an adapter saved without its tokenizer was trained with the base's."""
     out: list[SideFile] = []
     warnings: list[str] = []
     names = sorted({n for c in checkpoints.values() for n in c.side_files})
@@ -177,6 +182,8 @@ def donated_files(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
         donor = spec.donor_for(name)
         if donor is None:
             continue
+        if donor in adapters and name not in checkpoints[donor].side_files and _default_donor(spec, name, donor):
+            donor = "target"
         why = unsafe_name(name)
         if why is not None:  # a pattern (chat_template.*) can match any name a listing holds
             raise PlanError(f"{checkpoints[donor].uri}: file name {name!r} {why}; graft will not copy it "
@@ -193,6 +200,12 @@ def donated_files(spec: JobSpec, checkpoints: Mapping[str, Checkpoint],
         if not spec.is_default_donor(pattern, donor) or pattern == "config.json":
             warnings.append(f"{pattern} is donated by {donor} but no checkpoint has it")
     return tuple(out), warnings
+
+
+def _default_donor(spec: JobSpec, name: str, donor: str) -> bool:
+    """Whether ``donor`` gives ``name`` by graft's default, not by a ``files`` entry of the user's."""
+    pattern = next((p for p, _ in spec.files if fnmatch.fnmatchcase(name, p)), None)
+    return pattern is not None and spec.is_default_donor(pattern, donor)
 
 
 def check_side_file_size(spec: JobSpec, donor: Checkpoint, name: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from . import vocab as vocab_rows
 from ..errors import PlanError, QuantizationError
+from ..formats.adapter import Adapter
 from ..formats.checkpoint import SINGLE_NAME, Checkpoint
 from .chunks import shard_read_bytes
 from .compat import config_warnings, describe_shapes, examples, family_warnings, overlap_problems, refusal
@@ -26,6 +27,7 @@ from .output_files import (QUANT_KEY, RESERVED_OUTPUT_NAMES, SideFile, describe_
 from ..formats.safetensors import FLOATING_DTYPES
 from .quant import FP8_CODES, Layout, Stored, layout_for, source_of
 from .spec import JobSpec
+from .lora_plan import lora_problem, lora_term
 from .tasks import REPORT_EVERY, ROLES, ExecSettings, OutScales, ShardTask, Source, TensorTask, Term, zero_source
 from .vocab_plan import output_vocab_rows, resized_pieces, tokenizer_fits
 
@@ -68,6 +70,18 @@ class Plan:
     @property
     def write_bytes(self) -> int:
         return sum(s.size for s in self.shards)
+
+    def lora(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """The tensors each LoRA adapter changes (by the adapter's role): rank, scale and alpha."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for s in self.shards:
+            for t in s.tensors:
+                for x in t.terms:
+                    if x.lora is not None:
+                        out.setdefault(x.lora.a.role, {})[t.name] = {
+                            "rank": x.lora.rank, "scale": x.lora.scale, "alpha": x.alpha,
+                            "transposed": x.lora.transpose}
+        return out
 
     def weight_map(self) -> dict[str, str]:
         return {name: s.file for s in self.shards for t in s.tensors for name, _, _ in t.stored()}
@@ -117,13 +131,20 @@ def make_plan(
     spec: JobSpec,
     checkpoints: Mapping[str, Checkpoint],
     configs: Mapping[str, Mapping[str, Any] | None] | None = None,
+    adapters: Mapping[str, Adapter] | None = None,
 ) -> Plan:
     """Plan the job. ``checkpoints`` maps each role of ``spec.roles`` (``ROLES`` for one diff) to its
     opened checkpoint (one object for roles at the same location); ``configs`` their parsed
-    config.json (None where absent), which also declare how each stores its weights."""
+    config.json (None where absent), which also declare how each stores its weights; ``adapters``
+    the diffs given as a PEFT LoRA adapter, by role: each changes the weights it has factors for
+    and leaves the others as they are."""
     configs = configs or {}
+    adapters = adapters or {}
     canon = _canonical(spec, checkpoints)
     roles = list(canon)
+    weights = [r for r in roles if r not in adapters]  # the checkpoints of weights
+    lora_of = {i: adapters[spec.diff_roles(i)[0]] for i in range(len(spec.diffs))
+               if spec.diff_roles(i)[0] in adapters}
     tgt = checkpoints["target"]
     n_diffs = len(spec.diffs)
     problems: list[str] = []
@@ -134,12 +155,19 @@ def make_plan(
     combined = copied = 0
     resized: dict[str, tuple[Stored, Stored, Stored, float, str, OutScales | None]] = {}
 
-    warnings.extend(family_warnings(spec, checkpoints, configs, roles))
-    layouts = _layouts(checkpoints, configs, canon)
-    logical, tie_notes = vocab_rows.untie({role: layouts[role].tensors for role in roles}, configs)
+    warnings.extend(family_warnings(spec, checkpoints, configs, weights))
+    layouts = _layouts(checkpoints, configs, {r: c for r, c in canon.items() if r not in adapters})
+    logical, tie_notes = vocab_rows.untie({role: layouts[role].tensors for role in weights}, configs)
     warnings.extend(tie_notes)
     problems.extend(overlap_problems(spec, checkpoints, logical))
-    extra = sorted({n for role in roles[1:] for n in logical[role] if n not in logical["target"]})
+    extra = sorted({n for role in weights[1:] for n in logical[role] if n not in logical["target"]})
+    for i, adapter in lora_of.items():
+        warnings.extend(adapter.warnings)
+        foreign = [n for n in adapter.factors if n not in logical["target"]]
+        if foreign:
+            role = spec.diff_roles(i)[0]
+            problems.append(f"{role} ({adapter.uri}) changes {len(foreign)} weight(s) the target does not have: "
+                            f"{examples(foreign)}; it is an adapter of another architecture: check the path")
 
     scheme = layouts["target"].scheme
     pow2 = scheme is not None and scheme.pow2
@@ -148,13 +176,21 @@ def make_plan(
         shape = t.codes.shape
         target_source = source_of(tgt, "target", t, pow2)
         alphas = [spec.alpha_for(name, i) for i in range(n_diffs)]
-        active = [i for i, a in enumerate(alphas) if a != 0.0]  # a diff with alpha 0 is not read
+        # A diff with alpha 0 is not read; nor is an adapter without factors for the tensor (it
+        # leaves it as it is).
+        active = [i for i, a in enumerate(alphas) if a != 0.0 and (i not in lora_of or name in lora_of[i].factors)]
         if t.codes.dtype not in FLOATING_DTYPES or not active:
             tasks[name] = TensorTask(name, dtype, shape, target_source, scales=scales)
             copied += 1
             continue
-        pairs = {i: tuple(logical[r].get(name) for r in spec.diff_roles(i)) for i in active}
-        absent = [r for i in active for r, st in zip(spec.diff_roles(i), pairs[i]) if st is None]
+        lora = {i: lora_of[i].factors[name] for i in active if i in lora_of}
+        if lora:
+            bad = lora_problem(name, t, shape, scales, lora, spec, checkpoints)
+            if bad:
+                problems.append(bad)
+                continue
+        pairs = {i: tuple(logical[r].get(name) for r in spec.diff_roles(i)) for i in active if i not in lora}
+        absent = [r for i in pairs for r, st in zip(spec.diff_roles(i), pairs[i]) if st is None]
         if absent:
             if spec.on_missing == "carry_target":
                 tasks[name] = TensorTask(name, dtype, shape, target_source, scales=scales)
@@ -164,9 +200,9 @@ def make_plan(
                 for r in absent:
                     missing[r].append(name)  # reported below, once for all tensors
             continue
-        stored = {"target": t, **{r: st for i in active for r, st in zip(spec.diff_roles(i), pairs[i])}}
+        stored = {"target": t, **{r: st for i in pairs for r, st in zip(spec.diff_roles(i), pairs[i])}}
         shapes = {r: st.codes.shape for r, st in stored.items()}  # type: ignore[union-attr]
-        if (len(shape) in (1, 2) and all(s[1:] == shape[1:] for s in shapes.values())
+        if (pairs and len(shape) in (1, 2) and all(s[1:] == shape[1:] for s in shapes.values())
                 and (len(set(shapes.values())) > 1
                      or (spec.vocab == "align" and vocab_rows.VOCAB_TENSOR.search(name)))
                 and vocab_rows.is_vocab_tensor(name, {r: s[0] for r, s in shapes.items()}, configs)):
@@ -192,7 +228,10 @@ def make_plan(
         for r in odd:
             problems.append(f"tensor {name!r} is {stored[r].codes.dtype} in {r} ({checkpoints[r].uri}) "  # type: ignore[union-attr]
                             f"but {t.codes.dtype} in target; cannot compute a float difference from it")
-        terms = tuple(_term(checkpoints, canon, spec.diff_roles(i), pairs[i], alphas[i], i) for i in active)  # type: ignore[arg-type]
+        terms = tuple(lora_term(checkpoints[canon[spec.diff_roles(i)[0]]], canon[spec.diff_roles(i)[0]], lora[i],
+                                 alphas[i], i) if i in lora
+                      else _term(checkpoints, canon, spec.diff_roles(i), pairs[i], alphas[i], i)  # type: ignore[arg-type]
+                      for i in active)
         tasks[name] = TensorTask(name, dtype, shape, target_source, terms, scales)
         combined += 1
 
@@ -254,7 +293,7 @@ def make_plan(
     warnings.extend(config_warnings(spec, configs))
 
     config_patch = quant_patch(spec, layouts, configs) + weights_patch(spec, configs, tasks, vocab_size)
-    side_files, side_warnings = donated_files(spec, checkpoints, config_patch)  # sizes checked first
+    side_files, side_warnings = donated_files(spec, checkpoints, config_patch, frozenset(adapters))  # sizes first
     stale = quant_side_file_problems(spec, layouts, side_files)
     if stale:
         raise PlanError(stale[0], stale)
@@ -267,8 +306,8 @@ def make_plan(
     warnings.extend(side_warnings)
     write_index = len(shards) > 1 or shards[0].file != SINGLE_NAME
     left_out = tuple(extra) + (tuple(activations) if spec.output_format == "bf16" else ())
-    formats = tuple((role, layouts[role].describe()) for role in roles) + (
-        ("output", describe_output(tasks.values())),)
+    formats = tuple((role, adapters[role].describe() if role in adapters else layouts[role].describe())
+                    for role in roles) + (("output", describe_output(tasks.values())),)
     return Plan(shards, side_files, write_index, tuple(warnings), combined, copied, left_out, formats,
                 tuple(vocab_report))
 

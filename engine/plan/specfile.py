@@ -63,7 +63,8 @@ class _DiffModel(BaseModel):
     base: str | None = Field(default=None, min_length=1, description=(
         "The checkpoint this diff's fine-tune was trained from (each diff has its own base)."))
     diff: str | None = Field(default=None, min_length=1, description=(
-        "Instead of finetuned/base: a difference written by `graft diff`."))
+        "Instead of finetuned/base: a difference written by `graft diff`, or a PEFT LoRA adapter "
+        "(a location with adapter_config.json), which changes only the weights it has factors for."))
     alpha: float = Field(default=1.0, description=(
         "The scale of this diff vector."))
     rules: list[_RuleModel] = Field(default=[], description=(
@@ -82,7 +83,9 @@ class _SpecModel(BaseModel):
         "The old base θ_base that `finetuned` was trained from (or give `diff` or `diffs`)."))
     diff: str | None = Field(default=None, min_length=1, description=(
         "Instead of finetuned/base: a committed difference written by `graft diff` "
-        "(two checkpoints read instead of three)."))
+        "(two checkpoints read instead of three), or a PEFT LoRA adapter (a location with "
+        "adapter_config.json and adapter_model.safetensors): each weight it has factors for changes "
+        "by s·B·A, the others are copied (see the LoRA guide)."))
     diff_dtype: Literal["float32", "bf16"] = Field(default="float32", description=(
         "`graft diff` only: the dtype the difference is written in; "
         "bf16 is half the size, rounded (no bit-identity is claimed for it)."))

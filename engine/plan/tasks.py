@@ -22,6 +22,7 @@ __all__ = [
     "OutScales",
     "Source",
     "zero_source",
+    "LowRank",
     "Term",
     "TensorTask",
     "TERM_STATS",
@@ -161,15 +162,41 @@ def zero_source(role: str, dtype: str) -> Source:
 
 
 @dataclass(frozen=True)
+class LowRank:
+    """A LoRA adapter's change of one 2-D tensor, computed from its two factors instead of read:
+    ``scale * sum_k U[:, k] (x) V[k, :]``, the outer products added in ``k`` order and then scaled (the
+    same bits however the tensor is cut into chunks), with ``U, V = B, A`` (the change ``B.A``) or
+    ``A^T, B^T`` (``transpose``: ``(B.A)^T``, fan-in-fan-out layers and embeddings). ``a`` (``r x n``)
+    and ``b`` (``m x r``) are read whole, once per tensor."""
+
+    a: Source
+    b: Source
+    a_shape: tuple[int, int]
+    b_shape: tuple[int, int]
+    scale: float
+    transpose: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.a_shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return (self.a.end - self.a.begin) + (self.b.end - self.b.begin)
+
+
+@dataclass(frozen=True)
 class Term:
     """One diff applied to a tensor: ``alpha * (finetuned - base)``; ``diff`` is its index in the
     spec's diffs (0 for a single-diff job). A ``base`` with no file (``Source.zero``) is zeros: the
-    ``finetuned`` source is then a stored difference (a ``graft diff`` artifact)."""
+    ``finetuned`` source is then a stored difference (a ``graft diff`` artifact), or, with ``lora``,
+    the change a LoRA adapter's factors give (nothing is read for either source)."""
 
     finetuned: Source
     base: Source
     alpha: float
     diff: int = 0
+    lora: LowRank | None = None
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,10 @@ Memory is bounded by the chunk size whatever the tensor, shard or model size (``
 window of ``window_for(threads)`` chunks in flight, each holding a slot (its input buffers and its
 output buffer) from its reads until its bytes are written and hashed; each compute thread's buffers;
 one scale tensor per quantized tensor in flight (1/16384 of its codes for 128x128 blocks) (plus, on
-a GPU, device copies of two chunks). Each input byte is read exactly once (but for tensors written
-with one per-tensor scale, whose inputs are read twice). The shard becomes visible only when every
+a GPU, device copies of two chunks); with a LoRA adapter, the shard's factors (r rows or columns of
+each tensor it changes, in the compute dtype) and each compute thread's change buffers (two per
+adapter, a chunk each). Each input byte is read exactly once (but for tensors written with one
+per-tensor scale, whose inputs are read twice). The shard becomes visible only when every
 byte is written and accounted for; on any error it is discarded.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..compute.devices import CpuCompute, CudaCompute
-from ..compute.kernel import TORCH_DTYPES, check_finite
+from ..compute.kernel import COMPUTE_DTYPES, TORCH_DTYPES, check_finite
 from ..compute.sums import StatsLog
 from ..errors import GraftError, IntegrityError
 from ..formats.safetensors import DTYPE_SIZES, FLOATING_DTYPES, ShardWriter
@@ -42,8 +44,8 @@ from ..plan.chunks import Chunk, Read, buffer_sizes, iter_chunks
 from ..storage import RangeReader, Storage
 from .provenance import check_stored_reads
 from .sizing import window_for
-from ..plan.tasks import (DIFF_STATS, ExecSettings, ShardResult, ShardTask, TensorTask,
-                    digest_key, output_digest_key, stat_names)
+from ..plan.tasks import (DIFF_STATS, ExecSettings, ShardResult, ShardTask, Source, TensorTask, digest_key,
+                          output_digest_key, stat_names)
 
 __all__ = ["ShardResult", "Chunk", "Cancelled", "iter_chunks", "execute_shard"]
 
@@ -83,7 +85,7 @@ def _check_inputs_unchanged(task: ShardTask, inputs: Mapping[str, Storage]) -> N
     """
     planned: dict[tuple[str, str], str] = {}
     for t in task.tensors:
-        for s in t.sources:
+        for s in (*t.sources, *(f for x in t.terms if x.lora is not None for f in (x.lora.a, x.lora.b))):
             for file, version in ((s.file, s.version), *(((s.scales.file, s.scales.version),) if s.scales else ())):
                 if version is not None and not inputs[s.role].pins_reads:
                     planned[(s.role, file)] = version
@@ -217,6 +219,12 @@ def execute_shard(
     # transfer from the diff checks what it reads against them).
     written_hashers: dict[str, Any] = {}
 
+    # A LoRA term's factors, read whole once per tensor before its chunks (they are small: r rows or
+    # columns of the tensor), in the compute dtype on the compute device.
+    compute.factors = load_factors(task, reader, device)
+    if compute.factors and on_progress is not None:
+        on_progress(sum(x.lora.nbytes for t in task.tensors for x in t.terms if x.lora is not None))
+
     writer = output.writer(task.file, task.size)
     try:
         shard = ShardWriter(writer, task.header_tensors(), dict(task.metadata))
@@ -315,6 +323,31 @@ def execute_shard(
     digests = tuple((key, h.hexdigest()) for key, h in hashers.items()) + tuple(
         (output_digest_key(task.file, name), h.hexdigest()) for name, h in written_hashers.items())
     return ShardResult(task.file, size, digest, bytes_read, time.monotonic() - t0, report, digests)
+
+
+def load_factors(task: ShardTask, reader: Callable[[str, str, str | None], RangeReader],
+                 device: str) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, float]]:
+    """Each LoRA term's ``(U, V, scale)`` (``tasks.LowRank``), by (tensor, diff): its two factors read
+    whole and arranged so that the change is ``scale * U.V``, in the compute dtype on ``device``."""
+    dtype = COMPUTE_DTYPES[task.settings.compute_dtype]
+    out: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for t in task.tensors:
+        for x in t.terms:
+            low = x.lora
+            if low is None or (t.name, x.diff) in out:
+                continue
+            a = _read_whole(reader, low.a).view(low.a_shape)
+            b = _read_whole(reader, low.b).view(low.b_shape)
+            u, v = (a.t(), b.t()) if low.transpose else (b, a)
+            out[(t.name, x.diff)] = (u.to(device=device, dtype=dtype).contiguous(),
+                                     v.to(device=device, dtype=dtype).contiguous(), low.scale)
+    return out
+
+
+def _read_whole(reader: Callable[[str, str, str | None], RangeReader], src: Source) -> torch.Tensor:
+    buf = torch.empty(src.end - src.begin, dtype=torch.uint8)
+    reader(src.role, src.file, src.version).read_into(src.begin, memoryview(buf.numpy()))
+    return buf.view(TORCH_DTYPES[src.dtype])
 
 
 def _measures(task: ShardTask, settings: ExecSettings, device: torch.device) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..formats.adapter import is_adapter, read_adapter, refuse_adapter_as_weights
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..plan.planner import Plan, make_diff_plan, make_plan
 from ..plan.spec import JobSpec
@@ -80,13 +81,18 @@ def prepare_job(spec: JobSpec) -> Job:
     for role, c in checkpoints.items():
         if role not in stored_roles:
             refuse_diff_as_weights(c, role)
+            refuse_adapter_as_weights(c, role)
     if spec.kind == DIFF_KIND:
         return Job(spec, checkpoints, make_diff_plan(spec, checkpoints, configs))
-    stored = {role: stored_diff(checkpoints[role], role) for role in sorted(stored_roles)}
-    plan = make_plan(spec, checkpoints, configs)
+    # A diff given as ``diff`` is a graft diff's output or a PEFT LoRA adapter (adapter_config.json).
+    adapters = {role: read_adapter(checkpoints[role], role) for role in sorted(stored_roles)
+                if is_adapter(checkpoints[role])}
+    stored = {role: stored_diff(checkpoints[role], role) for role in sorted(stored_roles - set(adapters))}
+    plan = make_plan(spec, checkpoints, configs, adapters)
     if stored:
         plan = expect_stored(plan, {role: d.tensors for role, d in stored.items()})
-    return Job(spec, checkpoints, plan, {role: d.record for role, d in stored.items()},
+    return Job(spec, checkpoints, plan, {**{role: d.record for role, d in stored.items()},
+                                         **{role: a.record() for role, a in adapters.items()}},
                {role: d.files for role, d in stored.items()})
 
 

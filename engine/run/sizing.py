@@ -16,6 +16,7 @@ one compute thread (it only queues work on the device); the shards at once all f
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -66,9 +67,14 @@ def shard_memory(task: ShardTask, threads: int) -> int:
     capacity, out_cap, plain, codec = buffer_sizes(chunks, [c.reads() for c in chunks])
     size = COMPUTE_SIZES[task.settings.compute_dtype]
     slots = min(window_for(threads), max(1, len(chunks))) * (sum(capacity.values()) + out_cap)
-    # ChunkKernel: up to five blocks in the compute dtype; Transcoder: four chunks and an int32 index.
-    per_thread = (5 * size * min(plain, CPU_BLOCK) if plain else 0) + (4 * size + 4) * codec
-    return slots + min(threads, max(1, len(chunks))) * per_thread
+    # ChunkKernel: up to five blocks in the compute dtype, and a chunk per LoRA term of a tensor;
+    # Transcoder: four chunks and an int32 index.
+    lora = [[x.lora for x in t.terms if x.lora is not None] for t in task.tensors]
+    per_thread = ((5 * size * min(plain, CPU_BLOCK) + max(map(len, lora), default=0) * size * plain if plain else 0)
+                  + (4 * size + 4) * codec)
+    # The shard's LoRA factors, held in the compute dtype while it runs (``execute.load_factors``).
+    factors = size * sum(math.prod(f.a_shape) + math.prod(f.b_shape) for fs in lora for f in fs)
+    return slots + min(threads, max(1, len(chunks))) * per_thread + factors
 
 
 def _read(path: str) -> str | None:

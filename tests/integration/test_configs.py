@@ -17,6 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXAMPLES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 # The checkpoints an example's keys need, where the tiny plain ones do not do.
 TRIO_FOR = {"fp8-to-bf16.yaml": "fp8", "vocab-pad.yaml": "vocab", "vocab-align.yaml": "vocab"}
+# What an example's ``diff`` is: a committed graft diff, or a PEFT LoRA adapter.
+DIFF_FOR = {"lora.yaml": "adapter"}
 ROLES = ("target", "finetuned", "base", "diff")
 
 
@@ -26,6 +28,29 @@ def vocab_trio(tmp_path_factory):  # noqa: ANN001, ANN201
     from test_vocab import _trio
 
     return _trio(tmp_path_factory.mktemp("vocab-example"), tied=False)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_checkpoints, tmp_path_factory):  # noqa: ANN001, ANN201
+    """A LoRA adapter of the tiny model in PEFT's layout (rank 4 on every q_proj and v_proj)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from conftest import load_all
+
+    path = tmp_path_factory.mktemp("adapter")
+    g = torch.Generator().manual_seed(0)
+    factors = {}
+    for name, t in load_all(tiny_checkpoints["target"]).items():
+        if name.endswith(("q_proj.weight", "v_proj.weight")):
+            module = f"base_model.model.{name.removesuffix('.weight')}"
+            factors[f"{module}.lora_A.weight"] = torch.randn(4, t.shape[1], generator=g)
+            factors[f"{module}.lora_B.weight"] = torch.randn(t.shape[0], 4, generator=g)
+    save_file(factors, str(path / "adapter_model.safetensors"))
+    json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8}, open(path / "adapter_config.json", "w"))
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +96,7 @@ def test_every_example_plans(name, request, tiny_checkpoints, second_diff, tmp_p
             "vocab": lambda: request.getfixturevalue("vocab_trio")}.get(TRIO_FOR.get(name), lambda: tiny_checkpoints)()
     local = {**trio, "finetuned2": second_diff["finetuned2"], "base2": second_diff["base2"]}
     if "diff" in data:
-        local["diff"] = request.getfixturevalue("stored_diff")
+        local["diff"] = request.getfixturevalue(DIFF_FOR.get(name, "stored_diff"))
     locations = [data.get(r) for r in ROLES] + [d.get(k) for d in data.get("diffs", []) for k in ROLES]
     schemes = {str(u).split("://")[0] for u in locations if u and "://" in str(u)}
     assert len(schemes) <= 1, f"{name}: inputs on several stores: {schemes}"
@@ -98,7 +123,8 @@ def test_there_is_an_example_per_use_case():
     texts = {n: open(os.path.join(ROOT, "configs", n), encoding="utf-8").read() for n in EXAMPLES}
     wanted = {"several diffs": "\ndiffs:", "a stored diff": "\ndiff:", "FP8 to bf16": "output_format: bf16",
               "vocab pad": "vocab: pad", "vocab align": "vocab: align", "rules": "\nrules:",
-              "S3": "s3://", "GCS": "gs://", "Azure": "az://", "the Hub": "hf://", "graft diff": "diff_dtype:"}
+              "S3": "s3://", "GCS": "gs://", "Azure": "az://", "the Hub": "hf://", "graft diff": "diff_dtype:",
+              "a LoRA adapter": "adapter_config.json"}
     missing = [what for what, key in wanted.items() if not any(key in t for t in texts.values())]
     assert missing == []
     assert all(t.startswith("#") for t in texts.values())  # each says what it is for

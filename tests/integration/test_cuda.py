@@ -89,3 +89,38 @@ def test_fp8_trios_on_the_gpu_are_the_cpus_bytes_in_float64(fp8_trio, ct_trio, t
         assert shards(gpu) == shards(cpu), name
         run_local(spec(paths, gpu32, **common), device="cuda")
         assert verify_output(gpu32).ok
+
+
+def _handmade_lora(tmp_path) -> tuple[str, str]:  # noqa: ANN001
+    """A target of three 2-D float32 weights and a LoRA adapter of two of them in PEFT's layout
+    (written here: the GPU machine need not have peft), fan-in-fan-out (the change is (B.A)^T)."""
+    import json
+
+    g = torch.Generator().manual_seed(0)
+    target, adapter = tmp_path / "target", tmp_path / "adapter"
+    target.mkdir()
+    adapter.mkdir()
+    save_file({f"m{i}.weight": torch.randn(300, 200, generator=g) for i in range(3)}, str(target / "model.safetensors"))
+    factors = {}
+    for i, r in ((0, 8), (1, 5)):
+        a, b = torch.randn(r, 300, generator=g), torch.randn(200, r, generator=g)
+        factors[f"base_model.model.m{i}.lora_A.weight"], factors[f"base_model.model.m{i}.lora_B.weight"] = a, b
+    save_file(factors, str(adapter / "adapter_model.safetensors"))
+    json.dump({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "rank_pattern": {"m1": 5},
+               "alpha_pattern": {}, "fan_in_fan_out": True}, open(adapter / "adapter_config.json", "w"))
+    return str(target), str(adapter)
+
+
+@pytest.mark.parametrize("compute_dtype", ["float64", "float32"])
+def test_a_lora_adapter_on_the_gpu_writes_the_cpus_bytes(tmp_path, compute_dtype):
+    target, adapter = _handmade_lora(tmp_path)
+    cpu, gpu = str(tmp_path / "cpu"), str(tmp_path / "gpu")
+    common = dict(target=target, diff=adapter, compute_dtype=compute_dtype, chunk_size=4000)
+    run_local(spec_from_mapping({**common, "output": cpu}))
+    run_local(spec_from_mapping({**common, "output": gpu}), device="cuda")
+    if compute_dtype == "float64":
+        assert shards(gpu) == shards(cpu)
+    else:
+        got, ref = load_all(gpu), load_all(cpu)
+        for name in ref:
+            assert torch.allclose(got[name], ref[name], rtol=1e-6, atol=1e-6), name
