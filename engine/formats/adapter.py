@@ -11,7 +11,10 @@ weight, named as the weight is in the checkpoint the adapter was trained on:
 - ``base_model.model.<module>.lora_embedding_A`` / ``_B``: A is ``r × rows``, B ``cols × r``, the
   change of the embedding ``<module>.weight`` (``rows × cols``): ``(B·A)ᵀ``;
 - ``<module>.base_layer.weight``: PEFT's copy of an unchanged base weight (saved with embedding
-  LoRA): not a change, ignored.
+  LoRA): not a change, ignored;
+- any other tensor is whole (``modules_to_save``, biases trained with ``bias: all`` or
+  ``lora_only``): it replaces a weight, so its change is the tensor minus the base the adapter was
+  trained on (``Adapter.whole``; the plan needs that base, or refuses).
 
 The rank is the factors' (``A`` has ``r`` rows); ``lora_alpha`` is the config's, or the first
 ``alpha_pattern`` key, in file order, that matches the module's name as PEFT matches it (the key, a
@@ -22,8 +25,7 @@ Refused by name, before any data moves (``PlanError``): every other ``peft_type`
 VeRA, AdaLoRA, ...), and LoRA whose change is not ``s·B·A`` added to the weight: DoRA
 (``use_dora``), replicated layers, aLoRA, Arrow, block-diagonal, KaSA and QALoRA variants, adapters
 made by an initialisation that rewrote the base (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), trainable
-token rows, convolution LoRA, and full tensors kept in the adapter (``modules_to_save``, trained
-biases, ``lora_bias``, a resized embedding), which replace a weight instead of changing it.
+token rows, ``lora_bias`` and convolution LoRA.
 """
 from __future__ import annotations
 
@@ -84,25 +86,32 @@ class LoraFactors:
 
 @dataclass(frozen=True)
 class Adapter:
-    """A LoRA adapter's changes, by the name of the weight each changes."""
+    """A LoRA adapter's changes, by the name of the weight each changes: ``factors`` (a LoRA), and
+    ``whole`` tensors that replace a weight (their change is against the adapter's base)."""
 
     uri: str
     factors: dict[str, LoraFactors]
     config_sha256: str
+    whole: dict[str, TensorRef] = field(default_factory=dict)
     use_rslora: bool = False
     base_model: str | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
+    def touches(self, name: str) -> bool:
+        return name in self.factors or name in self.whole
+
     def describe(self) -> str:
         ranks = sorted({f.rank for f in self.factors.values()})
         rank = f"r={ranks[0]}" if len(ranks) == 1 else f"r={ranks[0]}..{ranks[-1]}"
+        whole = f", and {len(self.whole)} whole tensor(s)" if self.whole else ""
         return (f"LoRA adapter ({rank}{', rsLoRA' if self.use_rslora else ''}; changes "
-                f"{len(self.factors)} weight(s) by s·B·A)")
+                f"{len(self.factors)} weight(s) by s·B·A{whole})")
 
     def record(self) -> dict[str, Any]:
         """What the manifest records of the adapter, beside its files and their versions."""
         return {"adapter": {"type": "LORA", "config": ADAPTER_CONFIG, "config_sha256": self.config_sha256,
                             "base_model_name_or_path": self.base_model, "use_rslora": self.use_rslora,
+                            "whole": sorted(self.whole),
                             "weights": {name: {"rank": f.rank, "alpha": f.alpha, "scale": f.scale,
                                                "transpose": f.transpose}
                                         for name, f in sorted(self.factors.items())}}}
@@ -119,7 +128,8 @@ def refuse_adapter_as_weights(ckpt: Checkpoint, role: str) -> None:
         where = role.rpartition(".")[0]
         use = f"{where}.diff" if where else "diff"
         raise PlanError(f"{role} ({ckpt.uri}) is a PEFT adapter ({ADAPTER_CONFIG}), not a checkpoint of "
-                        f"weights: give it as {use} instead, without a base")
+                        f"weights: give it as {use} instead (with base: the checkpoint it was trained on, "
+                        f"if it holds whole tensors)")
 
 
 def _config(ckpt: Checkpoint) -> tuple[dict[str, Any], str]:
@@ -176,26 +186,25 @@ def read_adapter(ckpt: Checkpoint, role: str) -> Adapter:
     where = f"{role} ({ckpt.uri})"
     config, digest = _config(ckpt)
     problems = _refusals(config, where)
+    if problems:
+        raise PlanError(problems[0], problems)
     modules: dict[str, dict[str, TensorRef]] = {}
-    full: list[str] = []
+    whole: dict[str, TensorRef] = {}
     for name, ref in ckpt.tensors.items():
         m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
                          r"lora_embedding_B)", name)
         if m:
             modules.setdefault(m.group(1), {})[m.group(2).split(".")[0]] = ref
-        elif not name.endswith(".base_layer.weight"):  # PEFT's copy of an unchanged base weight
-            full.append(name)
-    if full and not problems:  # a refused type or variant has tensors of its own: already said
-        shown = ", ".join(n.removeprefix(_PREFIX) for n in full[:3]) + (", ..." if len(full) > 3 else "")
-        problems.append(f"{where}: holds {len(full)} whole tensor(s), not LoRA factors ({shown}): "
-                        f"modules_to_save, trained biases or a resized embedding, which replace a weight "
-                        f"instead of changing it; graft does not transfer those yet: merge the adapter into "
-                        f"its base with PEFT and give the merged checkpoint as finetuned, with that base")
-    if problems:
-        raise PlanError(problems[0], problems)
-    if not modules:
-        raise CheckpointError(f"{where}: {ADAPTER_CONFIG} but no LoRA factors (base_model.model.*.lora_A.weight "
-                              f"and lora_B.weight) in its safetensors; re-save the adapter")
+        elif name.endswith(".base_layer.weight"):  # PEFT's copy of an unchanged base weight
+            continue
+        elif name.startswith(_PREFIX) and ref.dtype in _FLOATING:
+            whole[name.removeprefix(_PREFIX).replace(".base_layer.", ".")] = ref
+        else:
+            raise CheckpointError(f"{where}: tensor {name!r} is neither a LoRA factor nor a weight of the model "
+                                  f"(base_model.model.<name>, floating point); re-save the adapter")
+    if not modules and not whole:
+        raise CheckpointError(f"{where}: {ADAPTER_CONFIG} but no tensor in its safetensors (LoRA factors "
+                              f"base_model.model.*.lora_A.weight and lora_B.weight); re-save the adapter")
     warnings: list[str] = []
     alpha_default = config.get("lora_alpha", 8)
     r_default = config.get("r", 8)
@@ -229,4 +238,4 @@ def read_adapter(ckpt: Checkpoint, role: str) -> Adapter:
         factors[f"{module}.weight"] = LoraFactors(f"{module}.weight", a, b, rank, alpha, scale,
                                                   transpose=embedding or fan_in_fan_out)
     base = config.get("base_model_name_or_path")
-    return Adapter(ckpt.uri, factors, digest, rslora, base if isinstance(base, str) else None, tuple(warnings))
+    return Adapter(ckpt.uri, factors, digest, whole, rslora, base if isinstance(base, str) else None, tuple(warnings))

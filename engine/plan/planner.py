@@ -27,7 +27,7 @@ from .output_files import (QUANT_KEY, RESERVED_OUTPUT_NAMES, SideFile, describe_
 from ..formats.safetensors import FLOATING_DTYPES
 from .quant import FP8_CODES, Layout, Stored, layout_for, source_of
 from .spec import JobSpec
-from .lora_plan import lora_problem, lora_term
+from .lora_plan import lora_problem, lora_term, whole_pair
 from .tasks import REPORT_EVERY, ROLES, ExecSettings, OutScales, ShardTask, Source, TensorTask, Term, zero_source
 from .vocab_plan import output_vocab_rows, resized_pieces, tokenizer_fits
 
@@ -163,7 +163,7 @@ def make_plan(
     extra = sorted({n for role in weights[1:] for n in logical[role] if n not in logical["target"]})
     for i, adapter in lora_of.items():
         warnings.extend(adapter.warnings)
-        foreign = [n for n in adapter.factors if n not in logical["target"]]
+        foreign = [n for n in [*adapter.factors, *adapter.whole] if n not in logical["target"]]
         if foreign:
             role = spec.diff_roles(i)[0]
             problems.append(f"{role} ({adapter.uri}) changes {len(foreign)} weight(s) the target does not have: "
@@ -178,18 +178,25 @@ def make_plan(
         alphas = [spec.alpha_for(name, i) for i in range(n_diffs)]
         # A diff with alpha 0 is not read; nor is an adapter without factors for the tensor (it
         # leaves it as it is).
-        active = [i for i, a in enumerate(alphas) if a != 0.0 and (i not in lora_of or name in lora_of[i].factors)]
+        active = [i for i, a in enumerate(alphas) if a != 0.0 and (i not in lora_of or lora_of[i].touches(name))]
         if t.codes.dtype not in FLOATING_DTYPES or not active:
             tasks[name] = TensorTask(name, dtype, shape, target_source, scales=scales)
             copied += 1
             continue
-        lora = {i: lora_of[i].factors[name] for i in active if i in lora_of}
+        lora = {i: lora_of[i].factors[name] for i in active if i in lora_of and name in lora_of[i].factors}
         if lora:
             bad = lora_problem(name, t, shape, scales, lora, spec, checkpoints)
             if bad:
                 problems.append(bad)
                 continue
-        pairs = {i: tuple(logical[r].get(name) for r in spec.diff_roles(i)) for i in active if i not in lora}
+        pairs = {i: tuple(logical[r].get(name) for r in spec.diff_roles(i)) for i in active if i not in lora_of}
+        for i in active:  # an adapter's whole tensor: its change is against the adapter's base
+            if i in lora_of and i not in lora:
+                pairs[i], bad = whole_pair(name, lora_of[i], spec.diff_roles(i), logical, shape, checkpoints)
+                if bad:
+                    problems.append(bad)
+        if any(p is None for p in pairs.values()):
+            continue
         absent = [r for i in pairs for r, st in zip(spec.diff_roles(i), pairs[i]) if st is None]
         if absent:
             if spec.on_missing == "carry_target":
@@ -202,7 +209,8 @@ def make_plan(
             continue
         stored = {"target": t, **{r: st for i in pairs for r, st in zip(spec.diff_roles(i), pairs[i])}}
         shapes = {r: st.codes.shape for r, st in stored.items()}  # type: ignore[union-attr]
-        if (pairs and len(shape) in (1, 2) and all(s[1:] == shape[1:] for s in shapes.values())
+        if (pairs and not any(i in lora_of for i in pairs) and len(shape) in (1, 2)
+                and all(s[1:] == shape[1:] for s in shapes.values())
                 and (len(set(shapes.values())) > 1
                      or (spec.vocab == "align" and vocab_rows.VOCAB_TENSOR.search(name)))
                 and vocab_rows.is_vocab_tensor(name, {r: s[0] for r, s in shapes.items()}, configs)):
@@ -283,8 +291,8 @@ def make_plan(
     for t in tasks.values():
         if t.combine:
             dtypes["target"].add(t.target.dtype)
-            for x in t.terms:
-                for r, src in zip(spec.diff_roles(x.diff), (x.finetuned, x.base)):
+            for x in t.terms:  # a LoRA term's base is zeros, not the base's tensor
+                for r, src in zip(spec.diff_roles(x.diff)[:1 if x.lora else 2], (x.finetuned, x.base)):
                     dtypes[r].add(src.dtype)
     stored_dtypes = {r: sorted(d) for r, d in dtypes.items() if d}
     if len({tuple(d) for d in stored_dtypes.values()}) > 1:

@@ -61,7 +61,8 @@ class _DiffModel(BaseModel):
     finetuned: str | None = Field(default=None, min_length=1, description=(
         "This diff's fine-tune: " + _LOCATION))
     base: str | None = Field(default=None, min_length=1, description=(
-        "The checkpoint this diff's fine-tune was trained from (each diff has its own base)."))
+        "The checkpoint this diff's fine-tune was trained from (each diff has its own base); with a LoRA "
+        "adapter as `diff`, the base it was trained on, needed only for its whole tensors."))
     diff: str | None = Field(default=None, min_length=1, description=(
         "Instead of finetuned/base: a difference written by `graft diff`, or a PEFT LoRA adapter "
         "(a location with adapter_config.json), which changes only the weights it has factors for."))
@@ -80,7 +81,9 @@ class _SpecModel(BaseModel):
     finetuned: str | None = Field(default=None, min_length=1, description=(
         "The fine-tune of the old base θ_ft (or give `diff` or `diffs`): " + _LOCATION))
     base: str | None = Field(default=None, min_length=1, description=(
-        "The old base θ_base that `finetuned` was trained from (or give `diff` or `diffs`)."))
+        "The old base θ_base that `finetuned` was trained from (or give `diff` or `diffs`); with a LoRA "
+        "adapter as `diff`, the base it was trained on, needed only for the whole tensors it holds "
+        "(`modules_to_save`, trained biases)."))
     diff: str | None = Field(default=None, min_length=1, description=(
         "Instead of finetuned/base: a committed difference written by `graft diff` "
         "(two checkpoints read instead of three), or a PEFT LoRA adapter (a location with "
@@ -219,10 +222,11 @@ def _normalize_location(uri: str) -> str:
 
 
 def _diff_form(d: Mapping[str, Any], where: str, problems: list[str]) -> None:
-    """A diff is a fine-tune and its base, or one stored difference (``diff``), not both."""
-    if "diff" in d and ("finetuned" in d or "base" in d):
-        problems.append(f"{where}: key 'diff': give either diff (a difference written by graft diff) or "
-                        f"finetuned and base, not both")
+    """A diff is a fine-tune and its base, or one stored difference or adapter (``diff``), not both;
+    ``diff`` may have a ``base``: the one a LoRA adapter was trained on, for its whole tensors."""
+    if "diff" in d and "finetuned" in d:
+        problems.append(f"{where}: key 'diff': give either diff (a difference written by graft diff, or a "
+                        f"LoRA adapter) or finetuned and base, not both")
     if "diff" not in d:
         for key in ("finetuned", "base"):
             if key not in d:
@@ -301,7 +305,7 @@ def spec_from_mapping(data: Any, source: str = "spec", kind: str = "transfer") -
             problems.append(str(e))
     _raise_all(problems)
     diffs_out = tuple(Diff(_normalize_location(dm.diff or dm.finetuned or ""),
-                           "" if dm.diff else _normalize_location(dm.base or ""), float(dm.alpha),
+                           _normalize_location(dm.base) if dm.base else "", float(dm.alpha),
                            tuple(Rule(r.match, float(r.alpha)) for r in dm.rules)) for dm in diff_models)
     rules = tuple(Rule(r.match, float(r.alpha)) for r in m.rules)
     if len(diffs_out) == 1:  # one diff is the plain form: its own rules simply come first

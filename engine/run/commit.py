@@ -96,7 +96,9 @@ def transfer_report(job: Job, results: Mapping[str, ShardResult]) -> dict[str, A
     terms = {t.name: tuple((x.diff, x.alpha) for x in t.terms)
              for s in job.plan.shards for t in s.tensors if t.combine}
     measured = [m for r in results.values() for m in r.report]
-    stored = frozenset(i for i, d in enumerate(spec.diffs) if d.stored)
+    # No base measures for a stored diff or an adapter (a LoRA term's base is zeros, not its base's).
+    stored = frozenset(i for i, d in enumerate(spec.diffs)
+                       if d.stored or "adapter" in job.stored_diffs.get(spec.diff_roles(i)[0], {}))
     return build_report(measured, terms, spec.report, spec.compute_dtype, len(spec.diffs), stored)
 
 

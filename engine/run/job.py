@@ -78,15 +78,18 @@ def prepare_job(spec: JobSpec) -> Job:
     checkpoints = {role: opened[uri][0] for role, uri in roles.items()}
     configs = {role: opened[uri][1] for role, uri in roles.items()}
     stored_roles = {spec.diff_roles(i)[0] for i, d in enumerate(spec.diffs) if d.stored}
+    # A diff's fine-tune may be a PEFT LoRA adapter (adapter_config.json): given as ``diff``, with the
+    # base it was trained on where it holds whole tensors. Nowhere else: it holds factors, not weights.
+    changes = {spec.diff_roles(i)[0] for i in range(len(spec.diffs))} if spec.kind != DIFF_KIND else set()
+    adapters = {role: read_adapter(checkpoints[role], role) for role in sorted(changes)
+                if is_adapter(checkpoints[role])}
     for role, c in checkpoints.items():
+        if role not in adapters:
+            refuse_adapter_as_weights(c, role)
         if role not in stored_roles:
             refuse_diff_as_weights(c, role)
-            refuse_adapter_as_weights(c, role)
     if spec.kind == DIFF_KIND:
         return Job(spec, checkpoints, make_diff_plan(spec, checkpoints, configs))
-    # A diff given as ``diff`` is a graft diff's output or a PEFT LoRA adapter (adapter_config.json).
-    adapters = {role: read_adapter(checkpoints[role], role) for role in sorted(stored_roles)
-                if is_adapter(checkpoints[role])}
     stored = {role: stored_diff(checkpoints[role], role) for role in sorted(stored_roles - set(adapters))}
     plan = make_plan(spec, checkpoints, configs, adapters)
     if stored:

@@ -55,6 +55,8 @@ def make_adapter(base: str, path: str, config, seed: int) -> str:  # noqa: ANN00
         for name, p in model.named_parameters():
             if p.requires_grad and any(k in name for k in ("lora_", "hada_", "lokr_", "ia3_", "vera_lambda")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "ia3_" in name else 0.0))
+            elif p.requires_grad and "modules_to_save" in name:  # a trained copy of the base's weight
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
     model.save_pretrained(path)
     return path
 
@@ -92,6 +94,8 @@ def lora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             d[name] = make_adapter(d["v1"], str(root / name), config, seed=10 + i)
         d["fifo"] = make_adapter(d["g1"], str(root / "fifo"), LoraConfig(
             r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True), seed=30)
+        d["bias_all"] = make_adapter(d["g1"], str(root / "bias_all"), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, bias="all"), seed=32)
         d["lora_bias"] = make_adapter(d["g1"], str(root / "lora_bias"), LoraConfig(
             r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, lora_bias=True), seed=31)
     return d
@@ -294,22 +298,46 @@ def _data_bytes(path: str) -> int:
 
 @pytest.mark.parametrize("adapter, says", [
     ("dora", "DoRA (use_dora)"), ("loha", "peft_type 'LOHA'"), ("lokr", "peft_type 'LOKR'"),
-    ("ia3", "peft_type 'IA3'"), ("vera", "peft_type 'VERA'"), ("save", "modules_to_save"),
-    ("lora_bias", "a LoRA bias (lora_bias)"),
+    ("ia3", "peft_type 'IA3'"), ("vera", "peft_type 'VERA'"), ("lora_bias", "a LoRA bias (lora_bias)"),
+    ("save", "holds a whole tensor for 'lm_head.weight' (modules_to_save"),  # without its base
 ])
 def test_adapters_graft_cannot_transfer_are_refused_by_name_before_anything_is_written(lora, tmp_path, adapter, says):
     out = tmp_path / "out"
     target = lora["g2"] if adapter == "lora_bias" else lora["v2"]
-    with pytest.raises(PlanError, match="merge (this|the) adapter|merge this one") as e:
+    with pytest.raises(PlanError, match="merge (this|the) adapter|merge this one|add base") as e:
         graft.run({"target": target, "diff": lora[adapter], "output": str(out)})
     assert says in str(e.value) and not out.exists()
 
 
 def test_an_adapter_given_as_weights_is_refused(lora, tmp_path):
-    for spec in ({"target": lora["v2"], "finetuned": lora["basic"], "base": lora["v1"]},
+    for spec in ({"target": lora["v2"], "diff": lora["save"], "base": lora["basic"]},
                  {"target": lora["basic"], "diff": lora["basic"]}):
         with pytest.raises(PlanError, match="is a PEFT adapter .* give it as diff"):
             graft.plan({**spec, "output": str(tmp_path / "out")})
+
+
+def test_whole_tensors_change_against_the_adapters_base(lora, tmp_path):
+    """modules_to_save (lm_head here) replaces the weight: its change is the saved tensor minus the
+    base the adapter was trained on, transferred like a fine-tune's (PEFT itself would put v1's
+    fine-tuned head on v2 as it is)."""
+    spec = {"target": lora["v2"], "diff": lora["save"], "base": lora["v1"], "compute_dtype": "float64"}
+    got = transfer(tmp_path, spec)
+    t, v1 = load_all(lora["v2"]), load_all(lora["v1"])
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(lora["save"], "adapter_model.safetensors"))["base_model.model.lm_head.weight"]
+    assert not torch.equal(saved, v1["lm_head.weight"])  # trained: modules_to_save are trainable
+    assert torch.equal(got["lm_head.weight"], (t["lm_head.weight"].double() + (saved.double()
+                                                                              - v1["lm_head.weight"].double())).float())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(got[name], rule(t[name], [_factors(lora["save"])[name]], [1.0]).to(got[name].dtype))
+    # finetuned: <adapter> with its base is the same job.
+    same = transfer(tmp_path / "same", {**{k: v for k, v in spec.items() if k != "diff"}, "finetuned": lora["save"]})
+    assert all(torch.equal(same[n], got[n]) for n in got)
+    # Left out by a rule, the whole tensor needs no base.
+    job = graft.plan({"target": lora["v2"], "diff": lora["save"], "output": str(tmp_path / "o"),
+                      "rules": [{"match": "^lm_head", "alpha": 0}]})
+    assert "lm_head.weight" not in job.plan.lora()["diff"] and job.plan.combined == 2
 
 
 def test_an_adapter_of_another_architecture_is_refused(lora, tmp_path):
@@ -365,3 +393,16 @@ def test_inspect_says_what_an_adapter_is(lora):
     out = subprocess.run([sys.executable, "-m", "graft", "inspect", lora["dora"], "--json"], capture_output=True,
                          text=True, check=True)
     assert "not transferable by graft" in json.loads(out.stdout)["stored_as"]
+
+
+def test_biases_trained_with_bias_all_are_whole_tensors(lora, tmp_path):
+    """bias: all saves every bias of the model (untrained here: each equals the base's), the targeted
+    layers' under ``base_layer``: each is a change against the base, zero here."""
+    got = transfer(tmp_path, {"target": lora["g2"], "diff": lora["bias_all"], "base": lora["g1"],
+                              "compute_dtype": "float64"})
+    t = load_all(lora["g2"])
+    biases = [n for n in t if n.endswith(".bias") and t[n].dtype.is_floating_point]
+    assert "transformer.h.0.attn.c_attn.bias" in biases and "transformer.ln_f.bias" in biases
+    assert all(torch.equal(got[n], t[n]) for n in biases)
+    name = "transformer.h.1.attn.c_attn.weight"
+    assert torch.equal(got[name], rule(t[name], [_factors(lora["bias_all"])[name]], [1.0]).to(got[name].dtype))

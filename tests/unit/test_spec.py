@@ -413,7 +413,7 @@ INVALID = {
               ({"config.json": "output"}, "use one of target, finetuned, base, none"),
               ({"config.json": "diffs[1].finetuned"}, "names diff 1, but the job has 1 diff(s)")],
     "diffs": [([{"finetuned": "a", "base": "b"}], "not both")],
-    "diff": [("/d", "give either diff (a difference written by graft diff) or finetuned and base")],
+    "diff": [("/d", "give either diff (a difference written by graft diff, or a LoRA adapter) or finetuned and base")],
     "max_shard_size": [("big", "a size like 5GB or 512MiB"), (0, "must be positive"), (True, "a size like")],
     "max_side_file_size": [("huge", "a size like 5GB or 512MiB"), ("0MiB", "must be positive"),
                            (False, "a size like")],
