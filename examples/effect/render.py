@@ -43,7 +43,7 @@ def page(results: dict) -> str:
         "",
         f"Seed {results['seed']}, scale `{results['scale']}` ({results['held_out']} held-out task items, "
         f"{results['text_held_out']} held-out sequences per language). Run on {results['date']} on "
-        f"{results['machine']} (CPU only, {results['threads']} torch threads); it took "
+        f"{results['machine']} (CPU only, torch on {results['threads']} thread{'s' if results['threads'] > 1 else ''}); it took "
         f"{results['seconds']:.0f} s in all, of which {results['graft_seconds']:.1f} s in graft "
         f"({results['transfers']} transfers).",
     ]
