@@ -16,6 +16,7 @@ for path in (ROOT, os.path.join(ROOT, "docs", "gen")):
 
 import reference  # noqa: E402  (docs/gen/reference.py, found through the path set above)
 from bench import render  # noqa: E402
+from examples.effect import render as effect_render  # noqa: E402
 
 README = os.path.join(ROOT, "README.md")
 
@@ -36,6 +37,9 @@ def test_the_docs_site_builds_strictly_with_the_generated_pages(tmp_path, monkey
     bench_html = (site / "benchmarks" / "index.html").read_text(encoding="utf-8")
     assert "bench:tables" not in bench_html and render.load()["date"] in bench_html
     assert (site / "bench" / "results.png").is_file()
+    effect_html = (site / "effect" / "index.html").read_text(encoding="utf-8")
+    assert "effect:table" not in effect_html and all(row["name"] in effect_html for row in effect_render.load()["rows"])
+    assert (site / "effect" / "accuracy.png").is_file()
 
 
 def test_a_broken_anchor_fails_the_strict_build(tmp_path, monkeypatch):

@@ -1,0 +1,1 @@
+"""Runnable examples of graft (not part of the installed package)."""
