@@ -49,22 +49,22 @@ def _compute(kernel: ChunkKernel | None, codec: Transcoder | None, chunk: Chunk,
             # so does a stored difference's base.
             return kernel.zeros(chunk.count, TORCH_DTYPES[src.dtype])
 
-        def change_of(term: Term) -> torch.Tensor:
-            """What the term adds before alpha: the fine-tune's rows, or a LoRA term's change (into
-            the kernel's buffer for the tensor's n-th LoRA term)."""
+        def change_of(i: int, term: Term) -> torch.Tensor:
+            """What the tensor's ``i``-th term adds before alpha: the fine-tune's rows, or a LoRA
+            term's change (into the kernel's buffer for the tensor's n-th LoRA term)."""
             if term.lora is None:
                 return rows_of(term.finetuned)
             assert factors is not None
             u, v, scale = factors[(t.name, term.diff)]
-            slot = sum(1 for x in t.terms[:t.terms.index(term)] if x.lora is not None)
+            slot = sum(1 for x in t.terms[:i] if x.lora is not None)
             return kernel.low_rank(slot, u, v, scale, chunk.start, chunk.count)
 
         if not t.adds_target:  # graft diff: the difference alone
             (term,) = t.terms
             bad = kernel.difference(rows_of(term.finetuned), rows_of(term.base), typed, stats, check)
         else:
-            bad = kernel.combine_terms(rows_of(t.target), tuple((change_of(x), rows_of(x.base), x.alpha)
-                                                                for x in t.terms),
+            bad = kernel.combine_terms(rows_of(t.target), tuple((change_of(i, x), rows_of(x.base), x.alpha)
+                                                                for i, x in enumerate(t.terms)),
                                        typed, stats, check, chunk.start, every)
         if bad is not None:
             raise nonfinite_error(typed[bad].item(), t.name, where, chunk.start + bad)

@@ -14,7 +14,7 @@ checkpoint stores its weights); this module matches the tensors and assembles th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from . import vocab as vocab_rows
 from ..errors import PlanError, QuantizationError
@@ -309,7 +309,7 @@ def make_plan(
     if fits:
         raise PlanError(fits[0], fits)
     settings = ExecSettings(spec.compute_dtype, spec.chunk_size, spec.allow_nonfinite, spec.read_concurrency,
-                            REPORT_EVERY[spec.report])
+                            REPORT_EVERY[spec.report], hash_roles=unvouched(checkpoints, canon, adapters))
     shards = shard_layout(spec, tgt, tasks, settings, pieces)
     warnings.extend(side_warnings)
     write_index = len(shards) > 1 or shards[0].file != SINGLE_NAME
@@ -318,6 +318,14 @@ def make_plan(
                     for role in roles) + (("output", describe_output(tasks.values())),)
     return Plan(shards, side_files, write_index, tuple(warnings), combined, copied, left_out, formats,
                 tuple(vocab_report))
+
+
+def unvouched(checkpoints: Mapping[str, Checkpoint], canon: Mapping[str, str], roles: Iterable[str]) -> tuple[str, ...]:
+    """The (canonical) names of ``roles`` whose bytes are hashed as they stream, so the manifest binds
+    their content: all but those whose store vouches for each file's sha256 (the Hub: its LFS id is
+    the file's version, which the manifest records)."""
+    return tuple(sorted({canon[r] for r in roles
+                         if not all((f.version or "").startswith("sha256:") for f in checkpoints[r].files)}))
 
 
 def _term(checkpoints: Mapping[str, Checkpoint], canon: Mapping[str, str], roles: tuple[str, ...],
@@ -390,12 +398,8 @@ def make_diff_plan(
     config = configs.get(spec.donor_for("config.json") or "")
     patch = ((QUANT_KEY, None),) if isinstance(config, Mapping) and QUANT_KEY in config else ()
     side_files, side_warnings = donated_files(spec, checkpoints, patch)
-    # The Hub vouches for each file's sha256 (its LFS id, the file's version in the manifest): the
-    # others' bytes are hashed as they stream.
-    hashed = tuple(sorted({canon[r] for r in canon if not all((f.version or "").startswith("sha256:")
-                                                              for f in checkpoints[r].files)}))
     settings = ExecSettings("float32", spec.chunk_size, spec.allow_nonfinite, spec.read_concurrency,
-                            report_every=1, hash_roles=hashed)
+                            report_every=1, hash_roles=unvouched(checkpoints, canon, canon))
     shards = shard_layout(spec, ft, tasks, settings)
     write_index = len(shards) > 1 or shards[0].file != SINGLE_NAME
     formats = tuple((role, layouts[role].describe()) for role in ("finetuned", "base")) + (

@@ -284,8 +284,10 @@ class ExecSettings:
     # The transfer report: 0 measures nothing; else a CPU measures every ``report_every``-th block
     # of each combined tensor (``kernel.sampled_ranges``), a GPU all of it.
     report_every: int = REPORT_EVERY["sampled"]
-    # graft diff: the inputs (roles) whose every byte read is hashed (``ShardResult.digests``),
-    # binding the diff to their content: those whose store does not vouch for each file's sha256.
+    # The inputs (roles) whose every byte read is hashed (``ShardResult.digests``), binding the output
+    # to their content where their store does not vouch for each file's sha256: graft diff's
+    # fine-tune and base, a transfer's LoRA adapters; a transfer's stored diffs, to check each
+    # tensor against the sha256 the diff's manifest records.
     hash_roles: tuple[str, ...] = ()
 
 

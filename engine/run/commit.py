@@ -103,10 +103,13 @@ def transfer_report(job: Job, results: Mapping[str, ShardResult]) -> dict[str, A
 
 
 def input_contents(job: Job, results: Mapping[str, ShardResult]) -> dict[str, dict[str, str]]:
-    """graft diff: each input file's ``content_sha256`` (``provenance``), from the digests the
-    shards computed while streaming (kept shards' from the journal)."""
+    """Each hashed input file's ``content_sha256`` (``provenance``), from the digests the shards
+    computed while streaming (kept shards' from the journal): graft diff's inputs, a transfer's LoRA
+    adapters (not its stored diffs: their manifest, whose sha256 is recorded, binds them)."""
     digests = {k: v for r in results.values() for k, v in r.digests}
     hashed = job.plan.shards[0].settings.hash_roles if job.plan.shards else ()
+    if job.spec.kind != DIFF_KIND:
+        hashed = tuple(r for r in hashed if "adapter" in job.stored_diffs.get(r, {}))
     seen: dict[int, dict[str, str]] = {}
     out = {}
     for role, c in job.checkpoints.items():
@@ -156,7 +159,7 @@ def build_manifest(job: Job, results: Mapping[str, ShardResult], outputs: list[O
     """The manifest: what was asked, read, written and measured; ``run`` describes the run (executor,
     workers, resumed shards, times)."""
     plan, spec = job.plan, job.spec
-    contents = input_contents(job, results) if spec.kind == DIFF_KIND else {}
+    contents = input_contents(job, results)
     written = written_digests(results)
     return {
         "format": MANIFEST_FORMAT,

@@ -221,7 +221,7 @@ def execute_shard(
 
     # A LoRA term's factors, read whole once per tensor before its chunks (they are small: r rows or
     # columns of the tensor), in the compute dtype on the compute device.
-    compute.factors = load_factors(task, reader, device)
+    compute.factors = load_factors(task, reader, device, hashers)
     if compute.factors and on_progress is not None:
         on_progress(sum(x.lora.nbytes for t in task.tensors for x in t.terms if x.lora is not None))
 
@@ -325,19 +325,28 @@ def execute_shard(
     return ShardResult(task.file, size, digest, bytes_read, time.monotonic() - t0, report, digests)
 
 
-def load_factors(task: ShardTask, reader: Callable[[str, str, str | None], RangeReader],
-                 device: str) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, float]]:
+def load_factors(task: ShardTask, reader: Callable[[str, str, str | None], RangeReader], device: str,
+                 hashers: dict[str, Any] | None = None) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, float]]:
     """Each LoRA term's ``(U, V, scale)`` (``tasks.LowRank``), by (tensor, diff): its two factors read
-    whole and arranged so that the change is ``scale * U.V``, in the compute dtype on ``device``."""
+    whole and arranged so that the change is ``scale * U.V``, in the compute dtype on ``device``.
+    The bytes of factors of a role in ``hash_roles`` are hashed into ``hashers`` (by ``digest_key``)."""
     dtype = COMPUTE_DTYPES[task.settings.compute_dtype]
     out: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    def whole(src: Source) -> torch.Tensor:
+        buf = _read_whole(reader, src)
+        key = digest_key(src.role, src.file, src.begin)
+        if hashers is not None and src.role in task.settings.hash_roles and key not in hashers:
+            hashers[key] = hashlib.sha256(memoryview(buf.view(torch.uint8).numpy()))
+        return buf
+
     for t in task.tensors:
         for x in t.terms:
             low = x.lora
             if low is None or (t.name, x.diff) in out:
                 continue
-            a = _read_whole(reader, low.a).view(low.a_shape)
-            b = _read_whole(reader, low.b).view(low.b_shape)
+            a = whole(low.a).view(low.a_shape)
+            b = whole(low.b).view(low.b_shape)
             u, v = (a.t(), b.t()) if low.transpose else (b, a)
             out[(t.name, x.diff)] = (u.to(device=device, dtype=dtype).contiguous(),
                                      v.to(device=device, dtype=dtype).contiguous(), low.scale)

@@ -291,6 +291,114 @@ def test_the_manifest_and_plan_name_the_adapter_and_what_it_changes(lora, tmp_pa
     assert "model.layers.0.mlp.up_proj.weight" not in report  # left as it is: copied, not combined
 
 
+def _content_sha256(path: str) -> str:
+    """A safetensors file's ``content_sha256`` computed from the file alone, as docs/spec.md defines it:
+    the header's sha256, then each tensor's bytes' sha256 and name, in the order of their bytes."""
+    data = open(path, "rb").read()
+    start = 8 + int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:start])
+    lines = [f"header {hashlib.sha256(data[:start]).hexdigest()}\n"]
+    for name, e in sorted(((n, e) for n, e in header.items() if n != "__metadata__"),
+                          key=lambda item: item[1]["data_offsets"][0]):
+        begin, end = e["data_offsets"]
+        lines.append(f"{hashlib.sha256(data[start + begin:start + end]).hexdigest()}  {name}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_the_manifest_binds_the_adapters_content(lora, tmp_path, executor):
+    """Its file's content_sha256, from the factors and whole tensors as they streamed; the factors a
+    rule leaves out are read at commit. Shards resumed from the journal keep their digests."""
+    from conftest import local_ray
+
+    spec = {"target": lora["v2"], "diff": lora["save"], "base": lora["v1"], "chunk_size": 1024,
+            "max_shard_size": 40_000, "rules": [{"match": r"layers\.1\.", "alpha": 0}]}
+    file = os.path.join(lora["save"], "adapter_model.safetensors")
+    if executor == "ray":
+        with local_ray():
+            result = graft.run({**spec, "output": str(tmp_path / "out")}, executor="ray")
+    else:
+        result = graft.run({**spec, "output": str(tmp_path / "out")})
+    role = next(r for r, rec in result.manifest["inputs"].items() if "adapter" in rec)
+    files = result.manifest["inputs"][role]["files"]
+    assert [(f["name"], f["content_sha256"]) for f in files] == [("adapter_model.safetensors", _content_sha256(file))]
+    assert result.manifest["plan"]["shards"] > 1
+    # Weights are not hashed: their store versions bind them, as in any transfer.
+    assert all("content_sha256" not in f for f in result.manifest["inputs"]["target"]["files"])
+
+
+def test_a_resumed_transfer_binds_the_same_adapter_digests(lora, tmp_path):
+    from conftest import stop_after_first_shard
+    from graft.engine.plan.specfile import spec_from_mapping
+    from graft.engine.run.local import run_local
+
+    spec = {"target": lora["v2"], "diff": lora["save"], "base": lora["v1"], "max_shard_size": 40_000}
+    whole = graft.run({**spec, "output": str(tmp_path / "whole")}).manifest
+    out = str(tmp_path / "out")
+    mark = stop_after_first_shard(spec_from_mapping({**spec, "output": out}), out)
+    assert mark["shards"] and all(e["digests"] for e in mark["shards"].values())
+    result = run_local(spec_from_mapping({**spec, "output": out}), workers=1)
+    assert result.manifest["run"]["resumed_shards"] == sorted(mark["shards"])
+    assert result.manifest["inputs"] == whole["inputs"]
+
+
+def test_an_adapter_on_s3_gives_the_bytes_of_the_local_one(lora, tmp_path, s3_server):
+    import fsspec
+    from conftest import comparable, new_bucket, shard_bytes
+
+    root = new_bucket(s3_server)
+    fsspec.filesystem("s3", **s3_server["s3"]).put(lora["save"] + "/", f"{root}/adapter/", recursive=True)
+    spec = {"target": lora["v2"], "base": lora["v1"], "max_shard_size": 40_000}
+    local = graft.run({**spec, "diff": lora["save"], "output": str(tmp_path / "local")}).manifest
+    remote = graft.run({**spec, "diff": f"{root}/adapter", "output": f"{root}/out",
+                        "storage_options": s3_server}).manifest
+    expected = comparable(shard_bytes(str(tmp_path / "local")))
+    fs = fsspec.filesystem("s3", **s3_server["s3"])
+    assert comparable({n: fs.cat(f"{root}/out/{n}") for n in shard_bytes(str(tmp_path / "local"))}) == expected
+    role = next(r for r, rec in local["inputs"].items() if "adapter" in rec)
+    assert remote["inputs"][role]["files"][0]["content_sha256"] == local["inputs"][role]["files"][0]["content_sha256"]
+    assert remote["inputs"][role]["adapter"] == local["inputs"][role]["adapter"]
+
+
+def test_an_adapter_on_the_hub_is_bound_by_the_hubs_sha256(lora, tmp_path, hub, hub_online):
+    import uuid
+
+    from conftest import shard_bytes
+
+    repo = f"org/adapter-{uuid.uuid4().hex[:8]}"
+    hub.create_repo(repo)
+    hub.commit_dir(repo, lora["basic"])
+    spec = {"target": lora["v2"], "output": str(tmp_path / "hub"), "diff": f"hf://{repo}",
+            "storage_options": {"hf": {"endpoint": hub.url}}}
+    job = graft.plan(spec)
+    assert job.plan.shards[0].settings.hash_roles == ()  # the Hub vouches: nothing hashed again
+    result = graft.run(spec)
+    graft.run({"target": lora["v2"], "diff": lora["basic"], "output": str(tmp_path / "local")})
+    assert shard_bytes(str(tmp_path / "hub")) == shard_bytes(str(tmp_path / "local"))
+    entry = result.manifest["inputs"]["diff"]
+    data = open(os.path.join(lora["basic"], "adapter_model.safetensors"), "rb").read()
+    assert entry["commit"] == hub.head(repo)
+    assert [(f["version"], "content_sha256" in f) for f in entry["files"]] == [
+        ("sha256:" + hashlib.sha256(data).hexdigest(), False)]
+
+
+def test_a_changed_adapter_changes_its_content_sha256(lora, tmp_path):
+    changed = str(tmp_path / "changed")
+    shutil.copytree(lora["basic"], changed)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(os.path.join(changed, "adapter_model.safetensors"))
+    name = sorted(n for n in tensors if "lora_B" in n)[0]
+    tensors[name][0, 0] += 1
+    save_file(tensors, os.path.join(changed, "adapter_model.safetensors"), metadata={"format": "pt"})
+    digests = []
+    for adapter, out in ((lora["basic"], "a"), (changed, "b")):
+        manifest = graft.run({"target": lora["v2"], "diff": adapter, "output": str(tmp_path / out)}).manifest
+        digests.append(manifest["inputs"]["diff"]["files"][0]["content_sha256"])
+        assert digests[-1] == _content_sha256(os.path.join(adapter, "adapter_model.safetensors"))
+    assert digests[0] != digests[1]
+
+
 def _data_bytes(path: str) -> int:
     with open(path, "rb") as f:
         return os.path.getsize(path) - 8 - int.from_bytes(f.read(8), "little")
