@@ -124,9 +124,12 @@ def print_plan(summary: dict[str, Any]) -> None:
     for name, rows in summary["vocab"].items():
         print(f"  {name}: {rows}")
     for role, changed in summary["lora"].items():
-        ranks = sorted({c["rank"] for c in changed.values()})
+        ranks = sorted({c["rank"] for c in changed.values() if "rank" in c})
+        biases = sum(1 for c in changed.values() if c.get("bias"))
         shown = ", ".join(list(changed)[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-        print(f"  {role}: LoRA changes {len(changed)} tensor(s), rank {'/'.join(map(str, ranks))}: {shown}")
+        what = [f"rank {'/'.join(map(str, ranks))}"] if ranks else []
+        what += [f"{biases} by a LoRA bias"] if biases else []
+        print(f"  {role}: LoRA changes {len(changed)} tensor(s), {', '.join(what)}: {shown}")
     for name, change in summary["config_changes"].items():
         for key, value in change.items():
             leaf = key.rpartition(".")[2]  # a key of a text sub-config: text_config.vocab_size

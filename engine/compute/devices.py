@@ -50,8 +50,11 @@ def _compute(kernel: ChunkKernel | None, codec: Transcoder | None, chunk: Chunk,
             return kernel.zeros(chunk.count, TORCH_DTYPES[src.dtype])
 
         def change_of(i: int, term: Term) -> torch.Tensor:
-            """What the tensor's ``i``-th term adds before alpha: the fine-tune's rows, or a LoRA
-            term's change (into the kernel's buffer for the tensor's n-th LoRA term)."""
+            """What the tensor's ``i``-th term adds before alpha: the fine-tune's rows, a LoRA bias's
+            scaled rows, or a LoRA term's change (into the kernel's buffer for the tensor's n-th
+            LoRA term)."""
+            if term.scale is not None:  # a LoRA bias: s * b, in the compute dtype
+                return torch.mul(rows_of(term.finetuned).to(kernel.dtype), term.scale)
             if term.lora is None:
                 return rows_of(term.finetuned)
             assert factors is not None

@@ -12,6 +12,8 @@ weight, named as the weight is in the checkpoint the adapter was trained on:
   change of the embedding ``<module>.weight`` (``rows × cols``): ``(B·A)ᵀ``;
 - ``<module>.base_layer.weight``: PEFT's copy of an unchanged base weight (saved with embedding
   LoRA): not a change, ignored;
+- ``base_model.model.<module>.lora_B.bias`` (``lora_bias``): the change of ``<module>.bias`` is
+  ``s · b``, as PEFT merges it (``Adapter.biases``);
 - any other tensor is whole (``modules_to_save``, biases trained with ``bias: all`` or
   ``lora_only``): it replaces a weight, so its change is the tensor minus the base the adapter was
   trained on (``Adapter.whole``; the plan needs that base, or refuses).
@@ -25,7 +27,7 @@ Refused by name, before any data moves (``PlanError``): every other ``peft_type`
 VeRA, AdaLoRA, ...), and LoRA whose change is not ``s·B·A`` added to the weight: DoRA
 (``use_dora``), replicated layers, aLoRA, Arrow, block-diagonal, KaSA and QALoRA variants, adapters
 made by an initialisation that rewrote the base (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), trainable
-token rows, ``lora_bias`` and convolution LoRA.
+token rows and convolution LoRA.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from typing import Any, Mapping
 from ..errors import CheckpointError, PlanError
 from .checkpoint import Checkpoint, TensorRef
 
-__all__ = ["ADAPTER_CONFIG", "LoraFactors", "Adapter", "is_adapter", "read_adapter", "refuse_adapter_as_weights"]
+__all__ = ["ADAPTER_CONFIG", "LoraFactors", "LoraBias", "Adapter", "is_adapter", "read_adapter", "refuse_adapter_as_weights"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
@@ -57,7 +59,6 @@ _VARIANTS = (
     ("kasa_config", "KaSA (kasa_config): it truncates the weight it is merged into"),
     ("use_qalora", "QALoRA (use_qalora)"),
     ("trainable_token_indices", "trainable token rows (trainable_token_indices): they replace rows"),
-    ("lora_bias", "a LoRA bias (lora_bias)"),
 )
 # Initialisations that rewrote the base weights when the adapter was made: the adapter is a change
 # of that rewritten base, not of the checkpoint it names.
@@ -85,6 +86,16 @@ class LoraFactors:
 
 
 @dataclass(frozen=True)
+class LoraBias:
+    """The change of ``bias``: ``scale · b``, ``b`` being B's bias (``lora_bias``), with the scale of
+    the module's factors."""
+
+    bias: str
+    ref: TensorRef
+    scale: float
+
+
+@dataclass(frozen=True)
 class Adapter:
     """A LoRA adapter's changes, by the name of the weight each changes: ``factors`` (a LoRA), and
     ``whole`` tensors that replace a weight (their change is against the adapter's base)."""
@@ -96,22 +107,25 @@ class Adapter:
     use_rslora: bool = False
     base_model: str | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    biases: dict[str, LoraBias] = field(default_factory=dict)
 
     def touches(self, name: str) -> bool:
-        return name in self.factors or name in self.whole
+        return name in self.factors or name in self.whole or name in self.biases
 
     def describe(self) -> str:
         ranks = sorted({f.rank for f in self.factors.values()})
         rank = f"r={ranks[0]}" if len(ranks) == 1 else f"r={ranks[0]}..{ranks[-1]}"
         whole = f", and {len(self.whole)} whole tensor(s)" if self.whole else ""
+        biases = f", {len(self.biases)} bias(es) by s·b" if self.biases else ""
         return (f"LoRA adapter ({rank}{', rsLoRA' if self.use_rslora else ''}; changes "
-                f"{len(self.factors)} weight(s) by s·B·A{whole})")
+                f"{len(self.factors)} weight(s) by s·B·A{biases}{whole})")
 
     def record(self) -> dict[str, Any]:
         """What the manifest records of the adapter, beside its files and their versions."""
         return {"adapter": {"type": "LORA", "config": ADAPTER_CONFIG, "config_sha256": self.config_sha256,
                             "base_model_name_or_path": self.base_model, "use_rslora": self.use_rslora,
                             "whole": sorted(self.whole),
+                            "biases": {name: {"scale": b.scale} for name, b in sorted(self.biases.items())},
                             "weights": {name: {"rank": f.rank, "alpha": f.alpha, "scale": f.scale,
                                                "transpose": f.transpose}
                                         for name, f in sorted(self.factors.items())}}}
@@ -191,10 +205,11 @@ def read_adapter(ckpt: Checkpoint, role: str) -> Adapter:
     modules: dict[str, dict[str, TensorRef]] = {}
     whole: dict[str, TensorRef] = {}
     for name, ref in ckpt.tensors.items():
-        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
-                         r"lora_embedding_B)", name)
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|"
+                         r"lora_embedding_A|lora_embedding_B)", name)
         if m:
-            modules.setdefault(m.group(1), {})[m.group(2).split(".")[0]] = ref
+            part = "lora_B.bias" if m.group(2) == "lora_B.bias" else m.group(2).split(".")[0]
+            modules.setdefault(m.group(1), {})[part] = ref
         elif name.endswith(".base_layer.weight"):  # PEFT's copy of an unchanged base weight
             continue
         elif name.startswith(_PREFIX) and ref.dtype in _FLOATING:
@@ -211,11 +226,13 @@ def read_adapter(ckpt: Checkpoint, role: str) -> Adapter:
     rslora = bool(config.get("use_rslora"))
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     factors: dict[str, LoraFactors] = {}
+    biases: dict[str, LoraBias] = {}
     for module, parts in modules.items():
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         a = parts.get("lora_embedding_A" if embedding else "lora_A")
         b = parts.get("lora_embedding_B" if embedding else "lora_B")
-        if a is None or b is None or len(parts) != 2:
+        bias = None if embedding else parts.get("lora_B.bias")
+        if a is None or b is None or len(parts) != 2 + (bias is not None):
             raise CheckpointError(f"{where}: {module} has {', '.join(sorted(parts))} but a LoRA needs its A and "
                                   f"B factors, one each; re-save the adapter")
         if len(a.shape) != 2 or len(b.shape) != 2:
@@ -237,5 +254,17 @@ def read_adapter(ckpt: Checkpoint, role: str) -> Adapter:
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         factors[f"{module}.weight"] = LoraFactors(f"{module}.weight", a, b, rank, alpha, scale,
                                                   transpose=embedding or fan_in_fan_out)
+        if bias is not None:
+            if len(bias.shape) != 1 or bias.shape[0] != b.shape[0] or bias.dtype not in _FLOATING:
+                raise CheckpointError(f"{where}: {module}'s lora_B.bias is {bias.dtype} {list(bias.shape)}; B is "
+                                      f"{list(b.shape)}: the bias must be floating point, one per row of B; "
+                                      f"re-save the adapter")
+            if f"{module}.bias" in whole:
+                raise PlanError(f"{where}: holds both a trained {module}.bias (bias: all or lora_only) and a LoRA "
+                                f"bias for it (lora_bias); graft applies one change per tensor per adapter: "
+                                f"merge this adapter into its base with PEFT and give the merged checkpoint as "
+                                f"finetuned")
+            biases[f"{module}.bias"] = LoraBias(f"{module}.bias", bias, scale)
     base = config.get("base_model_name_or_path")
-    return Adapter(ckpt.uri, factors, digest, whole, rslora, base if isinstance(base, str) else None, tuple(warnings))
+    return Adapter(ckpt.uri, factors, digest, whole, rslora, base if isinstance(base, str) else None, tuple(warnings),
+                   biases)

@@ -1,27 +1,30 @@
 """A LoRA adapter's part of the plan: whether its change fits a target tensor, and the term that
-applies it (``tasks.LowRank``: the two factors, read whole by the worker, over zero sources); a
-whole tensor of the adapter (``modules_to_save``, a trained bias) is a fine-tune's tensor against
-the adapter's base, as in any diff.
+applies it (``tasks.LowRank``: the two factors, read whole by the worker, over zero sources); a LoRA
+bias (``lora_bias``) is B's bias times the scale, over a zero base (``Term.scale``); a whole tensor
+of the adapter (``modules_to_save``, a trained bias) is a fine-tune's tensor against the adapter's
+base, as in any diff.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..formats.adapter import Adapter, LoraFactors
+from ..formats.adapter import Adapter, LoraBias, LoraFactors
 from ..formats.checkpoint import Checkpoint
 from .quant import Stored
 from .spec import JobSpec
 from .tasks import LowRank, OutScales, Source, Term, zero_source
 
-__all__ = ["lora_problem", "lora_term", "whole_pair"]
+__all__ = ["lora_problem", "lora_term", "bias_term", "whole_pair"]
 
 
 def lora_problem(name: str, t: Stored, shape: tuple[int, ...], scales: OutScales | None,
-                 lora: Mapping[int, LoraFactors], spec: JobSpec, checkpoints: Mapping[str, Checkpoint]) -> str | None:
-    """Why an adapter's change cannot be applied to target tensor ``name`` (None: it can)."""
+                 lora: Mapping[int, LoraFactors | LoraBias], spec: JobSpec,
+                 checkpoints: Mapping[str, Checkpoint]) -> str | None:
+    """Why an adapter's change (factors or a LoRA bias) cannot be applied to target tensor ``name``
+    (None: it can)."""
     for i, f in lora.items():
         role = spec.diff_roles(i)[0]
-        if tuple(f.shape) != tuple(shape):
+        if tuple(f.shape if isinstance(f, LoraFactors) else f.ref.shape) != tuple(shape):
             return (f"tensor {name!r} is {list(shape)} in target ({checkpoints['target'].uri}) but {role}'s LoRA "
                     f"({checkpoints[role].uri}) changes it as {list(f.shape)}: the adapter was trained on "
                     f"another shape (a resized vocabulary, another architecture); leave it out with a rule "
@@ -39,6 +42,13 @@ def lora_term(ckpt: Checkpoint, role: str, f: LoraFactors, alpha: float, diff: i
 
     low = LowRank(source(f.a), source(f.b), tuple(f.a.shape), tuple(f.b.shape), f.scale, f.transpose)
     return Term(zero_source(role, f.a.dtype), zero_source("", f.a.dtype), alpha, diff, low)
+
+
+def bias_term(ckpt: Checkpoint, role: str, b: LoraBias, alpha: float, diff: int) -> Term:
+    """An adapter's LoRA bias as a term of its bias tensor: ``scale * b`` over a zero base."""
+    ref = b.ref
+    return Term(Source(role, ref.file, ref.dtype, ref.begin, ref.end, ckpt.version_of(ref.file)),
+                zero_source("", ref.dtype), alpha, diff, scale=b.scale)
 
 
 

@@ -27,7 +27,7 @@ from .output_files import (QUANT_KEY, RESERVED_OUTPUT_NAMES, SideFile, describe_
 from ..formats.safetensors import FLOATING_DTYPES
 from .quant import FP8_CODES, Layout, Stored, layout_for, source_of
 from .spec import JobSpec
-from .lora_plan import lora_problem, lora_term, whole_pair
+from .lora_plan import bias_term, lora_problem, lora_term, whole_pair
 from .tasks import REPORT_EVERY, ROLES, ExecSettings, OutScales, ShardTask, Source, TensorTask, Term, zero_source
 from .vocab_plan import output_vocab_rows, resized_pieces, tokenizer_fits
 
@@ -72,7 +72,8 @@ class Plan:
         return sum(s.size for s in self.shards)
 
     def lora(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """The tensors each LoRA adapter changes (by the adapter's role): rank, scale and alpha."""
+        """The tensors each LoRA adapter changes (by the adapter's role): rank, scale and alpha; a
+        LoRA bias has ``bias: true`` and no rank."""
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for s in self.shards:
             for t in s.tensors:
@@ -81,6 +82,9 @@ class Plan:
                         out.setdefault(x.lora.a.role, {})[t.name] = {
                             "rank": x.lora.rank, "scale": x.lora.scale, "alpha": x.alpha,
                             "transposed": x.lora.transpose}
+                    elif x.scale is not None:  # a LoRA bias
+                        out.setdefault(x.finetuned.role, {})[t.name] = {"bias": True, "scale": x.scale,
+                                                                       "alpha": x.alpha}
         return out
 
     def weight_map(self) -> dict[str, str]:
@@ -163,7 +167,7 @@ def make_plan(
     extra = sorted({n for role in weights[1:] for n in logical[role] if n not in logical["target"]})
     for i, adapter in lora_of.items():
         warnings.extend(adapter.warnings)
-        foreign = [n for n in [*adapter.factors, *adapter.whole] if n not in logical["target"]]
+        foreign = [n for n in [*adapter.factors, *adapter.whole, *adapter.biases] if n not in logical["target"]]
         if foreign:
             role = spec.diff_roles(i)[0]
             problems.append(f"{role} ({adapter.uri}) changes {len(foreign)} weight(s) the target does not have: "
@@ -184,14 +188,15 @@ def make_plan(
             copied += 1
             continue
         lora = {i: lora_of[i].factors[name] for i in active if i in lora_of and name in lora_of[i].factors}
-        if lora:
-            bad = lora_problem(name, t, shape, scales, lora, spec, checkpoints)
+        biases = {i: lora_of[i].biases[name] for i in active if i in lora_of and name in lora_of[i].biases}
+        if lora or biases:
+            bad = lora_problem(name, t, shape, scales, {**lora, **biases}, spec, checkpoints)
             if bad:
                 problems.append(bad)
                 continue
         pairs = {i: tuple(logical[r].get(name) for r in spec.diff_roles(i)) for i in active if i not in lora_of}
         for i in active:  # an adapter's whole tensor: its change is against the adapter's base
-            if i in lora_of and i not in lora:
+            if i in lora_of and i not in lora and i not in biases:
                 pairs[i], bad = whole_pair(name, lora_of[i], spec.diff_roles(i), logical, shape, checkpoints)
                 if bad:
                     problems.append(bad)
@@ -238,6 +243,8 @@ def make_plan(
                             f"but {t.codes.dtype} in target; cannot compute a float difference from it")
         terms = tuple(lora_term(checkpoints[canon[spec.diff_roles(i)[0]]], canon[spec.diff_roles(i)[0]], lora[i],
                                  alphas[i], i) if i in lora
+                      else bias_term(checkpoints[canon[spec.diff_roles(i)[0]]], canon[spec.diff_roles(i)[0]],
+                                     biases[i], alphas[i], i) if i in biases
                       else _term(checkpoints, canon, spec.diff_roles(i), pairs[i], alphas[i], i)  # type: ignore[arg-type]
                       for i in active)
         tasks[name] = TensorTask(name, dtype, shape, target_source, terms, scales)
@@ -292,7 +299,7 @@ def make_plan(
         if t.combine:
             dtypes["target"].add(t.target.dtype)
             for x in t.terms:  # a LoRA term's base is zeros, not the base's tensor
-                for r, src in zip(spec.diff_roles(x.diff)[:1 if x.lora else 2], (x.finetuned, x.base)):
+                for r, src in zip(spec.diff_roles(x.diff)[:1 if x.base.zero else 2], (x.finetuned, x.base)):
                     dtypes[r].add(src.dtype)
     stored_dtypes = {r: sorted(d) for r, d in dtypes.items() if d}
     if len({tuple(d) for d in stored_dtypes.values()}) > 1:

@@ -190,13 +190,16 @@ class Term:
     """One diff applied to a tensor: ``alpha * (finetuned - base)``; ``diff`` is its index in the
     spec's diffs (0 for a single-diff job). A ``base`` with no file (``Source.zero``) is zeros: the
     ``finetuned`` source is then a stored difference (a ``graft diff`` artifact), or, with ``lora``,
-    the change a LoRA adapter's factors give (nothing is read for either source)."""
+    the change a LoRA adapter's factors give (nothing is read for either source). ``scale``: the
+    ``finetuned`` rows are multiplied by it first, in the compute dtype (a LoRA bias, whose change
+    is ``s * b``; None for every other term)."""
 
     finetuned: Source
     base: Source
     alpha: float
     diff: int = 0
     lora: LowRank | None = None
+    scale: float | None = None
 
 
 @dataclass(frozen=True)

@@ -308,7 +308,7 @@ def _content_sha256(path: str) -> str:
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_the_manifest_binds_the_adapters_content(lora, tmp_path, executor):
     """Its file's content_sha256, from the factors and whole tensors as they streamed; the factors a
-    rule leaves out are read at commit. Shards resumed from the journal keep their digests."""
+    rule leaves out are read at commit."""
     from conftest import local_ray
 
     spec = {"target": lora["v2"], "diff": lora["save"], "base": lora["v1"], "chunk_size": 1024,
@@ -406,14 +406,13 @@ def _data_bytes(path: str) -> int:
 
 @pytest.mark.parametrize("adapter, says", [
     ("dora", "DoRA (use_dora)"), ("loha", "peft_type 'LOHA'"), ("lokr", "peft_type 'LOKR'"),
-    ("ia3", "peft_type 'IA3'"), ("vera", "peft_type 'VERA'"), ("lora_bias", "a LoRA bias (lora_bias)"),
+    ("ia3", "peft_type 'IA3'"), ("vera", "peft_type 'VERA'"),
     ("save", "holds a whole tensor for 'lm_head.weight' (modules_to_save"),  # without its base
 ])
 def test_adapters_graft_cannot_transfer_are_refused_by_name_before_anything_is_written(lora, tmp_path, adapter, says):
     out = tmp_path / "out"
-    target = lora["g2"] if adapter == "lora_bias" else lora["v2"]
     with pytest.raises(PlanError, match="merge (this|the) adapter|merge this one|add base") as e:
-        graft.run({"target": target, "diff": lora[adapter], "output": str(out)})
+        graft.run({"target": lora["v2"], "diff": lora[adapter], "output": str(out)})
     assert says in str(e.value) and not out.exists()
 
 
@@ -514,3 +513,34 @@ def test_biases_trained_with_bias_all_are_whole_tensors(lora, tmp_path):
     assert all(torch.equal(got[n], t[n]) for n in biases)
     name = "transformer.h.1.attn.c_attn.weight"
     assert torch.equal(got[name], rule(t[name], [_factors(lora["bias_all"])[name]], [1.0]).to(got[name].dtype))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_a_lora_bias_changes_its_layers_bias_as_peft_merges_it(lora, tmp_path, alpha):
+    """lora_bias: B has a bias b, and the layer's bias becomes bias + s * b (PEFT's merge); the
+    weight changes by s * B.A as without it."""
+    from safetensors.numpy import load_file
+
+    got = transfer(tmp_path, {"target": lora["g2"], "diff": lora["lora_bias"], "alpha": alpha,
+                              "compute_dtype": "float64"})
+    t = load_all(lora["g2"])
+    saved = load_file(os.path.join(lora["lora_bias"], "adapter_model.safetensors"))
+    factors = _factors(lora["lora_bias"])
+    biases = {k.removeprefix("base_model.model.").replace(".lora_B.bias", ".bias"): v
+              for k, v in saved.items() if k.endswith(".lora_B.bias")}
+    assert sorted(biases) == ["transformer.h.0.attn.c_attn.bias", "transformer.h.1.attn.c_attn.bias"]
+    merged = peft_merged(lora["g2"], lora["lora_bias"], torch.float64) if alpha == 1.0 else {}
+    for name, b in biases.items():
+        s = factors[name.replace(".bias", ".weight")][2]
+        d = b.astype(np.float64) * s
+        expected = torch.from_numpy(t[name].double().numpy() + (d if alpha == 1.0 else d * alpha)).float()
+        assert torch.equal(got[name], expected), name
+        if merged:  # PEFT's float64 merge, rounded once to the output's float32: the same bits
+            assert torch.equal(got[name], merged[name].float()), name
+        weight = name.replace(".bias", ".weight")
+        assert torch.equal(got[weight], rule(t[weight], [factors[weight]], [alpha]).float()), weight
+    others = [n for n in t if n.endswith(".bias") and n not in biases]
+    assert others and all(torch.equal(got[n], t[n]) for n in others)
+    changed = graft.plan({"target": lora["g2"], "diff": lora["lora_bias"],
+                          "output": str(tmp_path / "p")}).plan.lora()["diff"]
+    assert changed["transformer.h.0.attn.c_attn.bias"] == {"bias": True, "scale": 2.0, "alpha": 1.0}
