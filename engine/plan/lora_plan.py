@@ -24,9 +24,10 @@ def lora_problem(name: str, t: Stored, shape: tuple[int, ...], scales: OutScales
     (None: it can)."""
     for i, f in lora.items():
         role = spec.diff_roles(i)[0]
-        if tuple(f.shape if isinstance(f, LoraFactors) else f.ref.shape) != tuple(shape):
+        changes = tuple(f.shape if isinstance(f, LoraFactors) else f.ref.shape)
+        if changes != tuple(shape):
             return (f"tensor {name!r} is {list(shape)} in target ({checkpoints['target'].uri}) but {role}'s LoRA "
-                    f"({checkpoints[role].uri}) changes it as {list(f.shape)}: the adapter was trained on "
+                    f"({checkpoints[role].uri}) changes it as {list(changes)}: the adapter was trained on "
                     f"another shape (a resized vocabulary, another architecture); leave it out with a rule "
                     f"alpha: 0")
     if t.scales is not None or scales is not None:
@@ -49,7 +50,6 @@ def bias_term(ckpt: Checkpoint, role: str, b: LoraBias, alpha: float, diff: int)
     ref = b.ref
     return Term(Source(role, ref.file, ref.dtype, ref.begin, ref.end, ckpt.version_of(ref.file)),
                 zero_source("", ref.dtype), alpha, diff, scale=b.scale)
-
 
 
 def whole_pair(name: str, adapter: Adapter, roles: tuple[str, ...], logical: Mapping[str, Mapping[str, Stored]],

@@ -544,3 +544,16 @@ def test_a_lora_bias_changes_its_layers_bias_as_peft_merges_it(lora, tmp_path, a
     changed = graft.plan({"target": lora["g2"], "diff": lora["lora_bias"],
                           "output": str(tmp_path / "p")}).plan.lora()["diff"]
     assert changed["transformer.h.0.attn.c_attn.bias"] == {"bias": True, "scale": 2.0, "alpha": 1.0}
+
+
+def test_a_lora_bias_of_another_shape_than_the_targets_bias_is_refused(lora, tmp_path):
+    """The weight fits but the bias does not (a target whose c_attn bias is shorter): refused, named."""
+    from safetensors.torch import load_file, save_file
+
+    target = str(tmp_path / "target")
+    shutil.copytree(lora["g2"], target)
+    tensors = load_file(os.path.join(target, "model.safetensors"))
+    tensors["transformer.h.0.attn.c_attn.bias"] = tensors["transformer.h.0.attn.c_attn.bias"][:100].clone()
+    save_file(tensors, os.path.join(target, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(PlanError, match=r"'transformer.h.0.attn.c_attn.bias' is \[100\] in target .* changes it as \[192\]"):
+        graft.plan({"target": target, "diff": lora["lora_bias"], "output": str(tmp_path / "out")})
